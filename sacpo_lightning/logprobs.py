@@ -1,0 +1,184 @@
+"""Sequence log-probabilities from causal-LM logits, without a full-vocabulary float32 ``log_softmax``.
+
+A causal LM's logits at position ``t`` predict the token at ``t + 1``, so ``logits[:, :-1]`` is scored against
+``labels[:, 1:]``. Labels equal to ``ignore_index`` (prompt and padding tokens) contribute nothing.
+
+The per-token log-prob is computed as ``logit[label] - logsumexp(logits)`` on bounded chunks of positions, each upcast
+to float32 on its own, so the extra memory is ``O(chunk_size * V)`` rather than ``O(B * S * V)`` float32 values. A
+custom autograd function recomputes the softmax chunk by chunk in the backward pass instead of keeping the upcast
+chunks alive; its only saved state beyond the caller's logits is a ``(B, S - 1)`` float32 log-normaliser.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+__all__ = ["label_token_counts", "sequence_logprobs", "token_logprobs"]
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    # float64 logits keep float64 (exact gradient checks); half precision and float32 are computed in float32.
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _chunks(batch: int, length: int, chunk_size: int) -> Iterator[tuple[slice, slice]]:
+    """Yields ``(rows, positions)`` slices covering a ``(batch, length)`` grid with at most ``chunk_size`` cells each."""
+    if length == 0:
+        return
+    if length <= chunk_size:
+        rows_per_chunk = max(1, chunk_size // length)
+        for start in range(0, batch, rows_per_chunk):
+            yield slice(start, min(start + rows_per_chunk, batch)), slice(0, length)
+    else:
+        for row in range(batch):
+            for start in range(0, length, chunk_size):
+                yield slice(row, row + 1), slice(start, min(start + chunk_size, length))
+
+
+class _ShiftedTokenLogprobs(torch.autograd.Function):
+    """``out[b, t] = log_softmax(logits[b, t])[targets[b, t]]`` for ``t < S - 1``, zero where ``mask`` is False."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, targets: Tensor, mask: Tensor, chunk_size: int) -> Tensor:  # type: ignore[override]
+        batch, seq_len, _ = logits.shape
+        length = seq_len - 1
+        dtype = _compute_dtype(logits.dtype)
+        out = torch.zeros(batch, length, dtype=dtype, device=logits.device)
+        lse = torch.zeros(batch, length, dtype=dtype, device=logits.device)
+        for rows, pos in _chunks(batch, length, chunk_size):
+            chunk = logits[rows, pos].to(dtype)
+            chunk_lse = torch.logsumexp(chunk, dim=-1)
+            picked = chunk.gather(-1, targets[rows, pos].unsqueeze(-1)).squeeze(-1)
+            out[rows, pos] = picked - chunk_lse
+            lse[rows, pos] = chunk_lse
+        out = out.masked_fill(~mask, 0.0)
+        ctx.save_for_backward(logits, targets, mask, lse)
+        ctx.chunk_size = chunk_size
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor, None, None, None]:  # type: ignore[override]
+        logits, targets, mask, lse = ctx.saved_tensors
+        batch, seq_len, _ = logits.shape
+        length = seq_len - 1
+        dtype = lse.dtype
+        grad_tokens = grad_out.to(dtype).masked_fill(~mask, 0.0)
+        # The last position predicts nothing and keeps a zero gradient.
+        grad_logits = torch.zeros_like(logits)
+        for rows, pos in _chunks(batch, length, ctx.chunk_size):
+            g = grad_tokens[rows, pos].unsqueeze(-1)
+            probs = torch.exp(logits[rows, pos].to(dtype) - lse[rows, pos].unsqueeze(-1))
+            chunk_grad = probs.mul_(-g)
+            chunk_grad.scatter_add_(-1, targets[rows, pos].unsqueeze(-1), g)
+            grad_logits[rows, pos] = chunk_grad.to(grad_logits.dtype)
+        return grad_logits, None, None, None
+
+
+def _validate(logits: Tensor, labels: Tensor, chunk_size: int) -> None:
+    if logits.dim() != 3:
+        raise ValueError(f"logits must have shape (B, S, V), got {tuple(logits.shape)}")
+    if labels.dim() != 2:
+        raise ValueError(f"labels must have shape (B, S), got {tuple(labels.shape)}")
+    if tuple(logits.shape[:2]) != tuple(labels.shape):
+        raise ValueError(
+            f"logits (B, S, V)={tuple(logits.shape)} and labels (B, S)={tuple(labels.shape)} disagree on (B, S)"
+        )
+    if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
+        raise ValueError(f"labels must be an integer tensor, got dtype {labels.dtype}")
+    if not logits.is_floating_point():
+        raise ValueError(f"logits must be a floating-point tensor, got dtype {logits.dtype}")
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
+
+
+def token_logprobs(
+    logits: Tensor,
+    labels: Tensor,
+    *,
+    ignore_index: int = -100,
+    chunk_size: int = 1024,
+) -> tuple[Tensor, Tensor]:
+    """Per-token log-probs of the shifted labels.
+
+    Args:
+        logits: (B, S, V) causal-LM logits, any floating dtype.
+        labels: (B, S) integer token ids; ``ignore_index`` marks tokens that are not scored.
+        ignore_index: Label value to skip.
+        chunk_size: Maximum number of positions upcast at once; bounds the extra memory to about
+            ``chunk_size * V`` float32 values.
+
+    Returns:
+        ``(logps, mask)``: (B, S - 1) log-probs (float32, or float64 for float64 logits; 0 where masked) and the
+        (B, S - 1) bool mask of scored positions.
+
+    Raises:
+        ValueError: On shape or dtype mismatch, or a scored label outside ``[0, V)``.
+    """
+    _validate(logits, labels, chunk_size)
+    batch, seq_len, vocab = logits.shape
+    dtype = _compute_dtype(logits.dtype)
+    if seq_len < 2:
+        empty = torch.zeros(batch, 0, dtype=dtype, device=logits.device)
+        return empty, torch.zeros(batch, 0, dtype=torch.bool, device=logits.device)
+    shifted = labels[:, 1:]
+    mask = shifted != ignore_index
+    # An out-of-range id would otherwise surface as an opaque device-side assert inside gather on CUDA.
+    if bool(((shifted < 0) | (shifted >= vocab)).logical_and(mask).any()):
+        raise ValueError(f"labels must lie in [0, {vocab}) or equal ignore_index={ignore_index}")
+    targets = shifted.masked_fill(~mask, 0).long()
+    logps = _ShiftedTokenLogprobs.apply(logits, targets, mask, chunk_size)
+    return logps, mask
+
+
+def sequence_logprobs(
+    logits: Tensor,
+    labels: Tensor,
+    *,
+    average: bool = False,
+    ignore_index: int = -100,
+    chunk_size: int = 1024,
+) -> Tensor:
+    """Summed (or per-token averaged) log-probability of each sequence's labelled tokens.
+
+    ``logits[:, t]`` scores ``labels[:, t + 1]``; positions whose label is ``ignore_index`` are skipped. Never
+    materialises a full float32 ``log_softmax`` over the vocabulary (see the module docstring), and is
+    differentiable with respect to ``logits``.
+
+    Args:
+        logits: (B, S, V) causal-LM logits, any floating dtype (bf16/fp16 are upcast chunk by chunk).
+        labels: (B, S) integer token ids, ``ignore_index`` on prompt and padding tokens.
+        average: If True, divide by the number of scored tokens (IPO-style length normalisation).
+        ignore_index: Label value to skip.
+        chunk_size: Maximum number of positions upcast at once.
+
+    Returns:
+        (B,) log-probs in float32 (float64 for float64 logits). A row with no scored token gives 0.
+
+    Raises:
+        ValueError: On shape or dtype mismatch, or a scored label outside ``[0, V)``.
+    """
+    logps, mask = token_logprobs(logits, labels, ignore_index=ignore_index, chunk_size=chunk_size)
+    total = logps.sum(dim=-1)
+    if average:
+        total = total / mask.sum(dim=-1).clamp(min=1).to(total.dtype)
+    return total
+
+
+def label_token_counts(labels: Tensor, *, ignore_index: int = -100) -> Tensor:
+    """Number of scored (shifted, non-ignored) labels per sequence.
+
+    Args:
+        labels: (B, S) integer token ids.
+        ignore_index: Label value to skip.
+
+    Returns:
+        (B,) int64 counts of ``labels[:, 1:] != ignore_index``.
+    """
+    if labels.dim() != 2:
+        raise ValueError(f"labels must have shape (B, S), got {tuple(labels.shape)}")
+    return (labels[:, 1:] != ignore_index).sum(dim=-1)

@@ -1,0 +1,1 @@
+"""Pipeline: the SACPO stage graph, manifest, skip and resume."""
