@@ -26,7 +26,7 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _chunks(batch: int, length: int, chunk_size: int) -> Iterator[tuple[slice, slice]]:
-    """Yields ``(rows, positions)`` slices covering a ``(batch, length)`` grid with at most ``chunk_size`` cells each."""
+    """Yields ``(rows, positions)`` slices tiling a ``(batch, length)`` grid, at most ``chunk_size`` cells each."""
     if length == 0:
         return
     if length <= chunk_size:
