@@ -1,0 +1,118 @@
+"""Command line: ``sacpo fit|validate`` (LightningCLI) plus ``prepare-model``, ``pipeline``, ``merge`` and friends."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+
+from jsonargparse import Namespace
+from lightning.pytorch import LightningModule
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from sacpo_lightning.callbacks import ExportHF
+
+from sacpo_lightning.data import PreferenceDataModule
+
+
+class SacpoCLI(LightningCLI):
+    """LightningCLI for alignment steps.
+
+    Compared with a plain LightningCLI: every ``fit`` gets an end-of-fit export (``--export.*``) and resumable
+    checkpoints (``--checkpoint.*``) under ``trainer.default_root_dir`` unless given elsewhere, a CSV logger there
+    when none is configured, and the data tokenizer defaults to the policy's ``name_or_path``.
+    """
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(ExportHF, "export")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults(
+            {"checkpoint.save_last": True, "checkpoint.save_top_k": 0, "checkpoint.every_n_train_steps": 20}
+        )
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        root = config.trainer.get("default_root_dir") or "outputs"
+        config.trainer.default_root_dir = root
+        if config.get("checkpoint") is not None and config.checkpoint.get("dirpath") is None:
+            config.checkpoint.dirpath = os.path.join(root, "checkpoints")
+        if config.get("export") is not None and config.export.get("dirpath") is None:
+            config.export.dirpath = os.path.join(root, "export")
+        if config.trainer.get("logger") in (None, True):
+            config.trainer.logger = Namespace(
+                class_path="lightning.pytorch.loggers.CSVLogger", init_args=Namespace(save_dir=root, name="logs")
+            )
+        data, model = config.get("data"), config.get("model")
+        if data is None or model is None:
+            return
+        policy = model.get("init_args", {}).get("policy") if hasattr(model, "get") else None
+        if data.get("tokenizer") is None and policy is not None and policy.get("name_or_path"):
+            data["tokenizer"] = policy["name_or_path"]
+
+
+def lightning_cli(args: list[str] | None = None, run: bool = True) -> SacpoCLI:
+    """Builds the LightningCLI; with ``run=False`` it only parses and instantiates (used by the config tests)."""
+    return SacpoCLI(
+        LightningModule,
+        PreferenceDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=False,
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={"parser_mode": "yaml"},
+        args=args,
+        run=run,
+        auto_configure_optimizers=False,
+    )
+
+
+# --------------------------------------------------------------------------------------------- extra commands
+def _prepare_model(argv: list[str]) -> int:
+    from sacpo_lightning.models.registry import NAMED_MODELS, prepare_named_model
+
+    parser = argparse.ArgumentParser(prog="sacpo prepare-model", description="Prepare a named local model once.")
+    parser.add_argument("name", choices=sorted(NAMED_MODELS))
+    parser.add_argument("--output", default=None, help="Target folder (default: the cache, $SACPO_CACHE/models/NAME).")
+    parser.add_argument("--force", action="store_true", help="Rebuild even if a finished copy exists.")
+    ns = parser.parse_args(argv)
+    path = prepare_named_model(ns.name, ns.output, force=ns.force)
+    print(path)
+    return 0
+
+
+def _lazy(module: str, func: str) -> Callable[[list[str]], int]:
+    def run(argv: list[str]) -> int:
+        import importlib
+
+        return getattr(importlib.import_module(module), func)(argv)
+
+    return run
+
+
+COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
+    "prepare-model": (_prepare_model, "convert/cache a named local model (smollm2, tiny-random-llama)"),
+    "pipeline": (_lazy("sacpo_lightning.pipeline.runner", "main"), "run the SACPO pipeline from a pipeline config"),
+    "merge": (_lazy("sacpo_lightning.merging_cli", "main"), "merge two exported models (P-SACPO)"),
+    "generate": (_lazy("sacpo_lightning.evaluation.cli", "generate_main"), "generate responses on prompt sets"),
+    "evaluate": (_lazy("sacpo_lightning.evaluation.cli", "evaluate_main"), "judge models against a baseline"),
+}
+LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in COMMANDS:
+        return COMMANDS[argv[0]][0](argv[1:])
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: sacpo {fit,validate,test,predict," + ",".join(COMMANDS) + "} ...\n")
+        print("  fit/validate     LightningCLI training/validation of one alignment step (--config FILE ...)")
+        for name, (_, help_text) in COMMANDS.items():
+            print(f"  {name:<16} {help_text}")
+        return 0
+    lightning_cli(argv)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,206 @@
+"""Building the trainable policy: full fine-tuning, LoRA, or QLoRA (4-bit NF4 base + LoRA)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from sacpo_lightning.models.registry import resolve_model_path
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DtypeName = Literal["float32", "bfloat16", "float16"]
+FinetuneMode = Literal["full", "lora", "qlora"]
+
+
+@dataclass
+class LoraSettings:
+    """LoRA adapter settings (peft ``LoraConfig``).
+
+    Args:
+        r: Adapter rank.
+        alpha: Scaling numerator (the update is scaled by ``alpha / r``).
+        dropout: Dropout on the adapter input.
+        target_modules: Module names to adapt, or ``"all-linear"`` for every linear layer but the output head.
+    """
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: list[str] | str = "all-linear"
+
+    def __post_init__(self) -> None:
+        if self.r <= 0:
+            raise ValueError(f"--model.lora.r must be > 0, got {self.r}")
+        if self.alpha <= 0:
+            raise ValueError(f"--model.lora.alpha must be > 0, got {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"--model.lora.dropout must be in [0, 1), got {self.dropout}")
+
+
+@dataclass
+class PolicySettings:
+    """What to load and how to train it.
+
+    Args:
+        name_or_path: Hub id, local Hugging Face folder, or a named local model (``smollm2``, ``tiny-random-llama``).
+        finetune: ``full`` (all weights; the reference is a frozen copy), ``lora`` or ``qlora`` (the reference is the
+            same network with the adapter disabled).
+        dtype: Dtype the base weights are loaded in. LoRA adapter weights always train in float32.
+        gguf_file: GGUF file inside ``name_or_path`` to load (de-quantized).
+        trust_remote_code: Run modelling code shipped with the checkpoint. Off unless turned on.
+        revision: Hub revision.
+        gradient_checkpointing: Trade compute for activation memory.
+        attn_implementation: Passed to ``from_pretrained`` (``sdpa``, ``eager``, ``flash_attention_2``).
+        lora: Adapter settings for ``lora``/``qlora``.
+        qlora_compute_dtype: Compute dtype of the 4-bit layers.
+        qlora_double_quant: Quantize the quantization constants too (saves ~0.4 bit per weight).
+    """
+
+    name_or_path: str = "tiny-random-llama"
+    finetune: FinetuneMode = "lora"
+    dtype: DtypeName = "float32"
+    gguf_file: str | None = None
+    trust_remote_code: bool = False
+    revision: str | None = None
+    gradient_checkpointing: bool = False
+    attn_implementation: str | None = "sdpa"
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    qlora_compute_dtype: DtypeName = "bfloat16"
+    qlora_double_quant: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.lora, dict):
+            self.lora = LoraSettings(**self.lora)
+        if self.finetune not in ("full", "lora", "qlora"):
+            raise ValueError(f"--model.policy.finetune must be one of full, lora, qlora; got {self.finetune!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"--model.policy.dtype must be one of {', '.join(DTYPES)}; got {self.dtype!r}")
+
+    @property
+    def uses_adapter(self) -> bool:
+        return self.finetune in ("lora", "qlora")
+
+
+def load_causal_lm(
+    name_or_path: str,
+    *,
+    dtype: DtypeName = "float32",
+    gguf_file: str | None = None,
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+    attn_implementation: str | None = "sdpa",
+    quantization_config=None,
+    device_map=None,
+) -> PreTrainedModel:
+    """Loads a causal LM from a Hub id, a local folder, or a named local model."""
+    kwargs: dict = {"dtype": DTYPES[dtype], "trust_remote_code": trust_remote_code}
+    if revision is not None:
+        kwargs["revision"] = revision
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    if gguf_file is not None:
+        from transformers import GgufConfig
+
+        kwargs["gguf_file"] = gguf_file
+        kwargs["quantization_config"] = GgufConfig(dequantize=True)
+    if quantization_config is not None:
+        kwargs["quantization_config"] = quantization_config
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    return AutoModelForCausalLM.from_pretrained(resolve_model_path(name_or_path), **kwargs)
+
+
+def bnb_4bit_config(settings: PolicySettings):
+    """The bitsandbytes NF4 configuration of a QLoRA policy; a clear error when bitsandbytes is unusable."""
+    try:
+        import bitsandbytes  # noqa: F401
+        from transformers import BitsAndBytesConfig
+    except Exception as err:  # pragma: no cover - depends on the installation
+        raise RuntimeError(
+            "--model.policy.finetune=qlora needs bitsandbytes with 4-bit support (pip install bitsandbytes==0.50.2); "
+            f"importing it failed: {err}. Use finetune: lora instead."
+        ) from err
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=settings.qlora_double_quant,
+        bnb_4bit_compute_dtype=DTYPES[settings.qlora_compute_dtype],
+    )
+
+
+def build_policy(settings: PolicySettings, *, device: torch.device | None = None) -> PreTrainedModel:
+    """Loads the base model and applies LoRA or QLoRA as configured.
+
+    QLoRA quantizes while loading onto ``device`` (4-bit layers quantize when they reach their device), so the full
+    precision weights of a 7B model never need to fit on the accelerator.
+    """
+    quantization_config = None
+    device_map = None
+    if settings.finetune == "qlora":
+        quantization_config = bnb_4bit_config(settings)
+        device_map = {"": device if device is not None else torch.device("cpu")}
+    model = load_causal_lm(
+        settings.name_or_path,
+        dtype=settings.dtype,
+        gguf_file=settings.gguf_file,
+        trust_remote_code=settings.trust_remote_code,
+        revision=settings.revision,
+        attn_implementation=settings.attn_implementation,
+        quantization_config=quantization_config,
+        device_map=device_map,
+    )
+    model.config.use_cache = False
+    if settings.finetune == "full":
+        if settings.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return model
+
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if settings.finetune == "qlora":
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=settings.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    elif settings.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    lora = settings.lora
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    try:
+        model = get_peft_model(model, config)
+    except ValueError as err:
+        names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise ValueError(
+            f"--model.policy.lora.target_modules={lora.target_modules!r} does not match modules of "
+            f"{settings.name_or_path!r} ({err}). Linear layers of this model: {', '.join(names)}; or use 'all-linear'."
+        ) from err
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    rank_zero_info(f"{settings.finetune}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)")
+    return model
+
+
+def frozen_copy(model: PreTrainedModel) -> PreTrainedModel:
+    """A frozen, eval-mode deep copy used as the reference of a full fine-tuning run."""
+    import copy
+
+    ref = copy.deepcopy(model)
+    ref.eval()
+    ref.requires_grad_(False)
+    return ref

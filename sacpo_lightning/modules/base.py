@@ -1,0 +1,267 @@
+"""The shared base of every alignment step: policy, reference, log-probs, logging, optimisation and export."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, ClassVar, Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import grad_norm, rank_zero_info
+from torch import Tensor
+from torchmetrics import MeanMetric
+
+from sacpo_lightning.logprobs import sequence_logprobs
+from sacpo_lightning.models.policy import PolicySettings, build_policy, frozen_copy
+
+DataKind = Literal["pairs", "kto"]
+
+
+@dataclass
+class OptimSettings:
+    """Optimizer and learning-rate schedule.
+
+    Args:
+        lr: Peak learning rate.
+        weight_decay: Decoupled weight decay (AdamW).
+        betas: Adam betas.
+        optimizer: ``adamw`` (torch), ``adamw_8bit`` or ``paged_adamw_8bit`` (bitsandbytes, less optimizer memory).
+        scheduler: Decay after warm-up: ``cosine`` or ``linear`` to 0, or ``constant``.
+        warmup_ratio: Fraction of the total steps used for linear warm-up.
+        warmup_steps: Absolute number of warm-up steps; overrides ``warmup_ratio`` when set.
+    """
+
+    lr: float = 5e-5
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = "adamw"
+    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: float = 0.1
+    warmup_steps: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.lr > 0:
+            raise ValueError(f"--model.optim.lr must be > 0, got {self.lr}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError(f"--model.optim.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            raise ValueError(f"--model.optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+
+
+def check_positive(option: str, value: float) -> None:
+    """Raises a ValueError naming ``option`` unless ``value`` is a finite number > 0."""
+    if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+        raise ValueError(f"{option} must be a finite number > 0, got {value!r}")
+
+
+class AlignmentModule(L.LightningModule):
+    """Base of the step modules: subclasses set ``data_kind``, ``metric_names`` and implement :meth:`compute_loss`.
+
+    The reference policy is the same network with its adapter disabled under LoRA/QLoRA, and a frozen copy under full
+    fine-tuning. For SACPO's second step, ``policy.name_or_path`` is the step-1 export, so the reference is exactly the
+    step-1 policy.
+
+    Args:
+        policy: What to load and how to train it (full, LoRA, QLoRA).
+        optim: Optimizer and schedule.
+        average_log_prob: Score sequences by their mean token log-prob instead of the sum (IPO uses the mean).
+    """
+
+    data_kind: ClassVar[DataKind] = "pairs"
+    step_kind: ClassVar[str] = "base"
+    metric_names: ClassVar[tuple[str, ...]] = ("loss",)
+
+    def __init__(
+        self,
+        policy: PolicySettings | None = None,
+        optim: OptimSettings | None = None,
+        average_log_prob: bool = False,
+    ) -> None:
+        super().__init__()
+        self.policy_settings = policy if policy is not None else PolicySettings()
+        self.optim_settings = optim if optim is not None else OptimSettings()
+        self.average_log_prob = average_log_prob
+        self.save_hyperparameters(ignore=["policy", "optim"])
+        self.hparams["policy"] = asdict(self.policy_settings)
+        self.hparams["optim"] = asdict(self.optim_settings)
+        self.policy: torch.nn.Module | None = None
+        self.ref_model: torch.nn.Module | None = None
+        self.val_metrics = torch.nn.ModuleDict({name.replace("/", "_"): MeanMetric() for name in self.metric_names})
+        self._batch_start: float | None = None
+
+    # ----------------------------------------------------------------------------------------------- model setup
+    def configure_model(self) -> None:
+        """Loads the policy (and quantizes it / injects LoRA) once the device is known; idempotent."""
+        if self.policy is not None:
+            return
+        device = self.trainer.strategy.root_device if self._trainer is not None else None
+        self.policy = build_policy(self.policy_settings, device=device)
+        if not self.policy_settings.uses_adapter:
+            self.ref_model = frozen_copy(self.policy)
+
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        kind = getattr(getattr(datamodule, "hparams", {}), "get", lambda *_: None)("kind")
+        if kind is not None and kind != self.data_kind:
+            raise ValueError(
+                f"{type(self).__name__} trains on {self.data_kind!r} data but --data.kind is {kind!r}; "
+                f"set data.kind: {self.data_kind} in the data config."
+            )
+
+    # --------------------------------------------------------------------------------------------- log-probs
+    def sequence_logps(self, model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> Tensor:
+        """(N,) summed (or averaged) log-probs of the labelled tokens of each row."""
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        return sequence_logprobs(logits, labels, average=self.average_log_prob)
+
+    def policy_logps(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> Tensor:
+        return self.sequence_logps(self.policy, input_ids, attention_mask, labels)
+
+    @torch.no_grad()
+    def reference_logps(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> Tensor:
+        """Log-probs under the reference: the adapter switched off, or the frozen copy."""
+        if self.ref_model is not None:
+            return self.sequence_logps(self.ref_model, input_ids, attention_mask, labels)
+        with self.policy.disable_adapter():
+            return self.sequence_logps(self.policy, input_ids, attention_mask, labels)
+
+    # ----------------------------------------------------------------------------------------------- steps
+    def compute_loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        """Returns the scalar loss and a dict of detached scalar metrics (names from ``metric_names``)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def batch_size_of(batch: dict[str, Tensor]) -> int:
+        return int(batch["index"].shape[0])
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._batch_start = time.perf_counter()
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        loss, metrics = self.compute_loss(batch)
+        size = self.batch_size_of(batch)
+        self.log_dict({f"train/{k}": v for k, v in metrics.items()}, batch_size=size)
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=size)
+        if "rewards/accuracy" in metrics:
+            self.log("train/acc", metrics["rewards/accuracy"], prog_bar=True, batch_size=size)
+        return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self._batch_start is not None:
+            elapsed = time.perf_counter() - self._batch_start
+            tokens = float(batch["attention_mask"].sum()) + float(batch.get("kl_attention_mask", torch.zeros(())).sum())
+            self.log("train/tokens_per_s", tokens / max(elapsed, 1e-9), batch_size=self.batch_size_of(batch))
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        norms = grad_norm(self.policy, norm_type=2)
+        if "grad_2.0_norm_total" in norms:
+            self.log("train/grad_norm", norms["grad_2.0_norm_total"], batch_size=1)
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        loss, metrics = self.compute_loss(batch)
+        size = self.batch_size_of(batch)
+        metrics = {"loss": loss.detach(), **metrics}
+        for name in self.metric_names:
+            if name in metrics:
+                self.val_metrics[name.replace("/", "_")].update(metrics[name], weight=size)
+
+    def on_validation_epoch_end(self) -> None:
+        values = {}
+        for name in self.metric_names:
+            metric = self.val_metrics[name.replace("/", "_")]
+            if metric.update_count > 0:
+                values[f"val/{name}"] = metric.compute()
+            metric.reset()
+        if values:
+            self.log_dict(values, prog_bar=False)
+            if "val/rewards/accuracy" in values:
+                self.log("val/acc", values["val/rewards/accuracy"], prog_bar=True)
+
+    # ------------------------------------------------------------------------------------------- optimisation
+    def configure_optimizers(self) -> dict[str, Any]:
+        opt = self.optim_settings
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("The policy has no trainable parameters; check --model.policy.finetune and lora settings.")
+        if opt.optimizer == "adamw":
+            optimizer = torch.optim.AdamW(params, lr=opt.lr, betas=opt.betas, weight_decay=opt.weight_decay)
+        else:
+            import bitsandbytes as bnb
+
+            cls = bnb.optim.PagedAdamW8bit if opt.optimizer == "paged_adamw_8bit" else bnb.optim.AdamW8bit
+            optimizer = cls(params, lr=opt.lr, betas=opt.betas, weight_decay=opt.weight_decay)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = opt.warmup_steps if opt.warmup_steps is not None else int(round(opt.warmup_ratio * total))
+        warmup = min(warmup, total)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(opt.scheduler, warmup, total))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------------------------------- checkpoints
+    def trainable_parameter_names(self) -> set[str]:
+        return {f"policy.{n}" for n, p in self.policy.named_parameters() if p.requires_grad}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Adapter runs checkpoint only the trainable weights; the frozen base is reloaded from its source."""
+        if self.policy_settings.uses_adapter:
+            keep = self.trainable_parameter_names()
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        else:
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("ref_model.")}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.strict_loading = False
+        missing = self.trainable_parameter_names() - set(checkpoint["state_dict"])
+        if missing:
+            raise ValueError(
+                f"The checkpoint lacks {len(missing)} trainable weights of this policy (e.g. {sorted(missing)[0]}); "
+                "it was written with other --model.policy settings."
+            )
+
+    # ----------------------------------------------------------------------------------------------- export
+    def coefficients(self) -> dict[str, float]:
+        """The step's KL coefficients (``beta``, ``lam``, ``kl_coef``), logged at the start of training."""
+        return {}
+
+    def on_train_start(self) -> None:
+        for logger in self.loggers:
+            logger.log_hyperparams(self.coefficients())
+
+    def step_metadata(self) -> dict[str, Any]:
+        """What the export's ``sacpo_step.json`` records about this step; subclasses add their settings."""
+        return {
+            "kind": self.step_kind,
+            **self.coefficients(),
+            "reference": self.policy_settings.name_or_path,
+            "finetune": self.policy_settings.finetune,
+            "average_log_prob": self.average_log_prob,
+            "optim": asdict(self.optim_settings),
+        }
+
+    def export_pretrained(self, output_dir: str, *, dtype: str | None = None, extra: dict | None = None) -> None:
+        """Writes the trained policy as a Hugging Face folder (see :func:`sacpo_lightning.models.export_policy`)."""
+        from sacpo_lightning.models.export import export_policy
+        from sacpo_lightning.models.tokenizer import load_tokenizer
+
+        settings = self.policy_settings
+        tokenizer = load_tokenizer(
+            settings.name_or_path, trust_remote_code=settings.trust_remote_code, gguf_file=settings.gguf_file
+        )
+        metadata = {**self.step_metadata(), **(extra or {})}
+        export_policy(self.policy, settings, tokenizer, output_dir, metadata=metadata, dtype=dtype)
+        rank_zero_info(f"Exported {self.step_kind} policy to {output_dir}")
+
+
+def _schedule(kind: str, warmup: int, total: int):
+    def factor(step: int) -> float:
+        if warmup > 0 and step < warmup:
+            return (step + 1) / (warmup + 1)
+        if kind == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        if kind == "linear":
+            return 1.0 - progress
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
