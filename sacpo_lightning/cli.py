@@ -101,6 +101,7 @@ LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
 
 def main(argv: list[str] | None = None) -> int:
+    from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in COMMANDS:
         return COMMANDS[argv[0]][0](argv[1:])
@@ -110,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, (_, help_text) in COMMANDS.items():
             print(f"  {name:<16} {help_text}")
         return 0
-    lightning_cli(argv)
+    lightning_cli(None if from_command_line else argv)
     return 0
 
 

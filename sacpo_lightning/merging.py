@@ -239,6 +239,9 @@ def check_compatible(dir_a: PathLike, dir_b: PathLike) -> None:
         )
     for field in SPECIAL_TOKEN_FIELDS:
         value_a, value_b = getattr(tok_a, field, None), getattr(tok_b, field, None)
+        # A pad token only fills unused positions: one side lacking it (an export adds one) is compatible.
+        if field == "pad_token_id" and (value_a is None or value_b is None):
+            continue
         if value_a != value_b:
             raise MergeError(
                 f"Models {where} have different tokenizers: {field} is {value_a!r} in A and {value_b!r} in B."

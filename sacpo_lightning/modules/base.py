@@ -98,6 +98,7 @@ class AlignmentModule(L.LightningModule):
             return
         device = self.trainer.strategy.root_device if self._trainer is not None else None
         self.policy = build_policy(self.policy_settings, device=device)
+        self.policy.train()
         if not self.policy_settings.uses_adapter:
             self.ref_model = frozen_copy(self.policy)
 

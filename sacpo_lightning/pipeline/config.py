@@ -1,0 +1,296 @@
+"""The declarative pipeline config: validated up front, expanded into a graph of stages."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+STEP_CLASSES = {
+    ("reward", "dpo"): "sacpo_lightning.modules.RewardDPO",
+    ("reward", "kto"): "sacpo_lightning.modules.RewardKTO",
+    ("safety", "dpo"): "sacpo_lightning.modules.SafetyDPO",
+    ("safety", "kto"): "sacpo_lightning.modules.SafetyKTO",
+}
+ORDERS = ("reward_first", "safety_first")
+
+
+class PipelineConfigError(ValueError):
+    """A pipeline config that cannot run; the message names the file and the key."""
+
+
+@dataclass
+class StepSpec:
+    """One alignment step as composed LightningCLI configs.
+
+    Args:
+        algorithm: ``dpo`` or ``kto``; selects the step module (with the step's role, reward or safety).
+        configs: LightningCLI YAML files composed in order (paths relative to the working directory).
+        overrides: A nested mapping merged last (e.g. ``{trainer: {max_steps: 40}}``).
+    """
+
+    algorithm: Literal["dpo", "kto"] = "dpo"
+    configs: list[str] = field(default_factory=list)
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class MergeSpec:
+    """P-SACPO merges of the step-1 model with step-2 models.
+
+    Args:
+        weights: Merge weights q in [0, 1] (q=1 is the step-2 model; q*lambda is the effective multiplier).
+        lambdas: Which step-2 lambdas to merge with (default: all of the grid).
+        naive: Also merge the step-1 model with a safety-only model aligned from the SFT model (baseline).
+        kl_prompts: Prompt file on which the exact mixture and the weight merge are compared (mean KL per token).
+        kl_max_prompts: How many of those prompts to use.
+        dtype: Dtype of merged weights (default: that of the inputs).
+    """
+
+    weights: list[float] = field(default_factory=list)
+    lambdas: list[float] | None = None
+    naive: bool = False
+    kl_prompts: str | None = None
+    kl_max_prompts: int = 8
+    dtype: str | None = None
+
+
+@dataclass
+class PipelineConfig:
+    """A SACPO pipeline.
+
+    Args:
+        sft: The SFT model (named local model, folder or Hub id) every branch starts from.
+        beta: KL coefficient of the helpfulness step; safety steps use ``beta / lambda``.
+        lambdas: The lambda grid (one safety run per value).
+        reward_step: How to run the helpfulness step.
+        safety_step: How to run the safety step.
+        orders: ``reward_first`` (SACPO) and/or ``safety_first`` (the swapped order).
+        merge: P-SACPO merges.
+        baselines: One-step baselines from the SFT model: ``safety_only`` (per lambda). The helpfulness-only baseline
+            is the step-1 model itself.
+        evaluate: Settings of the evaluation stage (see ``sacpo_lightning.evaluation``); absent means no evaluation.
+    """
+
+    sft: str
+    beta: float
+    lambdas: list[float]
+    reward_step: StepSpec
+    safety_step: StepSpec
+    orders: list[str] = field(default_factory=lambda: ["reward_first"])
+    merge: MergeSpec = field(default_factory=MergeSpec)
+    baselines: list[str] = field(default_factory=list)
+    evaluate: dict[str, Any] | None = None
+    source: str = "<config>"
+
+
+@dataclass
+class Stage:
+    """A node of the pipeline graph."""
+
+    name: str
+    kind: Literal["train", "merge", "evaluate"]
+    depends_on: list[str]
+    reference: str  # the model the stage starts from: a stage name or the SFT model
+    config: dict[str, Any]
+    description: str = ""
+
+
+def _expand(value: str) -> str:
+    return os.path.expanduser(os.path.expandvars(value))
+
+
+def _require(cond: bool, source: str, key: str, message: str) -> None:
+    if not cond:
+        raise PipelineConfigError(f"{source}: {key}: {message}")
+
+
+def load_pipeline_config(path: str | os.PathLike) -> PipelineConfig:
+    """Reads and validates a pipeline YAML; every error names the file and the key."""
+    source = str(path)
+    try:
+        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError as err:
+        raise PipelineConfigError(f"{source}: no such pipeline config file") from err
+    except yaml.YAMLError as err:
+        raise PipelineConfigError(f"{source}: not valid YAML: {err}") from err
+    _require(isinstance(raw, dict), source, "<top>", "expected a mapping of pipeline settings")
+    known = {"sft", "beta", "lambdas", "reward_step", "safety_step", "orders", "merge", "baselines", "evaluate"}
+    unknown = sorted(set(raw) - known)
+    _require(not unknown, source, ", ".join(unknown), f"unknown key(s); known keys: {', '.join(sorted(known))}")
+    for key in ("sft", "beta", "lambdas", "reward_step", "safety_step"):
+        _require(key in raw, source, key, "required")
+    _require(isinstance(raw["sft"], str) and raw["sft"].strip() != "", source, "sft", "must be a model name or path")
+    beta = raw["beta"]
+    _require(isinstance(beta, int | float) and beta > 0, source, "beta", f"must be a number > 0, got {beta!r}")
+    lambdas = raw["lambdas"]
+    _require(isinstance(lambdas, list) and len(lambdas) > 0, source, "lambdas", "must be a non-empty list")
+    for lam in lambdas:
+        _require(isinstance(lam, int | float) and lam > 0, source, "lambdas", f"every lambda must be > 0, got {lam!r}")
+    _require(len(set(lambdas)) == len(lambdas), source, "lambdas", "values must be distinct")
+
+    steps = {}
+    for key in ("reward_step", "safety_step"):
+        spec = raw[key]
+        _require(isinstance(spec, dict), source, key, "must be a mapping with algorithm, configs, overrides")
+        extra = sorted(set(spec) - {"algorithm", "configs", "overrides"})
+        _require(not extra, source, f"{key}.{','.join(extra)}", "unknown key(s); use algorithm, configs, overrides")
+        algorithm = spec.get("algorithm", "dpo")
+        _require(algorithm in ("dpo", "kto"), source, f"{key}.algorithm", f"must be dpo or kto, got {algorithm!r}")
+        configs = spec.get("configs", [])
+        _require(isinstance(configs, list) and configs, source, f"{key}.configs", "must list at least one YAML file")
+        for cfg in configs:
+            _require(Path(_expand(cfg)).is_file(), source, f"{key}.configs", f"file {cfg!r} does not exist")
+        overrides = spec.get("overrides") or {}
+        _require(isinstance(overrides, dict), source, f"{key}.overrides", "must be a mapping")
+        steps[key] = StepSpec(algorithm=algorithm, configs=[_expand(c) for c in configs], overrides=overrides)
+
+    orders = raw.get("orders", ["reward_first"])
+    _require(isinstance(orders, list) and orders, source, "orders", f"must be a non-empty list of {ORDERS}")
+    for order in orders:
+        _require(order in ORDERS, source, "orders", f"unknown order {order!r}; allowed: {', '.join(ORDERS)}")
+
+    merge_raw = raw.get("merge") or {}
+    _require(isinstance(merge_raw, dict), source, "merge", "must be a mapping")
+    extra = sorted(set(merge_raw) - {"weights", "lambdas", "naive", "kl_prompts", "kl_max_prompts", "dtype"})
+    _require(not extra, source, f"merge.{','.join(extra)}", "unknown key(s)")
+    merge = MergeSpec(**merge_raw)
+    for q in merge.weights:
+        _require(isinstance(q, int | float) and 0 <= q <= 1, source, "merge.weights", f"q must be in [0, 1], got {q!r}")
+    if merge.lambdas is not None:
+        for lam in merge.lambdas:
+            _require(lam in lambdas, source, "merge.lambdas", f"{lam!r} is not in the lambdas grid {lambdas}")
+    if merge.weights:
+        _require("reward_first" in orders, source, "merge", "merges need the reward_first order")
+    if merge.kl_prompts is not None:
+        merge.kl_prompts = _expand(merge.kl_prompts)
+        _require(Path(merge.kl_prompts).is_file(), source, "merge.kl_prompts", f"file {merge.kl_prompts!r} not found")
+
+    baselines = raw.get("baselines") or []
+    _require(isinstance(baselines, list), source, "baselines", "must be a list")
+    for b in baselines:
+        _require(b in ("safety_only",), source, "baselines", f"unknown baseline {b!r}; allowed: safety_only")
+    evaluate = raw.get("evaluate")
+    _require(evaluate is None or isinstance(evaluate, dict), source, "evaluate", "must be a mapping or absent")
+    return PipelineConfig(
+        sft=raw["sft"], beta=float(beta), lambdas=[float(x) for x in lambdas], reward_step=steps["reward_step"],
+        safety_step=steps["safety_step"], orders=orders, merge=merge, baselines=baselines, evaluate=evaluate,
+        source=source,
+    )
+
+
+def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """Recursively merges mappings (``update`` wins); lists and scalars are replaced, as with composed --config."""
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def compose_step_config(spec: StepSpec) -> dict[str, Any]:
+    """The step's YAML files merged in order, then its overrides."""
+    config: dict[str, Any] = {}
+    for path in spec.configs:
+        loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        if not isinstance(loaded, dict):
+            raise PipelineConfigError(f"{path}: expected a LightningCLI config mapping")
+        config = deep_merge(config, loaded)
+    return deep_merge(config, spec.overrides)
+
+
+def lam_tag(lam: float) -> str:
+    return f"{lam:g}"
+
+
+def _train_stage(
+    name: str, role: str, spec: StepSpec, base_config: dict, start: str, upstream: list[str], coefficients: dict,
+    description: str,
+) -> Stage:
+    config = copy.deepcopy(base_config)
+    model = config.setdefault("model", {})
+    model["class_path"] = STEP_CLASSES[(role, spec.algorithm)]
+    init = model.setdefault("init_args", {})
+    init.update(coefficients)
+    init.setdefault("policy", {})["name_or_path"] = start
+    config.setdefault("data", {})["kind"] = "kto" if spec.algorithm == "kto" else "pairs"
+    return Stage(name=name, kind="train", depends_on=upstream, reference=start, config=config, description=description)
+
+
+def build_stages(cfg: PipelineConfig) -> list[Stage]:
+    """Expands the config into stages in dependency order. Model references to other stages are written as
+    ``stage:<name>`` and resolved to export folders by the runner."""
+    reward_cfg = compose_step_config(cfg.reward_step)
+    safety_cfg = compose_step_config(cfg.safety_step)
+    stages: list[Stage] = []
+    names: set[str] = set()
+
+    def add(stage: Stage) -> None:
+        if stage.name not in names:
+            stages.append(stage)
+            names.add(stage.name)
+
+    sft = cfg.sft
+    if "reward_first" in cfg.orders:
+        add(_train_stage("reward", "reward", cfg.reward_step, reward_cfg, sft, [], {"beta": cfg.beta},
+                         f"step 1: helpfulness ({cfg.reward_step.algorithm}, beta={cfg.beta:g}) from the SFT model"))
+        for lam in cfg.lambdas:
+            add(_train_stage(
+                f"safety_lam{lam_tag(lam)}", "safety", cfg.safety_step, safety_cfg, "stage:reward", ["reward"],
+                {"beta": cfg.beta, "lam": lam},
+                f"step 2: safety ({cfg.safety_step.algorithm}, beta/lambda={cfg.beta / lam:g}) from step 1",
+            ))
+    needs_safety_only = "safety_first" in cfg.orders or "safety_only" in cfg.baselines or cfg.merge.naive
+    if needs_safety_only:
+        for lam in cfg.lambdas:
+            add(_train_stage(
+                f"safety_only_lam{lam_tag(lam)}", "safety", cfg.safety_step, safety_cfg, sft, [],
+                {"beta": cfg.beta, "lam": lam},
+                f"safety only ({cfg.safety_step.algorithm}, beta/lambda={cfg.beta / lam:g}) from the SFT model",
+            ))
+    if "safety_first" in cfg.orders:
+        for lam in cfg.lambdas:
+            first = f"safety_only_lam{lam_tag(lam)}"
+            add(_train_stage(
+                f"swapped_lam{lam_tag(lam)}", "reward", cfg.reward_step, reward_cfg, f"stage:{first}", [first],
+                {"beta": cfg.beta},
+                f"swapped order: helpfulness (beta={cfg.beta:g}) after safety (lambda={lam:g})",
+            ))
+    merge_lams = cfg.merge.lambdas if cfg.merge.lambdas is not None else cfg.lambdas
+    for lam in merge_lams if cfg.merge.weights else []:
+        for q in cfg.merge.weights:
+            other = f"safety_lam{lam_tag(lam)}"
+            add(Stage(
+                name=f"merge_lam{lam_tag(lam)}_q{q:g}", kind="merge", depends_on=["reward", other],
+                reference="stage:reward",
+                config={"base": "stage:reward", "other": f"stage:{other}", "q": q, "lam": lam,
+                        "lam_effective": q * lam, "kl_prompts": cfg.merge.kl_prompts,
+                        "kl_max_prompts": cfg.merge.kl_max_prompts, "dtype": cfg.merge.dtype},
+                description=f"P-SACPO: step 1 merged with step 2 (lambda={lam:g}) at q={q:g} ~ lambda={q * lam:g}",
+            ))
+            if cfg.merge.naive:
+                only = f"safety_only_lam{lam_tag(lam)}"
+                add(Stage(
+                    name=f"naive_merge_lam{lam_tag(lam)}_q{q:g}", kind="merge", depends_on=["reward", only],
+                    reference="stage:reward",
+                    config={"base": "stage:reward", "other": f"stage:{only}", "q": q, "lam": lam,
+                            "kl_prompts": None, "kl_max_prompts": 0, "dtype": cfg.merge.dtype},
+                    description=f"naive baseline: step 1 merged with safety-only (lambda={lam:g}) at q={q:g}",
+                ))
+    if cfg.evaluate is not None:
+        add(Stage(name="evaluate", kind="evaluate", depends_on=[s.name for s in stages], reference=sft,
+                  config=dict(cfg.evaluate), description="evaluation of every produced model"))
+    return stages
+
+
+def config_hash(obj: Any) -> str:
+    """A stable hash of a JSON-serialisable object."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]

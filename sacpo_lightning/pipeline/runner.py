@@ -1,0 +1,309 @@
+"""``sacpo pipeline``: run the SACPO stage graph with a manifest, skipping finished stages and resuming others."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import yaml
+from filelock import FileLock, Timeout
+
+from sacpo_lightning.io import atomic_write_json, atomic_write_text, file_fingerprint, is_complete_directory
+from sacpo_lightning.pipeline.config import (
+    PipelineConfig,
+    PipelineConfigError,
+    Stage,
+    build_stages,
+    config_hash,
+    load_pipeline_config,
+)
+
+MANIFEST = "manifest.json"
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _set_parent_death_signal() -> None:  # pragma: no cover - runs in the child
+    """Makes a training subprocess die with the pipeline (so a killed pipeline leaves no orphan writing files)."""
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+class StageFailed(RuntimeError):
+    pass
+
+
+class PipelineRunner:
+    """Runs the stages of a :class:`PipelineConfig` in ``output_dir``.
+
+    Each stage has an input hash: its resolved config, the fingerprints of its data files and the hashes of the stages
+    it depends on. A stage whose manifest entry is ``done`` with the same hash and a complete export is skipped; a
+    changed stage reruns, and so does everything downstream (their input hashes change with it). An interrupted
+    training stage resumes from its ``last.ckpt`` when its hash is unchanged.
+    """
+
+    def __init__(self, cfg: PipelineConfig, output_dir: str | os.PathLike, *, log: Callable[[str], None] = print):
+        self.cfg = cfg
+        self.output_dir = Path(output_dir).absolute()
+        self.log = log
+        self.stages = build_stages(cfg)
+        self.manifest = self._load_manifest()
+        self._fingerprints: dict[str, str] = {}
+        self.hashes: dict[str, str] = {}
+
+    # ------------------------------------------------------------------------------------------------ manifest
+    @property
+    def manifest_path(self) -> Path:
+        return self.output_dir / MANIFEST
+
+    def _load_manifest(self) -> dict[str, Any]:
+        if self.manifest_path.is_file():
+            try:
+                manifest = json.loads(self.manifest_path.read_text())
+            except json.JSONDecodeError as err:
+                raise PipelineConfigError(
+                    f"{self.manifest_path} is not valid JSON ({err}); delete it to start the pipeline afresh"
+                ) from err
+            if isinstance(manifest, dict) and isinstance(manifest.get("stages"), dict):
+                return manifest
+        return {"pipeline": self.cfg.source, "stages": {}}
+
+    def _save_manifest(self) -> None:
+        self.manifest["pipeline"] = self.cfg.source
+        self.manifest["updated_at"] = _now()
+        self.manifest["order"] = [s.name for s in self.stages]
+        atomic_write_json(self.manifest_path, self.manifest)
+
+    def stage_dir(self, name: str) -> Path:
+        return self.output_dir / "stages" / name
+
+    def export_dir(self, name: str) -> Path:
+        return self.stage_dir(name) / "export"
+
+    # ------------------------------------------------------------------------------------------------ resolving
+    def _resolve(self, value: Any) -> Any:
+        if isinstance(value, str) and value.startswith("stage:"):
+            return str(self.export_dir(value.split(":", 1)[1]))
+        if isinstance(value, dict):
+            return {k: self._resolve(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self._resolve(v) for v in value]
+        return value
+
+    def _fingerprint(self, path: str) -> str:
+        if path not in self._fingerprints:
+            expanded = os.path.expanduser(os.path.expandvars(path))
+            self._fingerprints[path] = file_fingerprint(expanded) if os.path.isfile(expanded) else f"unresolved:{path}"
+        return self._fingerprints[path]
+
+    def resolved_train_config(self, stage: Stage) -> dict[str, Any]:
+        config = self._resolve(copy.deepcopy(stage.config))
+        root = self.stage_dir(stage.name)
+        config.setdefault("trainer", {})["default_root_dir"] = str(root)
+        config.setdefault("export", {})["dirpath"] = str(self.export_dir(stage.name))
+        config.setdefault("checkpoint", {})["dirpath"] = str(root / "checkpoints")
+        return config
+
+    def stage_inputs(self, stage: Stage) -> dict[str, Any]:
+        if stage.kind == "train":
+            config = self.resolved_train_config(stage)
+            data = config.get("data", {})
+            files = list(data.get("train_files") or []) + list(data.get("val_files") or [])
+            data_fp = {f: self._fingerprint(f) for f in files}
+        else:
+            config = self._resolve(copy.deepcopy(stage.config))
+            data_fp = {}
+            for key in ("kl_prompts", "prompts_safety", "prompts_helpful"):
+                if isinstance(config.get(key), str):
+                    data_fp[config[key]] = self._fingerprint(config[key])
+        return {
+            "config": config,
+            "data": data_fp,
+            "upstream": {d: self.hashes[d] for d in stage.depends_on},
+            "reference": stage.reference,
+        }
+
+    # ------------------------------------------------------------------------------------------------ running
+    def run(self, *, only_plan: bool = False) -> int:
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(self.output_dir / ".pipeline.lock"))
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            raise PipelineConfigError(
+                f"another pipeline is running in {self.output_dir} (lock {lock.lock_file}); wait for it or use "
+                "another --output"
+            ) from None
+        try:
+            return self._run(only_plan)
+        finally:
+            lock.release()
+
+    def _run(self, only_plan: bool) -> int:
+        total = len(self.stages)
+        started = time.monotonic()
+        self.log(f"SACPO pipeline {self.cfg.source} -> {self.output_dir} ({total} stages)")
+        for i, stage in enumerate(self.stages, 1):
+            inputs = self.stage_inputs(stage)
+            digest = config_hash(inputs)
+            self.hashes[stage.name] = digest
+            entry = self.manifest["stages"].get(stage.name)
+            export = self.export_dir(stage.name)
+            up_to_date = (
+                entry is not None and entry.get("status") == "done" and entry.get("config_hash") == digest
+                and (stage.kind == "evaluate" or is_complete_directory(export))
+            )
+            prefix = f"[{i}/{total}] {stage.name}"
+            if up_to_date:
+                self.log(f"{prefix}: unchanged, skipped ({stage.description})")
+                continue
+            if only_plan:
+                self.log(f"{prefix}: would run ({stage.description})")
+                continue
+            self.log(f"{prefix}: {stage.description}")
+            entry = {
+                "name": stage.name, "kind": stage.kind, "status": "pending", "description": stage.description,
+                "export_dir": str(export) if stage.kind != "evaluate" else None,
+                "reference": self._resolve(stage.reference), "config": inputs["config"], "config_hash": digest,
+                "data": inputs["data"], "depends_on": stage.depends_on, "started_at": _now(),
+            }
+            self.manifest["stages"][stage.name] = entry
+            self._save_manifest()
+            t0 = time.monotonic()
+            try:
+                metrics = {"train": self._run_train, "merge": self._run_merge, "evaluate": self._run_evaluate}[
+                    stage.kind
+                ](stage, inputs, digest)
+            except BaseException as err:
+                entry.update(status="failed", error=f"{type(err).__name__}: {err}", wall_time_s=time.monotonic() - t0)
+                self._save_manifest()
+                if isinstance(err, KeyboardInterrupt):
+                    raise
+                self.log(f"{prefix}: FAILED: {err}")
+                self.log("Earlier stages are intact; fix the cause and rerun the same command to continue.")
+                return 1
+            entry.update(status="done", metrics=metrics, finished_at=_now(), wall_time_s=time.monotonic() - t0)
+            self._save_manifest()
+            self.log(f"{prefix}: done in {entry['wall_time_s']:.0f}s")
+        if not only_plan:
+            self.log(self.summary(time.monotonic() - started))
+        return 0
+
+    def _run_train(self, stage: Stage, inputs: dict[str, Any], digest: str) -> dict[str, Any]:
+        root = self.stage_dir(stage.name)
+        marker = root / "stage.json"
+        if marker.is_file() and json.loads(marker.read_text()).get("config_hash") != digest:
+            self.log(f"  inputs of {stage.name} changed: discarding its old checkpoints and export")
+            shutil.rmtree(root)
+        root.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(marker, {"config_hash": digest})
+        config_path = root / "config.yaml"
+        atomic_write_text(config_path, f"# written by sacpo pipeline for stage {stage.name}\n"
+                          + yaml.safe_dump(inputs["config"], sort_keys=False))
+        cmd = [sys.executable, "-m", "sacpo_lightning", "fit", "--config", str(config_path)]
+        last = root / "checkpoints" / "last.ckpt"
+        if last.is_file():
+            self.log(f"  resuming {stage.name} from {last}")
+            cmd += ["--ckpt_path", str(last)]
+        self._stream(cmd, root / "train.log")
+        export = self.export_dir(stage.name)
+        if not is_complete_directory(export):
+            raise StageFailed(f"training finished but {export} is missing or incomplete")
+        meta_path = export / "sacpo_step.json"
+        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+        return meta.get("final_metrics", {})
+
+    def _stream(self, cmd: list[str], log_path: Path) -> None:
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        with open(log_path, "a", encoding="utf-8") as log_file:
+            log_file.write(f"\n$ {' '.join(cmd)}\n")
+            proc = subprocess.Popen(
+                cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True, bufsize=1,
+                preexec_fn=_set_parent_death_signal if sys.platform.startswith("linux") else None,
+            )
+            tail: list[str] = []
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                sys.stdout.write(line)
+                log_file.write(line)
+                tail = (tail + [line.rstrip()])[-15:]
+            code = proc.wait()
+        if code != 0:
+            raise StageFailed(f"`{' '.join(cmd)}` exited with {code}; log: {log_path}\n" + "\n".join(tail))
+
+    def _run_merge(self, stage: Stage, inputs: dict[str, Any], digest: str) -> dict[str, Any]:
+        from sacpo_lightning.merging import merge_model_folders
+
+        config = inputs["config"]
+        out = self.export_dir(stage.name)
+        merge_model_folders(config["base"], config["other"], [config["q"]], output_dirs=[out], dtype=config["dtype"])
+        metrics: dict[str, Any] = {"q": config["q"], "lam": config["lam"]}
+        if "lam_effective" in config:
+            metrics["lam_effective"] = config["lam_effective"]
+        if config.get("kl_prompts"):
+            from sacpo_lightning.merging import mixture_vs_merge_kl
+            from sacpo_lightning.merging_cli import load_prompts, render_prompts
+            from sacpo_lightning.models import load_tokenizer
+
+            tokenizer = load_tokenizer(config["base"])
+            prompts = render_prompts(load_prompts(config["kl_prompts"], config["kl_max_prompts"]), tokenizer)
+            kl = mixture_vs_merge_kl(config["base"], config["other"], out, config["q"], prompts, tokenizer)
+            metrics.update(kl_mixture_vs_merge=kl.mean_kl, kl_num_tokens=kl.num_tokens)
+            self.log(f"  mean KL(exact mixture || weight merge) per token: {kl.mean_kl:.5f} over {kl.num_tokens} tokens")
+        atomic_write_json(self.stage_dir(stage.name) / "merge_metrics.json", metrics)
+        return metrics
+
+    def _run_evaluate(self, stage: Stage, inputs: dict[str, Any], digest: str) -> dict[str, Any]:
+        from sacpo_lightning.evaluation.pipeline_stage import run_evaluation_stage
+
+        models = {"sft": self.cfg.sft}
+        for s in self.stages:
+            if s.kind in ("train", "merge"):
+                models[s.name] = str(self.export_dir(s.name))
+        return run_evaluation_stage(inputs["config"], models, self.stage_dir(stage.name), log=self.log)
+
+    # ------------------------------------------------------------------------------------------------ summary
+    def summary(self, elapsed: float) -> str:
+        rows = [("stage", "status", "time", "key metrics")]
+        for s in self.stages:
+            entry = self.manifest["stages"].get(s.name, {})
+            metrics = entry.get("metrics") or {}
+            keys = ["val/rewards/accuracy", "val/loss", "train/loss", "lam_effective", "kl_mixture_vs_merge"]
+            shown = ", ".join(f"{k}={metrics[k]:.4g}" for k in keys if isinstance(metrics.get(k), int | float))
+            wall = entry.get("wall_time_s")
+            rows.append((s.name, entry.get("status", "-"), f"{wall:.0f}s" if wall is not None else "-", shown))
+        widths = [max(len(r[i]) for r in rows) for i in range(3)]
+        lines = [f"Pipeline finished in {elapsed:.0f}s; manifest: {self.manifest_path}"]
+        for r in rows:
+            lines.append(f"  {r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:>{widths[2]}}  {r[3]}")
+        return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="sacpo pipeline", description="Run a SACPO pipeline (see configs/pipelines).")
+    parser.add_argument("--config", required=True, help="Pipeline YAML file.")
+    parser.add_argument("--output", required=True, help="Output folder (manifest.json, stages/<name>/...).")
+    parser.add_argument("--plan", action="store_true", help="Print which stages would run or be skipped, then exit.")
+    ns = parser.parse_args(argv)
+    try:
+        runner = PipelineRunner(load_pipeline_config(ns.config), ns.output)
+        return runner.run(only_plan=ns.plan)
+    except PipelineConfigError as err:
+        print(f"sacpo pipeline: error: {err}", file=sys.stderr)
+        return 2
