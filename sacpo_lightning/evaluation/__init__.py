@@ -1,1 +1,43 @@
-"""Evaluation: generation, judges, win rates and reports."""
+"""Evaluation: generation, judges, win rates and reports.
+
+- :mod:`~sacpo_lightning.evaluation.generation`: batched, cached generation on prompt sets (folders and mixtures).
+- :mod:`~sacpo_lightning.evaluation.score_models`: reward/cost models (training modules, export, scoring).
+- :mod:`~sacpo_lightning.evaluation.implicit`: implicit-reward preference accuracy on held-out pairs.
+- :mod:`~sacpo_lightning.evaluation.judge`: pairwise LLM judge (HTTP endpoint or local model), cached.
+- :mod:`~sacpo_lightning.evaluation.report`: win rates, bootstrap intervals, Elo, report files and plots.
+- :mod:`~sacpo_lightning.evaluation.evaluate`: :func:`evaluate_models`, the whole evaluation in one call.
+
+Submodules are imported on first use, so ``import sacpo_lightning.evaluation`` stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "GenerationSettings": "generation",
+    "generate_responses": "generation",
+    "generate_to_file": "generation",
+    "load_generation_model": "generation",
+    "load_prompts": "generation",
+    "RewardModelModule": "score_models",
+    "CostModelModule": "score_models",
+    "ScoreModel": "score_models",
+    "implicit_accuracy": "implicit",
+    "PairwiseJudge": "judge",
+    "OpenAIChatBackend": "judge",
+    "HFLocalBackend": "judge",
+    "win_rate_summary": "report",
+    "elo_ratings": "report",
+    "write_report": "report",
+    "evaluate_models": "evaluate",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,558 @@
+"""Batched generation on prompt sets, for exported Hugging Face folders and geometric mixtures of two of them.
+
+Prompt sets are a JSON list or JSON lines of ``{"prompt": str, "category": str?}`` objects (the shared sets are
+``eval/safety_problem.json`` and ``eval/helpful_problem.json``). Each prompt is formatted with the tokenizer's chat
+template (``template="chat"``), the PKU-SafeRLHF plain template (``template="pku"``), any format string containing
+``{input}``, or left as it is (``template="raw"``). Batches are left-padded and decoded with a KV cache; greedy
+decoding of a batch gives the same responses as decoding each prompt alone.
+
+A model is named by a *model spec*:
+
+- a folder (or a named local model such as ``tiny-random-llama``), loaded with ``AutoModelForCausalLM``;
+- ``mix:DIR_A+DIR_B@Q``: the token-level geometric mixture ``pi_A ** (1 - Q) * pi_B ** Q``
+  (:class:`sacpo_lightning.merging.GeometricMixtureLM`); the folders themselves must not contain ``+``.
+
+Outputs are JSON lines ``{prompt, category, response, model}`` written atomically, with a sidecar
+``<output>.meta.json`` holding a hash of everything that determines them (model files, prompts, settings). A later
+call with the same hash finds the finished file and does no work.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from transformers import StoppingCriteria, StoppingCriteriaList
+
+from sacpo_lightning.io import atomic_write_json, atomic_write_text, file_fingerprint
+
+__all__ = [
+    "PKU_TEMPLATE",
+    "GenerationSettings",
+    "ModelSpec",
+    "format_prompt",
+    "generate_responses",
+    "generate_to_file",
+    "load_generation_model",
+    "load_prompts",
+    "parse_model_spec",
+    "read_generations",
+    "truncate_at_stop",
+]
+
+PKU_TEMPLATE = "BEGINNING OF CONVERSATION: USER: {input} ASSISTANT:"
+NAMED_TEMPLATES = ("chat", "pku", "raw")
+MIX_PREFIX = "mix:"
+META_SUFFIX = ".meta.json"
+CACHE_VERSION = 1
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Settings and model specs
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class GenerationSettings:
+    """How responses are decoded.
+
+    Args:
+        max_new_tokens: Maximum number of generated tokens per response.
+        do_sample: Sample (with ``temperature`` and ``top_p``) instead of greedy decoding.
+        temperature: Sampling temperature (``> 0``); ignored for greedy decoding.
+        top_p: Nucleus-sampling mass in ``(0, 1]``.
+        seed: Seed of the sampling generator (each batch is seeded with ``seed + batch index``).
+        batch_size: Prompts per forward pass.
+        template: ``chat`` (the tokenizer's chat template), ``pku``, ``raw``, or a format string with ``{input}``.
+        stop: Strings that end a response; the response is cut before the first one.
+        max_prompt_tokens: Keep only the last this-many prompt tokens (None: no limit).
+        dtype: Load dtype (``float32``, ``bfloat16``, ``float16``); None keeps the checkpoint's dtype.
+        device: Device to run on; None picks CUDA when available, else CPU.
+    """
+
+    max_new_tokens: int = 256
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0
+    batch_size: int = 8
+    template: str = "chat"
+    stop: list[str] = field(default_factory=list)
+    max_prompt_tokens: int | None = None
+    dtype: str | None = None
+    device: str | None = None
+
+    def __post_init__(self) -> None:
+        self.stop = list(self.stop)
+        if self.max_new_tokens < 1:
+            raise ValueError(f"--max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.batch_size < 1:
+            raise ValueError(f"--batch_size must be >= 1, got {self.batch_size}")
+        if self.do_sample and not self.temperature > 0:
+            raise ValueError(f"--temperature must be > 0 when sampling, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"--top_p must be in (0, 1], got {self.top_p}")
+        if any(not s for s in self.stop):
+            raise ValueError("--stop strings must be non-empty")
+        if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
+            raise ValueError(f"--max_prompt_tokens must be >= 1, got {self.max_prompt_tokens}")
+        if self.dtype not in (None, "float32", "bfloat16", "float16"):
+            raise ValueError(f"--dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.template not in NAMED_TEMPLATES and "{input}" not in self.template:
+            raise ValueError(
+                f"--template must be chat, pku, raw or a format string containing '{{input}}', got {self.template!r}"
+            )
+
+    def cache_fields(self) -> dict[str, Any]:
+        """The settings that change the generated text (batch size and device do not, for greedy decoding)."""
+        values = asdict(self)
+        values.pop("device")
+        if not self.do_sample:
+            values.pop("batch_size")
+            for key in ("temperature", "top_p", "seed"):
+                values.pop(key)
+        return values
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A parsed model spec: one folder, or a geometric mixture of two folders with weight ``q`` on the second."""
+
+    paths: tuple[str, ...]
+    q: float | None = None
+
+    @property
+    def is_mixture(self) -> bool:
+        return self.q is not None
+
+    def __str__(self) -> str:
+        if self.q is None:
+            return self.paths[0]
+        return f"{MIX_PREFIX}{self.paths[0]}+{self.paths[1]}@{self.q:g}"
+
+
+def parse_model_spec(spec: str) -> ModelSpec:
+    """Parses a folder or ``mix:DIR_A+DIR_B@Q`` (see the module docstring).
+
+    Raises:
+        ValueError: A malformed mixture spec or a mixture weight outside ``[0, 1]``.
+    """
+    if not spec.startswith(MIX_PREFIX):
+        return ModelSpec((spec,))
+    body = spec[len(MIX_PREFIX) :]
+    pair, sep, q_text = body.rpartition("@")
+    dirs = pair.split("+")
+    if not sep or len(dirs) != 2 or not all(dirs):
+        raise ValueError(f"Model spec {spec!r} must look like mix:DIR_A+DIR_B@Q (e.g. mix:step1+step2@0.5)")
+    try:
+        q = float(q_text)
+    except ValueError:
+        raise ValueError(f"Model spec {spec!r}: mixture weight {q_text!r} is not a number") from None
+    if not 0.0 <= q <= 1.0:
+        raise ValueError(f"Model spec {spec!r}: mixture weight must be in [0, 1], got {q}")
+    return ModelSpec((dirs[0], dirs[1]), q)
+
+
+def _resolve(path: str) -> str:
+    from sacpo_lightning.models import resolve_model_path
+
+    return str(resolve_model_path(path))
+
+
+def model_fingerprint(spec: ModelSpec) -> str:
+    """A cheap fingerprint of the model files: names, sizes and modification times of each folder's top-level files.
+
+    Re-exporting a folder (which writes new files) changes it; reading the weights is not needed.
+    """
+    h = hashlib.sha256()
+    for raw in spec.paths:
+        path = Path(_resolve(raw))
+        h.update(str(path.resolve() if path.exists() else raw).encode())
+        if path.is_dir():
+            for child in sorted(path.iterdir()):
+                if child.is_file():
+                    st = child.stat()
+                    h.update(f"{child.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    h.update(repr(spec.q).encode())
+    return h.hexdigest()[:16]
+
+
+def _pick_device(device: str | None) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_generation_model(spec: str | ModelSpec, *, dtype: str | None = None, device: str | None = None):
+    """Loads the model and tokenizer named by a model spec, in eval mode on ``device``.
+
+    Returns:
+        ``(model, tokenizer)``; the model is a ``PreTrainedModel`` or a ``GeometricMixtureLM``, the tokenizer is the
+        first folder's (with a pad token, see :func:`sacpo_lightning.models.load_tokenizer`).
+    """
+    from sacpo_lightning.models import load_tokenizer
+
+    spec = parse_model_spec(spec) if isinstance(spec, str) else spec
+    paths = [_resolve(p) for p in spec.paths]
+    target = _pick_device(device)
+    torch_dtype: Any = getattr(torch, dtype) if dtype else "auto"
+    if spec.is_mixture:
+        from sacpo_lightning.merging import GeometricMixtureLM
+
+        model = GeometricMixtureLM.from_folders(paths[0], paths[1], spec.q, dtype=dtype, device=target)
+    else:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(paths[0], dtype=torch_dtype).to(target)
+    model.eval()
+    return model, load_tokenizer(paths[0])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Prompts
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _check_prompt_row(row: Any, where: str) -> dict[str, Any]:
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: expected an object with a 'prompt' field, got {type(row).__name__}")
+    prompt = row.get("prompt")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError(f"{where}: 'prompt' must be a non-empty string, got {prompt!r}")
+    category = row.get("category")
+    if category is not None and not isinstance(category, str):
+        raise ValueError(f"{where}: 'category' must be a string when present, got {category!r}")
+    return {"prompt": prompt, "category": category}
+
+
+def load_prompts(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Reads ``{prompt, category?}`` rows from a JSON list or a JSON-lines file.
+
+    Returns:
+        A list of ``{"prompt": str, "category": str | None}``.
+
+    Raises:
+        ValueError: Naming the file and the line (JSONL) or item (JSON list) of a malformed row, or an empty set.
+    """
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    rows: list[dict[str, Any]] = []
+    if text.lstrip().startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: not valid JSON ({err})") from None
+        rows = [_check_prompt_row(item, f"{path}: item {i}") for i, item in enumerate(items)]
+    else:
+        for lineno, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({err})") from None
+            rows.append(_check_prompt_row(item, f"{path}:{lineno}"))
+    if not rows:
+        raise ValueError(f"{path}: no prompts found")
+    return rows
+
+
+def format_prompt(tokenizer, prompt: str, template: str = "chat") -> str:
+    """The text the model continues: ``chat``/``pku``/``raw`` as in training, or a format string with ``{input}``.
+
+    The named templates are rendered by :func:`sacpo_lightning.data.formatting.render_prompt`, so a prompt looks
+    exactly as it did in the training pairs.
+    """
+    if template in ("chat", "pku", "raw"):
+        from sacpo_lightning.data.formatting import render_prompt
+
+        return render_prompt(prompt, template, tokenizer)
+    return template.replace("{input}", prompt)
+
+
+def _encode(tokenizer, texts: Sequence[str], max_prompt_tokens: int | None) -> list[list[int]]:
+    """Token ids of rendered prompts, with one BOS exactly where training puts one (see ``data.tokenization``)."""
+    from sacpo_lightning.data.tokenization import tokenizer_adds_bos
+
+    bos = tokenizer.bos_token_id if tokenizer_adds_bos(tokenizer) else None
+    encoded = []
+    for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]:
+        ids = list(ids)
+        if bos is not None and (not ids or ids[0] != bos):
+            ids = [bos, *ids]
+        if max_prompt_tokens is not None and len(ids) > max_prompt_tokens:
+            ids = ([ids[0]] if bos is not None else []) + ids[len(ids) - max_prompt_tokens + (bos is not None) :]
+        encoded.append(ids)
+    return encoded
+
+
+def _left_pad(batch: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(ids) for ids in batch)
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, ids in enumerate(batch):
+        if ids:
+            input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+            attention_mask[row, width - len(ids) :] = 1
+    return input_ids, attention_mask
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Decoding
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def truncate_at_stop(text: str, stop: Sequence[str]) -> str:
+    """Cuts ``text`` before the earliest occurrence of any stop string."""
+    cut = len(text)
+    for s in stop:
+        i = text.find(s)
+        if i != -1:
+            cut = min(cut, i)
+    return text[:cut]
+
+
+def _eos_ids(model, tokenizer) -> list[int]:
+    ids: list[int] = []
+    generation_config = getattr(model, "generation_config", None)
+    sources = [getattr(generation_config, "eos_token_id", None), getattr(model.config, "eos_token_id", None),
+               tokenizer.eos_token_id]
+    for value in sources:
+        for item in value if isinstance(value, list | tuple) else [value]:
+            if item is not None and int(item) not in ids:
+                ids.append(int(item))
+    return ids
+
+
+class _StopOnStrings(StoppingCriteria):
+    """A stopping criterion that ends a row once its generated tail contains a stop string (per-row booleans)."""
+
+    def __init__(self, tokenizer, stop: Sequence[str], prompt_width: int) -> None:
+        self.tokenizer = tokenizer
+        self.stop = list(stop)
+        self.prompt_width = prompt_width
+        # A token decodes to at least part of one character; four tokens per character bounds byte-level splits.
+        self.tail = 4 * max(len(s) for s in stop) + 4
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        new = input_ids[:, self.prompt_width :]
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        for row in range(new.shape[0]):
+            text = self.tokenizer.decode(new[row, -self.tail :], skip_special_tokens=True)
+            done[row] = any(s in text for s in self.stop)
+        return done
+
+
+def _generate_batch(model, tokenizer, batch: list[list[int]], settings: GenerationSettings, seed: int) -> list[str]:
+    device = model.device
+    pad_id = tokenizer.pad_token_id
+    input_ids, attention_mask = _left_pad(batch, pad_id)
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    eos = _eos_ids(model, tokenizer)
+    width = input_ids.shape[1]
+    from sacpo_lightning.merging import GeometricMixtureLM
+
+    if isinstance(model, GeometricMixtureLM):
+        generator = torch.Generator(device=device).manual_seed(seed) if settings.do_sample else None
+        out = model.generate(
+            input_ids,
+            attention_mask,
+            max_new_tokens=settings.max_new_tokens,
+            do_sample=settings.do_sample,
+            temperature=settings.temperature,
+            top_p=settings.top_p,
+            eos_token_id=eos or None,
+            pad_token_id=pad_id,
+            generator=generator,
+        )
+    else:
+        kwargs: dict[str, Any] = {}
+        if settings.do_sample:
+            kwargs.update(temperature=settings.temperature, top_p=settings.top_p, top_k=0)
+        if settings.stop:
+            kwargs["stopping_criteria"] = StoppingCriteriaList([_StopOnStrings(tokenizer, settings.stop, width)])
+        devices = [device] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            out = model.generate(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                max_new_tokens=settings.max_new_tokens,
+                do_sample=settings.do_sample,
+                eos_token_id=eos or None,
+                pad_token_id=pad_id,
+                use_cache=True,
+                **kwargs,
+            )
+    responses = []
+    for row in out[:, width:].tolist():
+        # Everything after the first EOS is padding; cut there so a pad id that is a real token never leaks in.
+        for i, tok in enumerate(row):
+            if tok in eos:
+                row = row[:i]
+                break
+        text = tokenizer.decode(row, skip_special_tokens=True)
+        responses.append(truncate_at_stop(text, settings.stop).strip())
+    return responses
+
+
+@torch.no_grad()
+def generate_responses(
+    model, tokenizer, prompts: Sequence[str], settings: GenerationSettings | None = None
+) -> list[str]:
+    """Generates one response per prompt, in the order of ``prompts``.
+
+    Prompts are formatted with ``settings.template``, sorted by length (less padding), decoded ``batch_size`` at a
+    time with left padding and a KV cache, and the responses returned in the original order, cut at the first EOS
+    or stop string and stripped of surrounding whitespace.
+
+    Args:
+        model: A causal LM (``generate``) or a ``GeometricMixtureLM``, in eval mode.
+        tokenizer: Its tokenizer (needs a pad token).
+        prompts: Raw user prompts.
+        settings: Decoding settings.
+    """
+    settings = settings or GenerationSettings()
+    if tokenizer.pad_token_id is None:
+        raise ValueError("The tokenizer has no pad token; load it with sacpo_lightning.models.load_tokenizer")
+    texts = [format_prompt(tokenizer, p, settings.template) for p in prompts]
+    encoded = _encode(tokenizer, texts, settings.max_prompt_tokens)
+    order = sorted(range(len(encoded)), key=lambda i: (len(encoded[i]), i))
+    results: list[str | None] = [None] * len(encoded)
+    for batch_index, start in enumerate(range(0, len(order), settings.batch_size)):
+        chunk = order[start : start + settings.batch_size]
+        responses = _generate_batch(model, tokenizer, [encoded[i] for i in chunk], settings,
+                                    settings.seed + batch_index)
+        for i, response in zip(chunk, responses, strict=True):
+            results[i] = response
+    return [r if r is not None else "" for r in results]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Files and cache
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def settings_hash(spec: ModelSpec, prompts_path: str | os.PathLike, settings: GenerationSettings, name: str) -> str:
+    """Hash of everything that determines a generation file: model files, prompt file, decoding settings, name."""
+    payload = {
+        "version": CACHE_VERSION,
+        "model": str(spec),
+        "model_files": model_fingerprint(spec),
+        "prompts": file_fingerprint(prompts_path),
+        "settings": settings.cache_fields(),
+        "name": name,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def meta_path(output: str | os.PathLike) -> Path:
+    return Path(str(output) + META_SUFFIX)
+
+
+def is_cached(output: str | os.PathLike, expected_hash: str) -> bool:
+    """True when ``output`` exists, its sidecar names ``expected_hash`` and the file is the one it describes."""
+    output, meta = Path(output), meta_path(output)
+    if not (output.is_file() and meta.is_file()):
+        return False
+    try:
+        info = json.loads(meta.read_text())
+    except json.JSONDecodeError:
+        return False
+    return info.get("settings_hash") == expected_hash and info.get("output_fingerprint") == file_fingerprint(output)
+
+
+def read_generations(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Reads a generation file (JSON lines of ``{prompt, category, response, model}``)."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{path}:{lineno}: not valid JSON ({err})") from None
+    return rows
+
+
+@contextlib.contextmanager
+def _loaded(spec: ModelSpec, settings: GenerationSettings, model_and_tokenizer) -> Iterator[tuple[Any, Any]]:
+    if model_and_tokenizer is not None:
+        yield model_and_tokenizer
+        return
+    loaded = load_generation_model(spec, dtype=settings.dtype, device=settings.device)
+    try:
+        yield loaded
+    finally:
+        del loaded
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def generate_to_file(
+    model: str | ModelSpec,
+    prompts_path: str | os.PathLike,
+    output_path: str | os.PathLike,
+    settings: GenerationSettings | None = None,
+    *,
+    name: str | None = None,
+    force: bool = False,
+    model_and_tokenizer: tuple[Any, Any] | None = None,
+) -> Path:
+    """Generates responses for every prompt of a prompt file and writes them as JSON lines, atomically.
+
+    Does nothing when ``output_path`` already holds the result of the same model files, prompt file and settings
+    (its ``.meta.json`` sidecar records their hash) unless ``force`` is set.
+
+    Args:
+        model: A model spec (folder or ``mix:DIR_A+DIR_B@Q``).
+        prompts_path: JSON list or JSON lines of ``{prompt, category?}``.
+        output_path: Target ``.jsonl`` file.
+        settings: Decoding settings.
+        name: Value of the ``model`` field of each row (defaults to the spec).
+        force: Regenerate even when the cached file matches.
+        model_and_tokenizer: An already loaded ``(model, tokenizer)`` for ``model`` (saves loading it again).
+
+    Returns:
+        ``output_path``.
+    """
+    settings = settings or GenerationSettings()
+    spec = parse_model_spec(model) if isinstance(model, str) else model
+    name = name or str(spec)
+    output_path = Path(output_path)
+    expected = settings_hash(spec, prompts_path, settings, name)
+    if not force and is_cached(output_path, expected):
+        rank_zero_info(f"Generations for {name} on {prompts_path} are up to date: {output_path}")
+        return output_path
+    rows = load_prompts(prompts_path)
+    with _loaded(spec, settings, model_and_tokenizer) as (lm, tokenizer):
+        responses = generate_responses(lm, tokenizer, [r["prompt"] for r in rows], settings)
+    lines = [
+        json.dumps({"prompt": r["prompt"], "category": r["category"], "response": resp, "model": name},
+                   ensure_ascii=False)
+        for r, resp in zip(rows, responses, strict=True)
+    ]
+    # Removing the old sidecar first means a crash between the two writes can only leave a cache miss.
+    meta = meta_path(output_path)
+    if meta.exists():
+        meta.unlink()
+    atomic_write_text(output_path, "\n".join(lines) + "\n")
+    atomic_write_json(meta, {
+        "settings_hash": expected,
+        "output_fingerprint": file_fingerprint(output_path),
+        "model": str(spec),
+        "name": name,
+        "prompts": str(prompts_path),
+        "num_prompts": len(rows),
+        "settings": asdict(settings),
+    })
+    rank_zero_info(f"Wrote {len(rows)} generations of {name} to {output_path}")
+    return output_path

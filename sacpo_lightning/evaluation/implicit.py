@@ -1,0 +1,213 @@
+"""Implicit-reward preference accuracy on held-out pairs.
+
+A policy trained with DPO-style objectives from a reference defines the implicit reward
+``r(x, y) = log pi(y | x) - log pi_ref(y | x)`` (up to the factor beta and a prompt-only term, which cancel between two
+responses to one prompt). The preference accuracy is the fraction of pairs whose chosen response has the larger
+implicit reward. Measured on helpfulness pairs it says how well step 1 learnt the reward; on safety pairs, how well
+step 2 learnt safety. For SACPO's step 2 the natural reference is the step-1 model; with the SFT model as reference
+the accuracy measures the combined objective learnt by both steps.
+
+Ties: ``accuracy`` counts a pair only when the chosen log-ratio is strictly larger (by more than ``tie_eps``), the
+convention of DPO's ``rewards/accuracy``, so a model compared with itself (all log-ratios 0) scores 0.
+``accuracy_ties_half`` counts ties as half a win (0.5 for a model against itself), and ``ties`` is their fraction.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from sacpo_lightning.logprobs import sequence_logprobs
+
+__all__ = [
+    "ImplicitAccuracy",
+    "implicit_accuracy",
+    "implicit_accuracy_from_log_ratios",
+    "pair_dataloader",
+    "pair_log_ratios",
+]
+
+
+@dataclass
+class ImplicitAccuracy:
+    """Result of an implicit-reward accuracy measurement (see the module docstring for tie handling)."""
+
+    accuracy: float
+    accuracy_ties_half: float
+    ties: float
+    mean_margin: float
+    num_pairs: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def implicit_accuracy_from_log_ratios(chosen: Tensor, rejected: Tensor, *, tie_eps: float = 0.0) -> ImplicitAccuracy:
+    """Accuracy from per-pair implicit rewards.
+
+    Args:
+        chosen: (N,) ``log pi(y_w | x) - log pi_ref(y_w | x)``.
+        rejected: (N,) ``log pi(y_l | x) - log pi_ref(y_l | x)``.
+        tie_eps: Margins with ``|margin| <= tie_eps`` are ties.
+    """
+    if chosen.shape != rejected.shape or chosen.dim() != 1:
+        raise ValueError(f"chosen and rejected must be (N,), got {tuple(chosen.shape)} and {tuple(rejected.shape)}")
+    n = chosen.numel()
+    if n == 0:
+        raise ValueError("no pairs to score")
+    margin = (chosen - rejected).double()
+    wins = int((margin > tie_eps).sum())
+    ties = int((margin.abs() <= tie_eps).sum())
+    return ImplicitAccuracy(
+        accuracy=wins / n,
+        accuracy_ties_half=(wins + 0.5 * ties) / n,
+        ties=ties / n,
+        mean_margin=float(margin.mean()),
+        num_pairs=n,
+    )
+
+
+@torch.no_grad()
+def pair_log_ratios(
+    model: torch.nn.Module,
+    ref_model: torch.nn.Module,
+    batches: Iterable[Mapping[str, Tensor]],
+    *,
+    average: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """Implicit rewards of every pair in ``batches``.
+
+    Args:
+        model: The policy (a causal LM, or a ``GeometricMixtureLM`` whose ``logits`` are log-probs).
+        ref_model: The reference.
+        batches: Pair batches (``input_ids``/``attention_mask``/``labels`` of shape (2B, L), chosen rows first).
+        average: Use mean instead of summed token log-probs.
+
+    Returns:
+        ``(chosen, rejected)``: (N,) float32 log-ratios on the CPU.
+    """
+    chosen, rejected = [], []
+    device = next(model.parameters()).device
+    ref_device = next(ref_model.parameters()).device
+    for batch in batches:
+        b = batch["input_ids"].shape[0] // 2
+        ratios = None
+        for sign, lm, dev in ((1.0, model, device), (-1.0, ref_model, ref_device)):
+            logits = lm(input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev),
+                        use_cache=False).logits
+            logps = sign * sequence_logprobs(logits, batch["labels"].to(dev), average=average).float().cpu()
+            ratios = logps if ratios is None else ratios + logps
+        chosen.append(ratios[:b])
+        rejected.append(ratios[b:])
+    if not chosen:
+        raise ValueError("no pair batches to score")
+    return torch.cat(chosen), torch.cat(rejected)
+
+
+def pair_dataloader(
+    train_files: list[str],
+    *,
+    tokenizer: str | Any,
+    source: str = "pku",
+    objective: str = "safe",
+    split: str = "val",
+    template: str = "chat",
+    max_length: int = 512,
+    max_prompt_length: int = 256,
+    val_fraction: float = 0.05,
+    max_pairs: int | None = None,
+    seed: int = 42,
+    batch_size: int = 8,
+    **data_kwargs: Any,
+) -> DataLoader:
+    """Pair batches from a :class:`~sacpo_lightning.data.PreferenceDataModule`, in file order.
+
+    Args:
+        train_files: Pair files.
+        tokenizer: Tokenizer name/path or a loaded tokenizer (the reference's).
+        source, objective, template, max_length, max_prompt_length: As for the data module.
+        split: ``val`` takes the held-out split a training run with the same ``val_fraction`` and ``seed`` did not
+            train on; ``all`` takes every pair.
+        val_fraction: Held-out fraction of prompts (``split="val"``).
+        max_pairs: Use at most this many pairs (a seeded subset).
+        seed: Seed of the split and the subset.
+        batch_size: Pairs per batch.
+        **data_kwargs: Other ``PreferenceDataModule`` arguments (``filter``, ``column_mapping``, ...).
+    """
+    from sacpo_lightning.data import PreferenceDataModule, collate_pairs
+
+    if split not in ("val", "all"):
+        raise ValueError(f"split must be 'val' or 'all', got {split!r}")
+    dm = PreferenceDataModule(
+        train_files=train_files,
+        source=source,
+        objective=objective,
+        kind="pairs",
+        tokenizer=tokenizer if isinstance(tokenizer, str) else None,
+        template=template,
+        max_length=max_length,
+        max_prompt_length=max_prompt_length,
+        val_fraction=val_fraction if split == "val" else 0.0,
+        max_samples=max_pairs if split == "all" else None,
+        max_val_samples=max_pairs if split == "val" else None,
+        seed=seed,
+        batch_size=batch_size,
+        **data_kwargs,
+    )
+    if not isinstance(tokenizer, str):
+        dm.set_tokenizer(tokenizer)
+    dm.setup("validate")
+    dataset = dm.val_dataset if split == "val" else dm.train_dataset
+    if not dataset:
+        raise ValueError(f"No {split} pairs in {train_files} (val_fraction={val_fraction}); raise val_fraction.")
+    collate = functools.partial(collate_pairs, pad_token_id=dm.pad_token_id)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
+
+
+def implicit_accuracy(
+    model: str,
+    reference: str,
+    pair_sets: Mapping[str, Mapping[str, Any]],
+    *,
+    dtype: str | None = "float32",
+    device: str | None = None,
+    average: bool = False,
+    tie_eps: float = 0.0,
+    loaded: Mapping[str, tuple[Any, Any]] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Implicit-reward accuracy of ``model`` against ``reference`` on several pair sets.
+
+    Args:
+        model: Model spec of the policy (folder or ``mix:A+B@q``).
+        reference: Model spec of the reference (e.g. the SFT model, or the step-1 model for a step-2 policy).
+        pair_sets: ``{name: pair_dataloader keyword arguments}``, e.g. ``{"helpful": {"train_files": [...],
+            "source": "hh", "objective": "helpful"}, "safety": {...}}``; the tokenizer is the reference's.
+        dtype: Load dtype of both models.
+        device: Device (CUDA when available by default).
+        average: Mean instead of summed token log-probs.
+        tie_eps: Tie tolerance (see :func:`implicit_accuracy_from_log_ratios`).
+        loaded: Already loaded ``{spec: (model, tokenizer)}`` to reuse.
+
+    Returns:
+        ``{set name: ImplicitAccuracy.to_dict()}``.
+    """
+    from sacpo_lightning.evaluation.generation import load_generation_model
+
+    loaded = dict(loaded or {})
+    for spec in (model, reference):
+        if spec not in loaded:
+            loaded[spec] = load_generation_model(spec, dtype=dtype, device=device)
+    (policy, _), (ref, ref_tokenizer) = loaded[model], loaded[reference]
+    results = {}
+    for name, kwargs in pair_sets.items():
+        kwargs = dict(kwargs)
+        kwargs.setdefault("tokenizer", ref_tokenizer)
+        chosen, rejected = pair_log_ratios(policy, ref, pair_dataloader(**kwargs), average=average)
+        results[name] = implicit_accuracy_from_log_ratios(chosen, rejected, tie_eps=tie_eps).to_dict()
+    return results

@@ -1,0 +1,139 @@
+"""Batched generation on prompt sets: batching equivalence, left padding, stop strings, output format and cache."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from sacpo_lightning.evaluation import generation as gen
+from sacpo_lightning.evaluation.generation import (
+    GenerationSettings,
+    format_prompt,
+    generate_responses,
+    generate_to_file,
+    load_generation_model,
+    load_prompts,
+    parse_model_spec,
+    read_generations,
+    truncate_at_stop,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny matrices run fastest on one thread; several threads on a busy machine are many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+PROMPTS = ["Hi", "How do I bake bread at home?", "Tell me a joke", "What is the capital of France, please?"]
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_model_dir):
+    return load_generation_model(tiny_model_dir, dtype="float32", device="cpu")
+
+
+@pytest.fixture()
+def prompt_file(tmp_path):
+    path = tmp_path / "prompts.json"
+    path.write_text(json.dumps([{"prompt": p, "category": f"c{i % 2}"} for i, p in enumerate(PROMPTS)]))
+    return path
+
+
+def test_batched_greedy_equals_unbatched(loaded):
+    model, tokenizer = loaded
+    one = generate_responses(model, tokenizer, PROMPTS, GenerationSettings(max_new_tokens=10, batch_size=1))
+    many = generate_responses(model, tokenizer, PROMPTS, GenerationSettings(max_new_tokens=10, batch_size=3))
+    assert one == many
+    assert all(isinstance(r, str) for r in one) and any(one)
+
+
+def test_left_padding():
+    ids, mask = gen._left_pad([[5, 6, 7], [9]], pad_id=2)
+    assert ids.tolist() == [[5, 6, 7], [2, 2, 9]]
+    assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+def test_stop_strings_cut_the_response(loaded):
+    model, tokenizer = loaded
+    settings = GenerationSettings(max_new_tokens=12, batch_size=2)
+    full = generate_responses(model, tokenizer, PROMPTS[:2], settings)
+    stop = full[1][4:6]
+    assert stop
+    cut = generate_responses(model, tokenizer, PROMPTS[:2], GenerationSettings(max_new_tokens=12, batch_size=2,
+                                                                               stop=[stop]))
+    assert cut == [truncate_at_stop(r, [stop]).strip() for r in full]
+    assert stop not in cut[1]
+    assert truncate_at_stop("abc STOP def END", ["END", "STOP"]) == "abc "
+
+
+def test_sampling_is_seeded(loaded):
+    model, tokenizer = loaded
+    settings = GenerationSettings(max_new_tokens=8, do_sample=True, temperature=1.0, seed=3, batch_size=2)
+    assert generate_responses(model, tokenizer, PROMPTS, settings) == generate_responses(
+        model, tokenizer, PROMPTS, settings
+    )
+
+
+def test_templates(tiny_tokenizer):
+    assert format_prompt(tiny_tokenizer, "Hi?", "pku") == "BEGINNING OF CONVERSATION: USER: Hi? ASSISTANT:"
+    assert format_prompt(tiny_tokenizer, "Hi?", "Q: {input}\nA:") == "Q: Hi?\nA:"
+    assert format_prompt(tiny_tokenizer, "Hi?", "chat") == "<|user|>\nHi?<|end|>\n<|assistant|>\n"
+    with pytest.raises(ValueError, match="--template"):
+        GenerationSettings(template="nope")
+
+
+def test_output_format_and_cache(tiny_model_dir, prompt_file, tmp_path, monkeypatch):
+    out = tmp_path / "gen" / "sft.jsonl"
+    settings = GenerationSettings(max_new_tokens=6, batch_size=4, device="cpu")
+    generate_to_file(tiny_model_dir, prompt_file, out, settings, name="sft")
+    rows = read_generations(out)
+    assert [r["prompt"] for r in rows] == PROMPTS
+    assert [r["category"] for r in rows] == ["c0", "c1", "c0", "c1"]
+    assert all(set(r) == {"prompt", "category", "response", "model"} and r["model"] == "sft" for r in rows)
+    before = out.stat().st_mtime_ns
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the cached file should have been reused")
+
+    monkeypatch.setattr(gen, "load_generation_model", no_load)
+    # Batch size does not change greedy output, so it does not invalidate the cache.
+    generate_to_file(tiny_model_dir, prompt_file, out, GenerationSettings(max_new_tokens=6, batch_size=1),
+                     name="sft")
+    assert out.stat().st_mtime_ns == before
+    with pytest.raises(AssertionError, match="cached"):
+        generate_to_file(tiny_model_dir, prompt_file, out, GenerationSettings(max_new_tokens=7), name="sft")
+    out.write_text(out.read_text() + "\n")  # an edited output no longer matches its sidecar
+    with pytest.raises(AssertionError, match="cached"):
+        generate_to_file(tiny_model_dir, prompt_file, out, settings, name="sft")
+
+
+def test_mixture_spec(tiny_model_dir, loaded):
+    spec = parse_model_spec(f"mix:{tiny_model_dir}+{tiny_model_dir}@0.5")
+    assert spec.is_mixture and spec.q == 0.5 and str(spec) == f"mix:{tiny_model_dir}+{tiny_model_dir}@0.5"
+    mixture, tokenizer = load_generation_model(spec, dtype="float32", device="cpu")
+    settings = GenerationSettings(max_new_tokens=6, batch_size=2)
+    # A mixture of a model with itself is that model.
+    assert generate_responses(mixture, tokenizer, PROMPTS, settings) == generate_responses(*loaded, PROMPTS, settings)
+    for bad in ("mix:a@0.5", "mix:a+b@x", "mix:a+b@1.5", "mix:a+b"):
+        with pytest.raises(ValueError, match="mix"):
+            parse_model_spec(bad)
+
+
+def test_prompt_files(tmp_path, shared_data):
+    assert len(load_prompts(f"{shared_data}/eval/safety_problem.json")) == 83
+    jsonl = tmp_path / "p.jsonl"
+    jsonl.write_text('{"prompt": "a"}\n\n{"prompt": "b", "category": "x"}\n')
+    assert load_prompts(jsonl) == [{"prompt": "a", "category": None}, {"prompt": "b", "category": "x"}]
+    jsonl.write_text('{"prompt": "a"}\n{"text": "b"}\n')
+    with pytest.raises(ValueError, match=r"p.jsonl:2: 'prompt'"):
+        load_prompts(jsonl)
+    jsonl.write_text('{"prompt": "a"}\n{oops\n')
+    with pytest.raises(ValueError, match=r"p.jsonl:2: not valid JSON"):
+        load_prompts(jsonl)
+

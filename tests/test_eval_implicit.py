@@ -1,0 +1,71 @@
+"""Implicit-reward preference accuracy: golden values, tie handling, batching, and a model against itself."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sacpo_lightning.evaluation.implicit import (
+    implicit_accuracy,
+    implicit_accuracy_from_log_ratios,
+    pair_dataloader,
+    pair_log_ratios,
+)
+from sacpo_lightning.logprobs import sequence_logprobs
+from sacpo_lightning.models.tiny import save_tiny_model
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny matrices run fastest on one thread; several threads on a busy machine are many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def other_model_dir(tmp_path_factory):
+    return str(save_tiny_model(tmp_path_factory.mktemp("implicit") / "seed1", seed=1))
+
+
+@pytest.fixture(scope="module")
+def safety_set(shared_data):
+    return {"train_files": [f"{shared_data}/pku_saferlhf/safety_pairs.fixtures.jsonl"], "source": "pku",
+            "objective": "safe", "split": "all", "max_length": 96, "max_prompt_length": 48, "batch_size": 6}
+
+
+def test_golden_values():
+    """Margins (1, 0, -1, 2): two wins and one tie of four -> accuracy 0.5, ties 0.25, ties-as-half 0.625."""
+    result = implicit_accuracy_from_log_ratios(torch.tensor([1.0, 0.0, -1.0, 2.0]), torch.zeros(4))
+    assert (result.accuracy, result.ties, result.accuracy_ties_half, result.num_pairs) == (0.5, 0.25, 0.625, 4)
+    assert result.mean_margin == pytest.approx(0.5)
+    loose = implicit_accuracy_from_log_ratios(torch.tensor([1.0, 0.0, -1.0, 2.0]), torch.zeros(4), tie_eps=1.0)
+    assert (loose.accuracy, loose.ties) == (0.25, 0.75)
+
+
+def test_model_against_itself_is_all_ties(tiny_model_dir, safety_set):
+    result = implicit_accuracy(tiny_model_dir, tiny_model_dir, {"safety": safety_set}, device="cpu")["safety"]
+    assert result["num_pairs"] == 36
+    assert result["accuracy"] == 0.0 and result["ties"] == 1.0 and result["accuracy_ties_half"] == 0.5
+
+
+def test_log_ratios_match_unbatched_and_swap(tiny_model_dir, other_model_dir, tiny_tokenizer, safety_set):
+    from sacpo_lightning.evaluation.generation import load_generation_model
+
+    a, _ = load_generation_model(tiny_model_dir, dtype="float32", device="cpu")
+    b, _ = load_generation_model(other_model_dir, dtype="float32", device="cpu")
+    kwargs = {**safety_set, "tokenizer": tiny_tokenizer}
+    chosen, rejected = pair_log_ratios(a, b, pair_dataloader(**kwargs))
+    # Unbatched: one pair per batch, no padding.
+    one_c, one_r = pair_log_ratios(a, b, pair_dataloader(**{**kwargs, "batch_size": 1}))
+    assert torch.allclose(chosen, one_c, atol=1e-3) and torch.allclose(rejected, one_r, atol=1e-3)
+    batch = next(iter(pair_dataloader(**{**kwargs, "batch_size": 1})))
+    with torch.no_grad():
+        direct = sequence_logprobs(a(**{k: batch[k] for k in ("input_ids", "attention_mask")}).logits, batch["labels"])
+        direct -= sequence_logprobs(b(**{k: batch[k] for k in ("input_ids", "attention_mask")}).logits, batch["labels"])
+    assert direct[0].item() == pytest.approx(one_c[0].item(), abs=1e-4)
+    forward = implicit_accuracy_from_log_ratios(chosen, rejected)
+    swapped_c, swapped_r = pair_log_ratios(b, a, pair_dataloader(**kwargs))
+    backward = implicit_accuracy_from_log_ratios(swapped_c, swapped_r)
+    assert forward.accuracy + backward.accuracy + forward.ties == pytest.approx(1.0)
