@@ -173,3 +173,16 @@ def test_failed_stage_stops_pipeline_and_keeps_earlier_stages(tmp_path, monkeypa
     assert "boom" in manifest["stages"]["safety_lam1"]["error"]
     assert "safety_lam4" not in manifest["stages"]
     assert calls == ["reward", "safety_lam1"]
+
+
+@pytest.mark.slow
+def test_pipeline_with_evaluation_stage_writes_report(tmp_path):
+    output = tmp_path / "out"
+    result = _run_cli(ROOT / "configs" / "pipelines" / "tiny_eval.yaml", output)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    manifest = json.loads((output / "manifest.json").read_text())
+    assert [manifest["stages"][n]["status"] for n in manifest["order"]] == ["done"] * 6
+    report = json.loads((output / "stages" / "evaluate" / "report.json").read_text())
+    assert set(report["models"]) == {"sft", "reward", "safety_lam4", "merge_lam4_q0.5"}
+    for name in ("pareto.png", "report.md", "training_curves.png"):
+        assert (output / "stages" / "evaluate" / name).stat().st_size > 0

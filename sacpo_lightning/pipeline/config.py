@@ -178,6 +178,25 @@ def load_pipeline_config(path: str | os.PathLike) -> PipelineConfig:
         _require(b in ("safety_only",), source, "baselines", f"unknown baseline {b!r}; allowed: safety_only")
     evaluate = raw.get("evaluate")
     _require(evaluate is None or isinstance(evaluate, dict), source, "evaluate", "must be a mapping or absent")
+    if evaluate is not None:
+        from sacpo_lightning.evaluation.pipeline_stage import EVALUATE_KEYS
+
+        extra = sorted(set(evaluate) - EVALUATE_KEYS)
+        _require(not extra, source, f"evaluate.{','.join(extra)}", f"unknown key(s); known: {sorted(EVALUATE_KEYS)}")
+        for key in ("reward_model", "cost_model"):
+            value = evaluate.get(key)
+            if isinstance(value, dict):
+                _require(set(value) <= {"configs", "overrides"}, source, f"evaluate.{key}",
+                         "a score model is a folder path or a mapping with configs and overrides")
+                for cfg_file in value.get("configs", []):
+                    _require(Path(_expand(cfg_file)).is_file(), source, f"evaluate.{key}.configs",
+                             f"file {cfg_file!r} does not exist")
+            else:
+                _require(value is None or isinstance(value, str), source, f"evaluate.{key}", "must be a path or mapping")
+        for key in ("prompts_safety", "prompts_helpful"):
+            if evaluate.get(key) is not None:
+                _require(Path(_expand(evaluate[key])).is_file(), source, f"evaluate.{key}",
+                         f"file {evaluate[key]!r} not found")
     return PipelineConfig(
         sft=raw["sft"], beta=float(beta), lambdas=[float(x) for x in lambdas], reward_step=steps["reward_step"],
         safety_step=steps["safety_step"], orders=orders, merge=merge, baselines=baselines, evaluate=evaluate,
@@ -286,8 +305,18 @@ def build_stages(cfg: PipelineConfig) -> list[Stage]:
                     description=f"naive baseline: step 1 merged with safety-only (lambda={lam:g}) at q={q:g}",
                 ))
     if cfg.evaluate is not None:
+        evaluate = copy.deepcopy(cfg.evaluate)
+        for key in ("reward_model", "cost_model"):
+            spec = evaluate.get(key)
+            if isinstance(spec, dict):
+                score_cfg = compose_step_config(StepSpec(configs=[_expand(c) for c in spec.get("configs", [])],
+                                                         overrides=spec.get("overrides") or {}))
+                start = score_cfg.get("model", {}).get("init_args", {}).get("policy", {}).get("name_or_path", sft)
+                add(Stage(name=key, kind="train", depends_on=[], reference=start, config=score_cfg,
+                          description=f"{key.replace('_', ' ')} for offline evaluation"))
+                evaluate[key] = f"stage:{key}"
         add(Stage(name="evaluate", kind="evaluate", depends_on=[s.name for s in stages], reference=sft,
-                  config=dict(cfg.evaluate), description="evaluation of every produced model"))
+                  config=evaluate, description="evaluation of every produced model against the SFT model"))
     return stages
 
 

@@ -225,9 +225,12 @@ class PipelineRunner:
         export = self.export_dir(stage.name)
         if not is_complete_directory(export):
             raise StageFailed(f"training finished but {export} is missing or incomplete")
-        meta_path = export / "sacpo_step.json"
-        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-        return meta.get("final_metrics", {})
+        for meta_name in ("sacpo_step.json", "score_model.json"):
+            meta_path = export / meta_name
+            if meta_path.is_file():
+                meta = json.loads(meta_path.read_text())
+                return meta.get("final_metrics") or {k: v for k, v in meta.items() if isinstance(v, int | float)}
+        return {}
 
     def _stream(self, cmd: list[str], log_path: Path) -> None:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -274,7 +277,7 @@ class PipelineRunner:
 
         models = {"sft": self.cfg.sft}
         for s in self.stages:
-            if s.kind in ("train", "merge"):
+            if s.kind in ("train", "merge") and s.name not in ("reward_model", "cost_model"):
                 models[s.name] = str(self.export_dir(s.name))
         return run_evaluation_stage(inputs["config"], models, self.stage_dir(stage.name), log=self.log)
 
