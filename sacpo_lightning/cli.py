@@ -13,6 +13,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from sacpo_lightning.callbacks import ExportHF
+from sacpo_lightning.callbacks.progress import ProgressLog
 
 from sacpo_lightning.data import PreferenceDataModule
 
@@ -28,6 +29,7 @@ class SacpoCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ExportHF, "export")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(ProgressLog, "progress")
         parser.set_defaults(
             {"checkpoint.save_last": True, "checkpoint.save_top_k": 0, "checkpoint.every_n_train_steps": 20}
         )

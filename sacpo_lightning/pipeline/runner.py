@@ -118,6 +118,9 @@ class PipelineRunner:
         config.setdefault("trainer", {})["default_root_dir"] = str(root)
         config.setdefault("export", {})["dirpath"] = str(self.export_dir(stage.name))
         config.setdefault("checkpoint", {})["dirpath"] = str(root / "checkpoints")
+        # The pipeline streams plain-text progress lines instead of a progress bar.
+        config["trainer"]["enable_progress_bar"] = False
+        config.setdefault("progress", {}).setdefault("every_n_steps", 5)
         return config
 
     def stage_inputs(self, stage: Stage) -> dict[str, Any]:
