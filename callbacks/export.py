@@ -36,8 +36,8 @@ class ExportHF(Callback):
         parent = os.path.dirname(os.path.abspath(self.resolve_dirpath(trainer)))
         os.makedirs(parent, exist_ok=True)
         if not os.access(parent, os.W_OK):
-            raise PermissionError(f"Export folder parent {parent} is not writable; set --trainer.callbacks ExportHF "
-                                  "dirpath to a writable location.")
+            raise PermissionError(f"Export folder parent {parent} is not writable; set --export.dirpath to a writable "
+                                  "location.")
 
     @override
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -9,27 +9,35 @@ from collections.abc import Callable
 
 from jsonargparse import Namespace
 from lightning.pytorch import LightningModule
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from sacpo_lightning.callbacks import ExportHF
+from sacpo_lightning.callbacks import ExportHF, NaNGuard
+from sacpo_lightning.callbacks.checkpoint import AtomicModelCheckpoint
 from sacpo_lightning.callbacks.progress import ProgressLog
 
 from sacpo_lightning.data import PreferenceDataModule
+from sacpo_lightning.models.policy import check_model_source
 
 
 class SacpoCLI(LightningCLI):
     """LightningCLI for alignment steps.
 
-    Compared with a plain LightningCLI: every ``fit`` gets an end-of-fit export (``--export.*``) and resumable
-    checkpoints (``--checkpoint.*``) under ``trainer.default_root_dir`` unless given elsewhere, a CSV logger there
-    when none is configured, and the data tokenizer defaults to the policy's ``name_or_path``.
+    Compared with a plain LightningCLI: every ``fit`` gets an end-of-fit export (``--export.*``), atomic resumable
+    checkpoints (``--checkpoint.*``) under ``trainer.default_root_dir`` unless given elsewhere, plain-text progress
+    lines (``--progress.*``) and a NaN/Inf guard (``--nan_guard.*``); a CSV logger there when none is configured; and
+    the data tokenizer defaults to the policy's ``name_or_path``.
     """
+
+    def before_fit(self) -> None:
+        policy = getattr(self.model, "policy_settings", None)
+        if policy is not None:
+            check_model_source(policy.name_or_path, "--model.policy.name_or_path")
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ExportHF, "export")
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(AtomicModelCheckpoint, "checkpoint")
         parser.add_lightning_class_args(ProgressLog, "progress")
+        parser.add_lightning_class_args(NaNGuard, "nan_guard")
         parser.set_defaults(
             {"checkpoint.save_last": True, "checkpoint.save_top_k": 0, "checkpoint.every_n_train_steps": 20}
         )

@@ -90,7 +90,7 @@ def test_pipeline_configs_validate(path):
 def test_cli_run_false_instantiates_trainer_and_forced_callbacks(tmp_path):
     cli = lightning_cli(["--config", "configs/debug/tiny.yaml", "--trainer.default_root_dir", str(tmp_path)], run=False)
     names = {type(cb).__name__ for cb in cli.trainer.callbacks}
-    assert {"ExportHF", "ModelCheckpoint"} <= names
+    assert {"ExportHF", "AtomicModelCheckpoint", "NaNGuard", "ProgressLog"} <= names
     assert cli.datamodule.hparams.tokenizer == "tiny-random-llama"
 
 

@@ -12,8 +12,8 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info
-from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler
 
 from sacpo_lightning.data.collate import collate_kto, collate_pairs
 from sacpo_lightning.data.sources import (
@@ -28,7 +28,14 @@ from sacpo_lightning.data.sources import (
 from sacpo_lightning.data.tokenization import TokenizeConfig, batch_tokenize_kto, batch_tokenize_pairs
 from sacpo_lightning.io import file_fingerprint
 
-__all__ = ["LengthGroupedSampler", "PreferenceDataModule", "SeededRandomSampler", "TokenizedDataset"]
+__all__ = [
+    "LengthGroupedSampler",
+    "PreferenceDataModule",
+    "ResumableDataLoader",
+    "SeededRandomSampler",
+    "ShardedSampler",
+    "TokenizedDataset",
+]
 
 
 class TokenizedDataset(Dataset):
@@ -54,34 +61,55 @@ class TokenizedDataset(Dataset):
         return out
 
 
-class SeededRandomSampler(RandomSampler):
-    """A random permutation that depends only on ``seed`` and the epoch given to :meth:`set_epoch`.
+class _EpochOrderSampler:
+    """Shared by the training samplers: an epoch's order is a pure function of the seed and the epoch, and an
+    iteration can begin part-way through it (to resume a run mid-epoch, see :class:`ResumableDataLoader`)."""
 
-    Lightning calls ``set_epoch`` at every epoch, so a resumed run sees the same order as an uninterrupted one. Being
-    a :class:`~torch.utils.data.RandomSampler`, it is replaced by a shuffling ``DistributedSampler`` under DDP.
-    """
-
-    def __init__(self, data_source: Sequence, seed: int = 0) -> None:
-        super().__init__(data_source, generator=torch.Generator())
-        self.seed = seed
-        self.epoch = 0
+    epoch: int = 0
+    _start: int = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def start_at(self, position: int) -> None:
+        """Makes the next iteration begin at ``position`` of this epoch's order; later ones start at 0 again."""
+        self._start = max(0, int(position))
+
+    def epoch_order(self) -> list[int]:
+        """Every index of the current epoch, in order."""
+        raise NotImplementedError
+
     def __iter__(self) -> Iterator[int]:
-        self.generator.manual_seed(self.seed + self.epoch)
-        return super().__iter__()
+        start, self._start = self._start, 0
+        return iter(self.epoch_order()[start:])
 
 
-class LengthGroupedSampler(Sampler[int]):
+class SeededRandomSampler(_EpochOrderSampler, RandomSampler):
+    """A random permutation that depends only on ``seed`` and the epoch given to :meth:`set_epoch`.
+
+    Lightning calls ``set_epoch`` at every epoch, so a resumed run sees the same order as an uninterrupted one. Under
+    data-parallel training the DataModule hands each process its share through :class:`ShardedSampler`.
+    """
+
+    def __init__(self, data_source: Sequence, seed: int = 0) -> None:
+        super().__init__(data_source)
+        self.seed = seed
+        self.epoch = 0
+
+    def epoch_order(self) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        return torch.randperm(len(self.data_source), generator=g).tolist()
+
+
+class LengthGroupedSampler(_EpochOrderSampler, Sampler[int]):
     """Shuffles, then orders indices so that each batch holds examples of similar length (less padding).
 
     Indices are permuted with ``seed + epoch``, cut into mega-batches of ``group_batches`` batches, sorted by length
     within each mega-batch (longest first) and cut into chunks of ``batch_size * num_replicas``; the full chunks are
-    then shuffled (a short last chunk stays last). Under DDP Lightning wraps this sampler in a
-    ``DistributedSamplerWrapper`` that hands position ``k`` to rank ``k % num_replicas``, so with ``num_replicas`` set
-    to the world size every rank's batch comes from one chunk.
+    then shuffled (a short last chunk stays last). Under data-parallel training :class:`ShardedSampler` hands position
+    ``k`` to rank ``k % num_replicas``, so with ``num_replicas`` set to the world size every rank's batch comes from
+    one chunk, and the ranks together see the chunks a single process with batch size ``batch_size * num_replicas``
+    sees.
 
     Args:
         lengths: Length of each example.
@@ -101,13 +129,10 @@ class LengthGroupedSampler(Sampler[int]):
         self.group_batches = group_batches
         self.epoch = 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
     def __len__(self) -> int:
         return len(self.lengths)
 
-    def __iter__(self) -> Iterator[int]:
+    def epoch_order(self) -> list[int]:
         g = torch.Generator().manual_seed(self.seed + self.epoch)
         order = torch.randperm(len(self.lengths), generator=g).tolist()
         chunk = self.batch_size * self.num_replicas
@@ -118,10 +143,97 @@ class LengthGroupedSampler(Sampler[int]):
             chunks += [group[j : j + chunk] for j in range(0, len(group), chunk)]
         # only the last chunk can be short; it stays last so that every other chunk starts at a multiple of its size
         tail = [chunks.pop()] if chunks and len(chunks[-1]) < chunk else []
-        for c in torch.randperm(len(chunks), generator=g).tolist():
-            yield from chunks[c]
+        out = [i for c in torch.randperm(len(chunks), generator=g).tolist() for i in chunks[c]]
         for c in tail:
-            yield from c
+            out += c
+        return out
+
+
+class ShardedSampler(_EpochOrderSampler, DistributedSampler):
+    """One process's share of another sampler's epoch order under data-parallel training.
+
+    The order of ``sampler`` (a permutation of the whole training set) is padded to a multiple of ``num_replicas`` by
+    repeating its first indices, and rank ``r`` takes positions ``r, r + num_replicas, r + 2 * num_replicas, ...``.
+    With per-process batch size ``B`` and ``W`` processes, step ``t`` of all ranks together covers positions
+    ``[t*B*W, (t+1)*B*W)`` of the order: exactly the batch a single process with batch size ``B*W`` draws at step
+    ``t``. No example is seen twice in an epoch unless the training set size is not a multiple of ``W``; then the
+    last step repeats ``W - N % W`` examples, so that every rank runs the same number of steps.
+
+    Being a :class:`~torch.utils.data.DistributedSampler`, Lightning uses it as is instead of substituting its own
+    (whose order would differ from the single-process one).
+
+    Args:
+        sampler: The whole-dataset order (:class:`SeededRandomSampler` or :class:`LengthGroupedSampler`).
+        num_replicas: Number of data-parallel processes.
+        rank: This process's data-parallel rank.
+    """
+
+    def __init__(self, sampler: _EpochOrderSampler, num_replicas: int, rank: int) -> None:
+        super().__init__(sampler, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
+        self.sampler = sampler
+        self.seed = sampler.seed
+        self.epoch = 0
+
+    def epoch_order(self) -> list[int]:
+        self.sampler.set_epoch(self.epoch)
+        order = self.sampler.epoch_order()
+        padded = (order * math.ceil(self.total_size / max(1, len(order))))[: self.total_size]
+        return padded[self.rank : self.total_size : self.num_replicas]
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader whose position inside the epoch is saved in checkpoints and restored on resume.
+
+    Lightning saves the ``state_dict`` of a stateful training dataloader in each checkpoint and, when a run resumes,
+    calls ``load_state_dict`` before iterating again. The next iteration then starts right after the last batch the
+    interrupted run consumed (its sampler skips the indices without loading them), so a run resumed mid-epoch trains
+    on exactly the batches an uninterrupted run would. Its sampler must be one of this module's (``set_epoch`` and
+    ``start_at``); ``drop_last`` must be off.
+
+    With a ``generator``, it is re-seeded with the sampler's seed plus the epoch before each iteration: the worker
+    seeds then depend only on the epoch, and starting an iteration draws nothing from the global torch RNG, whose
+    state the checkpoint restores (see :meth:`~sacpo_lightning.modules.AlignmentModule.on_save_checkpoint`).
+    """
+
+    _batches: int = 0
+    _resume: dict[str, int] | None = None
+
+    def _replicas(self) -> int:
+        return self.sampler.num_replicas if isinstance(self.sampler, ShardedSampler) else 1
+
+    def state_dict(self) -> dict[str, int]:
+        """Epoch and batches consumed in it, with the batch size and process count that define a batch."""
+        return {
+            "epoch": int(self.sampler.epoch),
+            "batches": self._batches,
+            "batch_size": int(self.batch_size),
+            "num_replicas": self._replicas(),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self._resume = dict(state_dict)
+
+    def __iter__(self) -> Iterator[Any]:
+        # a generator, so that nothing is read before Lightning has called set_epoch for the epoch
+        resume, self._resume = self._resume, None
+        skip = 0
+        if resume is not None and resume["epoch"] == self.sampler.epoch:
+            skip = resume["batches"]
+            per_step = self.batch_size * self._replicas()
+            if resume["batch_size"] * resume["num_replicas"] != per_step:
+                skip = resume["batches"] * resume["batch_size"] * resume["num_replicas"] // per_step
+                rank_zero_warn(
+                    f"Resuming with {self._replicas()} processes x batch size {self.batch_size} where the checkpoint "
+                    f"used {resume['num_replicas']} x {resume['batch_size']}: the epoch continues near, not exactly "
+                    "at, the interrupted position."
+                )
+        if self.generator is not None:
+            self.generator.manual_seed(self.sampler.seed + self.sampler.epoch)
+        self.sampler.start_at(skip * self.batch_size)
+        self._batches = skip
+        for batch in super().__iter__():
+            self._batches += 1
+            yield batch
 
 
 class PreferenceDataModule(L.LightningDataModule):
@@ -368,26 +480,42 @@ class PreferenceDataModule(L.LightningDataModule):
             collate_pairs, pad_token_id=self.pad_token_id, pad_to_multiple_of=self.hparams.pad_to_multiple_of
         )
 
-    def _world_size(self) -> int:
+    def _data_parallel(self) -> tuple[int, int]:
+        """``(num_replicas, rank)`` of data-parallel training; ``(1, 0)`` outside a distributed Trainer."""
         trainer = getattr(self, "trainer", None)
-        return int(getattr(trainer, "world_size", 1) or 1) if trainer is not None else 1
+        kwargs = getattr(getattr(trainer, "strategy", None), "distributed_sampler_kwargs", None) if trainer else None
+        if not kwargs:
+            return 1, 0
+        return max(1, int(kwargs.get("num_replicas", 1))), int(kwargs.get("rank", 0))
 
-    def train_dataloader(self) -> DataLoader:
+    def _world_size(self) -> int:
+        return self._data_parallel()[0]
+
+    def train_dataloader(self) -> ResumableDataLoader:
+        """Shuffled training batches, resumable mid-epoch; each process gets its :class:`ShardedSampler` share.
+
+        The order depends only on ``seed``, the epoch and the global batch (``batch_size`` x processes): ``N``
+        processes with batch size ``B`` see together the batches one process with batch size ``N * B`` sees.
+        """
         dataset = self._require_setup()
         hp = self.hparams
+        replicas, rank = self._data_parallel()
         if hp.group_by_length:
             sampler: Sampler = LengthGroupedSampler(
-                dataset.lengths(), hp.batch_size, seed=hp.seed, num_replicas=self._world_size()
+                dataset.lengths(), hp.batch_size, seed=hp.seed, num_replicas=replicas
             )
         else:
             sampler = SeededRandomSampler(dataset, seed=hp.seed)
-        return DataLoader(
+        if replicas > 1:
+            sampler = ShardedSampler(sampler, num_replicas=replicas, rank=rank)
+        return ResumableDataLoader(
             dataset,
             batch_size=hp.batch_size,
             sampler=sampler,
             collate_fn=self._collate(),
             num_workers=hp.num_workers,
             persistent_workers=hp.num_workers > 0,
+            generator=torch.Generator(),
         )
 
     def val_dataloader(self) -> DataLoader | list:
@@ -401,6 +529,8 @@ class PreferenceDataModule(L.LightningDataModule):
             collate_fn=self._collate(),
             num_workers=self.hparams.num_workers,
             persistent_workers=self.hparams.num_workers > 0,
+            # its own generator: starting a validation pass draws nothing from the global RNG of the training run
+            generator=torch.Generator().manual_seed(self.hparams.seed),
         )
 
     def steps_per_epoch(self) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -9,7 +10,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from sacpo_lightning.models.registry import resolve_model_path
+from sacpo_lightning.models.registry import NAMED_MODELS, resolve_model_path
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DtypeName = Literal["float32", "bfloat16", "float16"]
@@ -85,6 +86,39 @@ class PolicySettings:
         return self.finetune in ("lora", "qlora")
 
 
+def check_model_source(name_or_path: str, option: str | None = "--model.policy.name_or_path") -> None:
+    """Fails early, naming ``option``, when ``name_or_path`` looks like a local folder that does not exist.
+
+    A value looks local when it starts with ``.``, ``/``, ``~`` or ``$``, has more than one ``/`` (a Hub id has one),
+    contains the platform's path separator other than ``/``, or begins with an existing folder (``outputs/run``).
+    Hub ids and named local models pass. For SACPO's step 2 this catches a reference (the step-1 export) that was
+    never written, before anything is loaded.
+    """
+    if name_or_path in NAMED_MODELS:
+        return
+    path = os.path.expanduser(os.path.expandvars(name_or_path))
+    seps = {os.sep, os.altsep} - {None, "/"}
+    looks_local = (
+        name_or_path.startswith((".", "/", "~", "$"))
+        or name_or_path.count("/") > 1
+        or any(sep in name_or_path for sep in seps)
+        or ("/" in name_or_path and os.path.isdir(name_or_path.split("/", 1)[0]))
+    )
+    what = f"{option} = {name_or_path!r}" if option else f"Model {name_or_path!r}"
+    if looks_local and not os.path.exists(path):
+        raise FileNotFoundError(
+            f"{what}: model folder {os.path.abspath(path)} does not exist. For a SACPO step-2 run this is the step-1 "
+            "export (<step-1 default_root_dir>/export): run step 1 first or correct the path."
+        )
+    markers = ("config.json", "adapter_config.json")
+    if os.path.isdir(path) and not any(os.path.isfile(os.path.join(path, m)) for m in markers):
+        if not any(name.endswith(".gguf") for name in os.listdir(path)):
+            raise FileNotFoundError(
+                f"{what}: folder {os.path.abspath(path)} holds no Hugging Face model (no config.json); point it at "
+                "an exported model folder."
+            )
+
+
 def load_causal_lm(
     name_or_path: str,
     *,
@@ -97,6 +131,7 @@ def load_causal_lm(
     device_map=None,
 ) -> PreTrainedModel:
     """Loads a causal LM from a Hub id, a local folder, or a named local model."""
+    check_model_source(name_or_path, option=None)
     kwargs: dict = {"dtype": DTYPES[dtype], "trust_remote_code": trust_remote_code}
     if revision is not None:
         kwargs["revision"] = revision
@@ -138,6 +173,7 @@ def build_policy(settings: PolicySettings, *, device: torch.device | None = None
     QLoRA quantizes while loading onto ``device`` (4-bit layers quantize when they reach their device), so the full
     precision weights of a 7B model never need to fit on the accelerator.
     """
+    check_model_source(settings.name_or_path)
     quantization_config = None
     device_map = None
     if settings.finetune == "qlora":
@@ -192,7 +228,8 @@ def build_policy(settings: PolicySettings, *, device: torch.device | None = None
             p.data = p.data.float()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    rank_zero_info(f"{settings.finetune}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)")
+    share = 100 * trainable / total
+    rank_zero_info(f"{settings.finetune}: {trainable:,} trainable of {total:,} parameters ({share:.2f}%)")
     return model
 
 

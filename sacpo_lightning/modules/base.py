@@ -112,9 +112,47 @@ class AlignmentModule(L.LightningModule):
             )
 
     # --------------------------------------------------------------------------------------------- log-probs
-    def sequence_logps(self, model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> Tensor:
-        """(N,) summed (or averaged) log-probs of the labelled tokens of each row."""
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    def sequence_logps(
+        self, model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, labels: Tensor
+    ) -> Tensor:
+        """(N,) summed (or averaged) log-probs of the labelled tokens of each row.
+
+        Only the positions that predict a labelled token go through the LM head (``logits_to_keep`` as a boolean
+        mask, which Hugging Face models built on ``slice_logits_to_keep`` accept): prompt and padding positions skip
+        the vocabulary projection and the log-softmax. Other models with ``logits_to_keep`` keep the last positions
+        from the batch's first labelled one; the rest compute all logits. The result is the same in each case.
+        """
+        import inspect
+
+        from sacpo_lightning.logprobs import token_logprobs
+
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        forward = inspect.unwrap(type(base).forward)
+        scored = labels[:, 1:] != -100  # position t predicts the labelled token t + 1
+        n_scored = int(scored.sum())
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
+        if n_scored and "slice_logits_to_keep" in forward.__globals__:
+            keep = torch.zeros_like(labels, dtype=torch.bool)
+            keep[:, :-1] = scored
+            # One unused position last, so that the flattened logits (T + 1, V) score targets shifted by one, the
+            # layout token_logprobs expects.
+            keep[-1, -1] = True
+            logits = model(**inputs, logits_to_keep=keep).logits
+            targets = torch.full((1, n_scored + 1), -100, dtype=labels.dtype, device=labels.device)
+            targets[0, 1:] = labels[:, 1:][scored]
+            logps, _ = token_logprobs(logits.unsqueeze(0), targets)
+            rows = scored.nonzero()[:, 0]
+            total = torch.zeros(labels.shape[0], dtype=logps.dtype, device=logps.device).index_add(0, rows, logps[0])
+            if self.average_log_prob:
+                total = total / scored.sum(dim=-1).clamp(min=1).to(total.dtype)
+            return total
+        labelled = scored.any(dim=0).nonzero()
+        keep_last = labels.shape[1] - int(labelled[0]) if labelled.numel() else 0
+        if 0 < keep_last < labels.shape[1] and "logits_to_keep" in inspect.signature(forward).parameters:
+            logits = model(**inputs, logits_to_keep=keep_last).logits
+            labels = labels[:, -keep_last:]
+        else:
+            logits = model(**inputs).logits
         return sequence_logprobs(logits, labels, average=self.average_log_prob)
 
     def policy_logps(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> Tensor:
@@ -204,15 +242,54 @@ class AlignmentModule(L.LightningModule):
         return {f"policy.{n}" for n, p in self.policy.named_parameters() if p.requires_grad}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Adapter runs checkpoint only the trainable weights; the frozen base is reloaded from its source."""
+        """Adapter runs checkpoint only the trainable weights; the frozen base is reloaded from its source.
+
+        Every checkpoint also holds the random number generator states (torch, CUDA, numpy, Python) of each process
+        under ``rng_states``, so that a resumed run draws the same dropout masks as an uninterrupted one. Lightning
+        calls this hook on every process of a distributed run, which lets the states be gathered here.
+        """
         if self.policy_settings.uses_adapter:
             keep = self.trainable_parameter_names()
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
         else:
-            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("ref_model.")}
+            state_dict = checkpoint["state_dict"]
+            checkpoint["state_dict"] = {k: v for k, v in state_dict.items() if not k.startswith("ref_model.")}
+        import random
+
+        import numpy as np
+
+        kind, keys, pos, has_gauss, gauss = np.random.get_state()
+        # plain Python values and tensors only, so the checkpoint loads with torch.load(weights_only=True)
+        state = {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": (kind, keys.tolist(), int(pos), int(has_gauss), float(gauss)),
+            "python": random.getstate(),
+        }
+        states = [state]
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            states = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(states, state)
+        checkpoint["rng_states"] = states
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Loads the trainable weights (see :meth:`on_save_checkpoint`) and restores this process's RNG states."""
         self.strict_loading = False
+        states = checkpoint.get("rng_states")
+        if states:
+            import random
+
+            import numpy as np
+
+            rank = self.global_rank if self._trainer is not None else 0
+            state = states[rank] if rank < len(states) else states[0]
+            torch.set_rng_state(state["torch"].cpu())
+            if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+                torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+            kind, keys, pos, has_gauss, gauss = state["numpy"]
+            np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
+            version, internal, gauss_next = state["python"]
+            random.setstate((version, tuple(internal), gauss_next))
         missing = self.trainable_parameter_names() - set(checkpoint["state_dict"])
         if missing:
             raise ValueError(
