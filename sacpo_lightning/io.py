@@ -27,6 +27,9 @@ def atomic_directory(target: str | os.PathLike, *, overwrite: bool = True) -> It
     target.parent.mkdir(parents=True, exist_ok=True)
     if target.exists() and not overwrite:
         raise FileExistsError(f"{target} already exists; remove it or pass overwrite=True.")
+    # Leftovers of an earlier writer that was killed: one writer per target is the contract, so they are stale.
+    for stale in target.parent.glob(f".{target.name}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         yield tmp

@@ -22,6 +22,7 @@ from sacpo_lightning.data import (
     tokenize_pair,
     tokenizer_adds_bos,
 )
+from sacpo_lightning.data.tokenization import batch_tokenize_kto, kl_partners
 from sacpo_lightning.models.tiny import build_tiny_tokenizer
 
 MESSAGES = [
@@ -211,29 +212,50 @@ def test_pad_equal_to_eos_keeps_the_real_eos_label(nobos_tokenizer):
 
 def test_collate_kto_with_mismatched_kl_rows():
     examples = [
-        {"prompt_ids": [0, 10], "completion_ids": [20, 21, 1], "desirable": True, "index": 0},
-        {"prompt_ids": [0, 11, 12], "completion_ids": [22, 1], "desirable": False, "index": 1},
-        {"prompt_ids": [0, 13, 14, 15], "completion_ids": [23, 24, 25, 26, 1], "desirable": True, "index": 2},
+        {"prompt_ids": [0, 10], "completion_ids": [20, 21, 1], "kl_completion_ids": [22, 1], "desirable": True,
+         "index": 0},
+        {"prompt_ids": [0, 11, 12], "completion_ids": [22, 1], "kl_completion_ids": [23, 24, 25, 26, 1],
+         "desirable": False, "index": 1},
+        {"prompt_ids": [0, 13, 14, 15], "completion_ids": [23, 24, 25, 26, 1], "kl_completion_ids": [20, 21, 1],
+         "desirable": True, "index": 2},
     ]
     batch = collate_kto(examples, pad_token_id=2, max_length=7)
     assert batch["input_ids"].shape == (3, 9)
     assert batch["desirable"].dtype == torch.bool and batch["desirable"].tolist() == [True, False, True]
     kl = batch["kl_input_ids"]
     n = batch["kl_attention_mask"].sum(1).tolist()
-    assert kl[0, : n[0]].tolist() == [0, 10, 22, 1]  # prompt 0 + completion 1
-    assert kl[1, : n[1]].tolist() == [0, 11, 12, 23, 24, 25, 26]  # prompt 1 + completion 2, cut to max_length
-    assert kl[2, : n[2]].tolist() == [0, 13, 14, 15, 20, 21, 1]  # prompt 2 + completion 0
+    assert kl[0, : n[0]].tolist() == [0, 10, 22, 1]  # prompt 0 + its KL completion
+    assert kl[1, : n[1]].tolist() == [0, 11, 12, 23, 24, 25, 26]  # cut to max_length
+    assert kl[2, : n[2]].tolist() == [0, 13, 14, 15, 20, 21, 1]
     assert batch["kl_labels"][1].tolist()[:7] == [IGNORE_INDEX] * 3 + [23, 24, 25, 26]
-    single = collate_kto(examples[:1], pad_token_id=2, max_length=7)
-    assert torch.equal(single["kl_input_ids"], single["input_ids"])
-    assert torch.equal(single["kl_labels"], single["labels"])
+    # A KL row depends on its example only, not on the batch it lands in.
+    alone = collate_kto(examples[2:], pad_token_id=2, max_length=7)
+    assert alone["kl_input_ids"][0].tolist()[:7] == kl[2, :7].tolist()
+    with pytest.raises(ValueError, match="kl_completion_ids"):
+        collate_kto([{k: v for k, v in examples[0].items() if k != "kl_completion_ids"}], pad_token_id=2)
+
+
+def test_kto_kl_partners_are_a_seeded_derangement(tiny_tokenizer):
+    for n in (2, 3, 10):
+        partners = kl_partners(n, seed=5)
+        assert sorted(partners) == list(range(n)) and all(p != i for i, p in enumerate(partners))
+        assert partners == kl_partners(n, seed=5)
+    assert kl_partners(1) == [0]
+    records = [KTORecord(f"Question {i}", f"Answer number {i}.", i % 2 == 0, f"t:{i}") for i in range(5)]
+    config = TokenizeConfig(max_length=24, max_prompt_length=16, template="pku")
+    examples = batch_tokenize_kto(records, tiny_tokenizer, config)
+    partners = kl_partners(5)
+    for e in examples:
+        partner = examples[partners[e["index"]]]
+        assert e["kl_completion_ids"] == partner["completion_ids"][: 24 - len(e["prompt_ids"])]
+        assert len(e["prompt_ids"]) + len(e["kl_completion_ids"]) <= 24
 
 
 def test_tokenize_kto_example(tiny_tokenizer):
     record = KTORecord("Q", "Answer.", False, "t:1")
     config = TokenizeConfig(max_length=64, max_prompt_length=48, template="pku")
     example = tokenize_kto(record, tiny_tokenizer, config, 3)
-    assert set(example) == {"prompt_ids", "completion_ids", "desirable", "index"}
+    assert set(example) == {"prompt_ids", "completion_ids", "kl_completion_ids", "desirable", "index"}
     assert example["desirable"] is False and example["index"] == 3
     assert example["completion_ids"][-1] == tiny_tokenizer.eos_token_id
     batch = collate_kto([example], pad_token_id=tiny_tokenizer.pad_token_id, max_length=64)

@@ -85,18 +85,19 @@ def collate_pairs(
 def collate_kto(
     examples: Sequence[dict[str, Any]],
     pad_token_id: int,
-    max_length: int,
+    max_length: int | None = None,
     pad_to_multiple_of: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """Collates B unpaired examples, with the mismatched pairs of KTO's KL estimate.
 
-    The KL rows pair prompt ``i`` with completion ``(i + 1) % B`` (with B = 1, the example itself), the completion cut
-    so that the row fits ``max_length``.
+    KL row ``i`` is prompt ``i`` followed by the example's own fixed mismatched completion ``kl_completion_ids``
+    (chosen once at tokenization, see :func:`~sacpo_lightning.data.tokenization.batch_tokenize_kto`), so it does not
+    depend on which examples share the batch.
 
     Args:
-        examples: Dicts with ``prompt_ids``, ``completion_ids``, ``desirable`` and ``index``.
+        examples: Dicts with ``prompt_ids``, ``completion_ids``, ``kl_completion_ids``, ``desirable`` and ``index``.
         pad_token_id: Id written at padding positions (may equal EOS).
-        max_length: Most tokens of a KL row.
+        max_length: Optional cap on the tokens of a KL row (the KL completion is cut to fit).
         pad_to_multiple_of: Optional multiple to round the padded lengths up to.
 
     Returns:
@@ -104,17 +105,25 @@ def collate_kto(
         ``kl_input_ids``, ``kl_attention_mask``, ``kl_labels`` (B, L').
     """
     _check(examples, pad_token_id)
+    missing = [e.get("index", i) for i, e in enumerate(examples) if "kl_completion_ids" not in e]
+    if missing:
+        raise ValueError(
+            f"KTO examples {missing[:5]} lack kl_completion_ids; tokenize them with batch_tokenize_kto, which picks "
+            "each example's mismatched KL completion."
+        )
     prompts = [e["prompt_ids"] for e in examples]
     completions = [e["completion_ids"] for e in examples]
     input_ids, attention_mask, labels = pad_and_label(prompts, completions, pad_token_id, pad_to_multiple_of)
-    b = len(examples)
     kl_completions = []
-    for i, prompt in enumerate(prompts):
-        room = max_length - len(prompt)
-        if room < 1:
-            raise ValueError(f"a prompt of {len(prompt)} tokens leaves no room for a completion in max_length "
-                             f"{max_length}; --data.max_prompt_length must be smaller than --data.max_length.")
-        kl_completions.append(completions[(i + 1) % b][:room])
+    for prompt, e in zip(prompts, examples, strict=True):
+        completion = e["kl_completion_ids"]
+        if max_length is not None:
+            room = max_length - len(prompt)
+            if room < 1:
+                raise ValueError(f"a prompt of {len(prompt)} tokens leaves no room for a completion in max_length "
+                                 f"{max_length}; --data.max_prompt_length must be smaller than --data.max_length.")
+            completion = completion[:room]
+        kl_completions.append(completion)
     kl_ids, kl_mask, kl_labels = pad_and_label(prompts, kl_completions, pad_token_id, pad_to_multiple_of)
     return {
         "input_ids": input_ids,

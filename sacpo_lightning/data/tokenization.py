@@ -16,6 +16,7 @@ is the usual and harmless consequence of truncation; raise ``max_length`` to avo
 
 from __future__ import annotations
 
+import random
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ __all__ = [
     "TokenizeConfig",
     "batch_tokenize_kto",
     "batch_tokenize_pairs",
+    "kl_partners",
     "tokenize_kto",
     "tokenize_pair",
     "tokenizer_adds_bos",
@@ -151,15 +153,46 @@ def batch_tokenize_pairs(
     ]
 
 
+def kl_partners(n: int, seed: int = 0) -> list[int]:
+    """A seeded derangement of ``range(n)``: ``partners[i] != i`` for ``n >= 2`` (``[0]`` for ``n = 1``).
+
+    Sattolo's algorithm draws a uniformly random single-cycle permutation, which never maps an index to itself.
+    """
+    rng = random.Random(seed)
+    partners = list(range(n))
+    for i in range(n - 1, 0, -1):
+        j = rng.randrange(i)
+        partners[i], partners[j] = partners[j], partners[i]
+    return partners
+
+
 def batch_tokenize_kto(
-    records: Sequence[KTORecord], tokenizer: Any, config: TokenizeConfig, *, stats: Counter | None = None
+    records: Sequence[KTORecord],
+    tokenizer: Any,
+    config: TokenizeConfig,
+    *,
+    stats: Counter | None = None,
+    kl_seed: int = 0,
 ) -> list[dict[str, Any]]:
-    """Tokenizes unpaired examples into ``{"prompt_ids", "completion_ids", "desirable", "index"}`` dicts."""
+    """Tokenizes unpaired examples into ``{"prompt_ids", "completion_ids", "kl_completion_ids", "desirable", "index"}``.
+
+    ``kl_completion_ids`` is the mismatched completion of KTO's KL estimate: the completion of example
+    ``kl_partners(n, kl_seed)[i]`` (another example of the same list), cut so that prompt + it fits
+    ``config.max_length``. It is fixed here, once, rather than drawn from each shuffled batch, so that a KL row
+    depends only on its example and its reference log-prob can be computed ahead of training.
+    """
     enc = _Encoder(tokenizer, config, stats)
     prompt_ids, prompt_texts = enc.prompts([r.prompt for r in records])
     completions = enc.responses([r.completion for r in records], prompt_texts, prompt_ids)
+    partners = kl_partners(len(records), kl_seed)
     return [
-        {"prompt_ids": p, "completion_ids": c, "desirable": bool(r.desirable), "index": i}
+        {
+            "prompt_ids": p,
+            "completion_ids": c,
+            "kl_completion_ids": completions[partners[i]][: config.max_length - len(p)],
+            "desirable": bool(r.desirable),
+            "index": i,
+        }
         for i, (p, c, r) in enumerate(zip(prompt_ids, completions, records, strict=True))
     ]
 
