@@ -14,7 +14,6 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from sacpo_lightning.callbacks import ExportHF, NaNGuard
 from sacpo_lightning.callbacks.checkpoint import AtomicModelCheckpoint
 from sacpo_lightning.callbacks.progress import ProgressLog
-
 from sacpo_lightning.data import PreferenceDataModule
 from sacpo_lightning.models.policy import check_model_source
 

@@ -69,3 +69,16 @@ def test_log_ratios_match_unbatched_and_swap(tiny_model_dir, other_model_dir, ti
     swapped_c, swapped_r = pair_log_ratios(b, a, pair_dataloader(**kwargs))
     backward = implicit_accuracy_from_log_ratios(swapped_c, swapped_r)
     assert forward.accuracy + backward.accuracy + forward.ties == pytest.approx(1.0)
+
+
+def test_several_models_share_one_reference_pass(tiny_model_dir, tmp_path, shared_data):
+    """Scoring two models in one call equals scoring each alone (the reference pass is shared, not changed)."""
+    from sacpo_lightning.evaluation.implicit import implicit_accuracies
+    from sacpo_lightning.models.tiny import save_tiny_model
+
+    other = str(save_tiny_model(tmp_path / "other", seed=3))
+    pairs = {"safety": {"train_files": [f"{shared_data}/pku_saferlhf/safety_pairs.fixtures.jsonl"], "source": "pku",
+                        "objective": "safe", "split": "all", "max_length": 96, "max_prompt_length": 48}}
+    both = implicit_accuracies({"same": tiny_model_dir, "other": other}, tiny_model_dir, pairs, device="cpu")
+    assert both["other"] == implicit_accuracy(other, tiny_model_dir, pairs, device="cpu")
+    assert both["same"]["safety"]["ties"] == 1.0

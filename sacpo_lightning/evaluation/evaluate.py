@@ -303,20 +303,16 @@ def evaluate_models(
 
     # Implicit-reward accuracy on held-out pairs.
     if "implicit" in judges:
-        from sacpo_lightning.evaluation.generation import load_generation_model
-        from sacpo_lightning.evaluation.implicit import implicit_accuracy
+        from sacpo_lightning.evaluation.implicit import implicit_accuracies
 
         if not implicit_sets:
             raise ValueError("--judge implicit needs pair files (--implicit_helpful_pairs / --implicit_safety_pairs)")
         reference = implicit_reference or models[baseline]
         report["implicit_reference"] = reference
-        ref_loaded = {reference: load_generation_model(reference, dtype="float32", device=generation.device)}
-        for name, spec in models.items():
-            if spec == reference:
-                continue
-            entries[name]["implicit"] = implicit_accuracy(spec, reference, implicit_sets, device=generation.device,
-                                                          loaded=ref_loaded)
-            _free()
+        scored = {name: spec for name, spec in models.items() if spec != reference}
+        for name, result in implicit_accuracies(scored, reference, implicit_sets, device=generation.device).items():
+            entries[name]["implicit"] = result
+        _free()
 
     write_report(report, output_dir, training_logs=training_logs)
     rank_zero_info(f"Evaluation report written to {output_dir / 'report.md'}")

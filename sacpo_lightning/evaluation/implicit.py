@@ -27,6 +27,7 @@ from sacpo_lightning.logprobs import sequence_logprobs
 
 __all__ = [
     "ImplicitAccuracy",
+    "implicit_accuracies",
     "implicit_accuracy",
     "implicit_accuracy_from_log_ratios",
     "pair_dataloader",
@@ -71,6 +72,70 @@ def implicit_accuracy_from_log_ratios(chosen: Tensor, rejected: Tensor, *, tie_e
         mean_margin=float(margin.mean()),
         num_pairs=n,
     )
+
+
+@torch.no_grad()
+def pair_logps(model: torch.nn.Module, batches: Iterable[Mapping[str, Tensor]], *, average: bool = False) -> Tensor:
+    """(2N,) sequence log-probs of every pair's chosen then rejected responses, batch by batch, on the CPU."""
+    device = next(model.parameters()).device
+    out = []
+    for batch in batches:
+        logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                       use_cache=False).logits
+        out.append(sequence_logprobs(logits, batch["labels"].to(device), average=average).float().cpu())
+    if not out:
+        raise ValueError("no pair batches to score")
+    return torch.cat(out)
+
+
+def _split_pairs(logps: Tensor, batch_sizes: list[int]) -> tuple[Tensor, Tensor]:
+    chosen, rejected, start = [], [], 0
+    for b in batch_sizes:
+        chosen.append(logps[start:start + b])
+        rejected.append(logps[start + b:start + 2 * b])
+        start += 2 * b
+    return torch.cat(chosen), torch.cat(rejected)
+
+
+def implicit_accuracies(
+    models: Mapping[str, str],
+    reference: str,
+    pair_sets: Mapping[str, Mapping[str, Any]],
+    *,
+    dtype: str | None = "float32",
+    device: str | None = None,
+    average: bool = False,
+    tie_eps: float = 0.0,
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """Implicit-reward accuracy of several models against one reference.
+
+    Each pair set is tokenized once and scored once by the reference; then each model is loaded, scored and freed in
+    turn, so the cost is one reference pass plus one pass per model.
+
+    Returns:
+        ``{model name: {set name: ImplicitAccuracy.to_dict()}}``.
+    """
+    from sacpo_lightning.evaluation.generation import load_generation_model
+
+    ref, ref_tokenizer = load_generation_model(reference, dtype=dtype, device=device)
+    sets = {}
+    for name, kwargs in pair_sets.items():
+        kwargs = dict(kwargs)
+        kwargs.setdefault("tokenizer", ref_tokenizer)
+        batches = list(pair_dataloader(**kwargs))
+        sizes = [b["input_ids"].shape[0] // 2 for b in batches]
+        sets[name] = (batches, sizes, pair_logps(ref, batches, average=average))
+    del ref
+    results: dict[str, dict[str, dict[str, Any]]] = {}
+    for model_name, spec in models.items():
+        policy, _ = load_generation_model(spec, dtype=dtype, device=device)
+        results[model_name] = {}
+        for name, (batches, sizes, ref_logps) in sets.items():
+            ratios = pair_logps(policy, batches, average=average) - ref_logps
+            chosen, rejected = _split_pairs(ratios, sizes)
+            results[model_name][name] = implicit_accuracy_from_log_ratios(chosen, rejected, tie_eps=tie_eps).to_dict()
+        del policy
+    return results
 
 
 @torch.no_grad()
@@ -179,7 +244,6 @@ def implicit_accuracy(
     device: str | None = None,
     average: bool = False,
     tie_eps: float = 0.0,
-    loaded: Mapping[str, tuple[Any, Any]] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Implicit-reward accuracy of ``model`` against ``reference`` on several pair sets.
 
@@ -192,22 +256,9 @@ def implicit_accuracy(
         device: Device (CUDA when available by default).
         average: Mean instead of summed token log-probs.
         tie_eps: Tie tolerance (see :func:`implicit_accuracy_from_log_ratios`).
-        loaded: Already loaded ``{spec: (model, tokenizer)}`` to reuse.
 
     Returns:
         ``{set name: ImplicitAccuracy.to_dict()}``.
     """
-    from sacpo_lightning.evaluation.generation import load_generation_model
-
-    loaded = dict(loaded or {})
-    for spec in (model, reference):
-        if spec not in loaded:
-            loaded[spec] = load_generation_model(spec, dtype=dtype, device=device)
-    (policy, _), (ref, ref_tokenizer) = loaded[model], loaded[reference]
-    results = {}
-    for name, kwargs in pair_sets.items():
-        kwargs = dict(kwargs)
-        kwargs.setdefault("tokenizer", ref_tokenizer)
-        chosen, rejected = pair_log_ratios(policy, ref, pair_dataloader(**kwargs), average=average)
-        results[name] = implicit_accuracy_from_log_ratios(chosen, rejected, tie_eps=tie_eps).to_dict()
-    return results
+    return implicit_accuracies({"model": model}, reference, pair_sets, dtype=dtype, device=device, average=average,
+                               tie_eps=tie_eps)["model"]

@@ -22,7 +22,10 @@ def subset_prompts(path: str, max_prompts: int | None, out_dir: Path) -> str:
     if not max_prompts:
         return path
     text = Path(path).read_text(encoding="utf-8")
-    rows = json.loads(text) if text.lstrip().startswith("[") else [json.loads(x) for x in text.splitlines() if x.strip()]
+    if text.lstrip().startswith("["):
+        rows = json.loads(text)
+    else:
+        rows = [json.loads(line) for line in text.splitlines() if line.strip()]
     if len(rows) <= max_prompts:
         return path
     step = len(rows) / max_prompts

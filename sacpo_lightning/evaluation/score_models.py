@@ -35,7 +35,7 @@ from torchmetrics import MeanMetric
 
 from sacpo_lightning.io import atomic_directory, atomic_write_json
 from sacpo_lightning.models.policy import DTYPES, PolicySettings
-from sacpo_lightning.modules.base import OptimSettings
+from sacpo_lightning.optim import OptimSettings, configure_optimization
 
 __all__ = [
     "SCORE_MODEL_FILE",
@@ -247,18 +247,6 @@ class ScoreModel:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _lr_factor(kind: str, warmup: int, total: int):
-    def factor(step: int) -> float:
-        if warmup > 0 and step < warmup:
-            return (step + 1) / (warmup + 1)
-        if kind == "constant":
-            return 1.0
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return 1.0 - progress if kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return factor
-
-
 class ScoreModelModule(L.LightningModule):
     """Base of the score-model modules: a one-output sequence classifier on a causal LM backbone.
 
@@ -434,19 +422,8 @@ class ScoreModelModule(L.LightningModule):
 
     # ------------------------------------------------------------------------------------------- optimisation
     def configure_optimizers(self) -> dict[str, Any]:
-        opt = self.optim_settings
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        if opt.optimizer == "adamw":
-            optimizer = torch.optim.AdamW(params, lr=opt.lr, betas=opt.betas, weight_decay=opt.weight_decay)
-        else:
-            import bitsandbytes as bnb
-
-            cls = bnb.optim.PagedAdamW8bit if opt.optimizer == "paged_adamw_8bit" else bnb.optim.AdamW8bit
-            optimizer = cls(params, lr=opt.lr, betas=opt.betas, weight_decay=opt.weight_decay)
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = opt.warmup_steps if opt.warmup_steps is not None else int(round(opt.warmup_ratio * total))
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(opt.scheduler, min(warmup, total), total))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        trainable = (p for p in self.model.parameters() if p.requires_grad)
+        return configure_optimization(trainable, self.optim_settings, self.trainer.estimated_stepping_batches)
 
     # -------------------------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

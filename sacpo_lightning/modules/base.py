@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any, ClassVar, Literal
 
 import lightning as L
@@ -15,45 +15,53 @@ from torchmetrics import MeanMetric
 
 from sacpo_lightning.logprobs import sequence_logprobs
 from sacpo_lightning.models.policy import PolicySettings, build_policy, frozen_copy
+from sacpo_lightning.optim import OptimSettings, configure_optimization
 
 DataKind = Literal["pairs", "kto"]
-
-
-@dataclass
-class OptimSettings:
-    """Optimizer and learning-rate schedule.
-
-    Args:
-        lr: Peak learning rate.
-        weight_decay: Decoupled weight decay (AdamW).
-        betas: Adam betas.
-        optimizer: ``adamw`` (torch), ``adamw_8bit`` or ``paged_adamw_8bit`` (bitsandbytes, less optimizer memory).
-        scheduler: Decay after warm-up: ``cosine`` or ``linear`` to 0, or ``constant``.
-        warmup_ratio: Fraction of the total steps used for linear warm-up.
-        warmup_steps: Absolute number of warm-up steps; overrides ``warmup_ratio`` when set.
-    """
-
-    lr: float = 5e-5
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.999)
-    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = "adamw"
-    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
-    warmup_ratio: float = 0.1
-    warmup_steps: int | None = None
-
-    def __post_init__(self) -> None:
-        if not self.lr > 0:
-            raise ValueError(f"--model.optim.lr must be > 0, got {self.lr}")
-        if not 0.0 <= self.warmup_ratio < 1.0:
-            raise ValueError(f"--model.optim.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        if self.warmup_steps is not None and self.warmup_steps < 0:
-            raise ValueError(f"--model.optim.warmup_steps must be >= 0, got {self.warmup_steps}")
 
 
 def check_positive(option: str, value: float) -> None:
     """Raises a ValueError naming ``option`` unless ``value`` is a finite number > 0."""
     if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
         raise ValueError(f"{option} must be a finite number > 0, got {value!r}")
+
+
+class RewardCoefficients:
+    """Step-1 coefficients: KL coefficient ``beta`` to the reference (the SFT model)."""
+
+    beta: float
+
+    def _set_coefficients(self, beta: float) -> None:
+        check_positive("--model.beta", beta)
+        self.beta = beta
+
+    @property
+    def kl_coef(self) -> float:
+        return self.beta
+
+    def coefficients(self) -> dict[str, float]:
+        return {"beta": self.beta, "kl_coef": self.kl_coef}
+
+
+class SafetyCoefficients:
+    """Step-2 coefficients: ``beta`` and the multiplier ``lam``, with KL coefficient ``beta / lam`` to the reference
+    (the step-1 model). By SACPO's theorem the result is the optimum of reward + ``lam`` * safety with KL coefficient
+    ``beta`` to the SFT model."""
+
+    beta: float
+    lam: float
+
+    def _set_coefficients(self, beta: float, lam: float) -> None:
+        check_positive("--model.beta", beta)
+        check_positive("--model.lam", lam)
+        self.beta, self.lam = beta, lam
+
+    @property
+    def kl_coef(self) -> float:
+        return self.beta / self.lam
+
+    def coefficients(self) -> dict[str, float]:
+        return {"beta": self.beta, "lam": self.lam, "kl_coef": self.kl_coef}
 
 
 class AlignmentModule(L.LightningModule):
@@ -220,22 +228,8 @@ class AlignmentModule(L.LightningModule):
 
     # ------------------------------------------------------------------------------------------- optimisation
     def configure_optimizers(self) -> dict[str, Any]:
-        opt = self.optim_settings
-        params = [p for p in self.policy.parameters() if p.requires_grad]
-        if not params:
-            raise ValueError("The policy has no trainable parameters; check --model.policy.finetune and lora settings.")
-        if opt.optimizer == "adamw":
-            optimizer = torch.optim.AdamW(params, lr=opt.lr, betas=opt.betas, weight_decay=opt.weight_decay)
-        else:
-            import bitsandbytes as bnb
-
-            cls = bnb.optim.PagedAdamW8bit if opt.optimizer == "paged_adamw_8bit" else bnb.optim.AdamW8bit
-            optimizer = cls(params, lr=opt.lr, betas=opt.betas, weight_decay=opt.weight_decay)
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = opt.warmup_steps if opt.warmup_steps is not None else int(round(opt.warmup_ratio * total))
-        warmup = min(warmup, total)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(opt.scheduler, warmup, total))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        trainable = (p for p in self.policy.parameters() if p.requires_grad)
+        return configure_optimization(trainable, self.optim_settings, self.trainer.estimated_stepping_batches)
 
     # ------------------------------------------------------------------------------------------- checkpoints
     def trainable_parameter_names(self) -> set[str]:
@@ -330,16 +324,3 @@ class AlignmentModule(L.LightningModule):
         export_policy(self.policy, settings, tokenizer, output_dir, metadata=metadata, dtype=dtype)
         rank_zero_info(f"Exported {self.step_kind} policy to {output_dir}")
 
-
-def _schedule(kind: str, warmup: int, total: int):
-    def factor(step: int) -> float:
-        if warmup > 0 and step < warmup:
-            return (step + 1) / (warmup + 1)
-        if kind == "constant":
-            return 1.0
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        if kind == "linear":
-            return 1.0 - progress
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return factor

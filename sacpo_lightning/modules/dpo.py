@@ -8,7 +8,12 @@ from torch import Tensor
 
 from sacpo_lightning.losses import dpo_loss, hinge_loss, ipo_loss
 from sacpo_lightning.models.policy import PolicySettings
-from sacpo_lightning.modules.base import AlignmentModule, OptimSettings, check_positive
+from sacpo_lightning.modules.base import (
+    AlignmentModule,
+    OptimSettings,
+    RewardCoefficients,
+    SafetyCoefficients,
+)
 
 PAIR_LOSSES = {"sigmoid": dpo_loss, "ipo": ipo_loss, "hinge": hinge_loss}
 PairLoss = Literal["sigmoid", "ipo", "hinge"]
@@ -63,7 +68,9 @@ class PairwiseModule(AlignmentModule):
         reference = batch.get("ref_logps")
         if reference is None:
             reference = self.reference_logps(ids, mask, labels)
-        losses, chosen_rewards, rejected_rewards = self.pair_losses(policy[:n], policy[n:], reference[:n], reference[n:])
+        losses, chosen_rewards, rejected_rewards = self.pair_losses(
+            policy[:n], policy[n:], reference[:n], reference[n:]
+        )
         margins = chosen_rewards - rejected_rewards
         metrics = {
             "rewards/chosen": chosen_rewards.mean(),
@@ -79,7 +86,7 @@ class PairwiseModule(AlignmentModule):
         return {**super().step_metadata(), "loss": self.loss_name, "label_smoothing": self.label_smoothing}
 
 
-class RewardDPO(PairwiseModule):
+class RewardDPO(RewardCoefficients, PairwiseModule):
     """SACPO step 1: align the SFT policy to helpfulness preferences with KL coefficient ``beta``.
 
     Args:
@@ -97,19 +104,11 @@ class RewardDPO(PairwiseModule):
         label_smoothing: float = 0.0,
         average_log_prob: bool = False,
     ) -> None:
-        check_positive("--model.beta", beta)
+        self._set_coefficients(beta)
         super().__init__(policy, optim, loss, label_smoothing, average_log_prob)
-        self.beta = beta
-
-    @property
-    def kl_coef(self) -> float:
-        return self.beta
-
-    def coefficients(self) -> dict[str, float]:
-        return {"beta": self.beta, "kl_coef": self.kl_coef}
 
 
-class SafetyDPO(PairwiseModule):
+class SafetyDPO(SafetyCoefficients, PairwiseModule):
     """SACPO step 2: align the step-1 policy to safety preferences with KL coefficient ``beta / lam``.
 
     By SACPO's theorem the result is the optimum of reward + ``lam`` * safety with KL coefficient ``beta`` to the SFT
@@ -132,15 +131,5 @@ class SafetyDPO(PairwiseModule):
         label_smoothing: float = 0.0,
         average_log_prob: bool = False,
     ) -> None:
-        check_positive("--model.beta", beta)
-        check_positive("--model.lam", lam)
+        self._set_coefficients(beta, lam)
         super().__init__(policy, optim, loss, label_smoothing, average_log_prob)
-        self.beta = beta
-        self.lam = lam
-
-    @property
-    def kl_coef(self) -> float:
-        return self.beta / self.lam
-
-    def coefficients(self) -> dict[str, float]:
-        return {"beta": self.beta, "lam": self.lam, "kl_coef": self.kl_coef}

@@ -10,7 +10,13 @@ from torch import Tensor
 
 from sacpo_lightning.losses import kto_class_weights, kto_kl_estimate, kto_loss
 from sacpo_lightning.models.policy import PolicySettings
-from sacpo_lightning.modules.base import AlignmentModule, OptimSettings, check_positive
+from sacpo_lightning.modules.base import (
+    AlignmentModule,
+    OptimSettings,
+    RewardCoefficients,
+    SafetyCoefficients,
+    check_positive,
+)
 
 
 class KTOModule(AlignmentModule):
@@ -101,7 +107,7 @@ class KTOModule(AlignmentModule):
                 "undesirable_weight": self.undesirable_weight}
 
 
-class RewardKTO(KTOModule):
+class RewardKTO(RewardCoefficients, KTOModule):
     """SACPO step 1 with KTO: helpfulness from desirable/undesirable examples, KL coefficient ``beta``."""
 
     step_kind: ClassVar[str] = "reward_kto"
@@ -116,19 +122,11 @@ class RewardKTO(KTOModule):
         auto_class_weights: bool = True,
         average_log_prob: bool = False,
     ) -> None:
-        check_positive("--model.beta", beta)
+        self._set_coefficients(beta)
         super().__init__(policy, optim, desirable_weight, undesirable_weight, auto_class_weights, average_log_prob)
-        self.beta = beta
-
-    @property
-    def kl_coef(self) -> float:
-        return self.beta
-
-    def coefficients(self) -> dict[str, float]:
-        return {"beta": self.beta, "kl_coef": self.kl_coef}
 
 
-class SafetyKTO(KTOModule):
+class SafetyKTO(SafetyCoefficients, KTOModule):
     """SACPO step 2 with KTO: safety from safe (desirable) / unsafe examples, KL coefficient ``beta / lam``."""
 
     step_kind: ClassVar[str] = "safety_kto"
@@ -144,15 +142,5 @@ class SafetyKTO(KTOModule):
         auto_class_weights: bool = True,
         average_log_prob: bool = False,
     ) -> None:
-        check_positive("--model.beta", beta)
-        check_positive("--model.lam", lam)
+        self._set_coefficients(beta, lam)
         super().__init__(policy, optim, desirable_weight, undesirable_weight, auto_class_weights, average_log_prob)
-        self.beta = beta
-        self.lam = lam
-
-    @property
-    def kl_coef(self) -> float:
-        return self.beta / self.lam
-
-    def coefficients(self) -> dict[str, float]:
-        return {"beta": self.beta, "lam": self.lam, "kl_coef": self.kl_coef}

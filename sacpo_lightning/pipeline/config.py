@@ -192,7 +192,8 @@ def load_pipeline_config(path: str | os.PathLike) -> PipelineConfig:
                     _require(Path(_expand(cfg_file)).is_file(), source, f"evaluate.{key}.configs",
                              f"file {cfg_file!r} does not exist")
             else:
-                _require(value is None or isinstance(value, str), source, f"evaluate.{key}", "must be a path or mapping")
+                _require(value is None or isinstance(value, str), source, f"evaluate.{key}",
+                         "must be a path or a mapping")
         for key in ("prompts_safety", "prompts_helpful"):
             if evaluate.get(key) is not None:
                 _require(Path(_expand(evaluate[key])).is_file(), source, f"evaluate.{key}",

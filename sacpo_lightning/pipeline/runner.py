@@ -271,7 +271,8 @@ class PipelineRunner:
             prompts = render_prompts(load_prompts(config["kl_prompts"], config["kl_max_prompts"]), tokenizer)
             kl = mixture_vs_merge_kl(config["base"], config["other"], out, config["q"], prompts, tokenizer)
             metrics.update(kl_mixture_vs_merge=kl.mean_kl, kl_num_tokens=kl.num_tokens)
-            self.log(f"  mean KL(exact mixture || weight merge) per token: {kl.mean_kl:.5f} over {kl.num_tokens} tokens")
+            self.log(f"  mean KL(exact mixture || weight merge) per token: {kl.mean_kl:.5f} "
+                     f"over {kl.num_tokens} tokens")
         atomic_write_json(self.stage_dir(stage.name) / "merge_metrics.json", metrics)
         return metrics
 
