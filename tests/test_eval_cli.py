@@ -18,13 +18,7 @@ from sacpo_lightning.models.tiny import save_tiny_model
 CONFIGS = sorted(Path(__file__).resolve().parents[1].joinpath("configs", "eval").glob("*.yaml"))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matrices run fastest on one thread; several threads on a busy machine are many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

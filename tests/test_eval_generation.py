@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from sacpo_lightning.evaluation import generation as gen
 from sacpo_lightning.evaluation.generation import (
@@ -20,14 +19,7 @@ from sacpo_lightning.evaluation.generation import (
     truncate_at_stop,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matrices run fastest on one thread; several threads on a busy machine are many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 PROMPTS = ["Hi", "How do I bake bread at home?", "Tell me a joke", "What is the capital of France, please?"]

@@ -14,14 +14,7 @@ from sacpo_lightning.evaluation.implicit import (
 from sacpo_lightning.logprobs import sequence_logprobs
 from sacpo_lightning.models.tiny import save_tiny_model
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matrices run fastest on one thread; several threads on a busy machine are many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

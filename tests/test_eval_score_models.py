@@ -25,14 +25,7 @@ from sacpo_lightning.evaluation.score_models import (
 from sacpo_lightning.models.policy import LoraSettings, PolicySettings
 from sacpo_lightning.modules.base import OptimSettings
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matrices run fastest on one thread; several threads on a busy machine are many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 PAIRS = [
