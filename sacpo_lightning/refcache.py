@@ -17,11 +17,9 @@ Everything here is plain tensor and file code; :class:`sacpo_lightning.callbacks
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
-import tempfile
 from array import array
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -30,6 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from sacpo_lightning.io import atomic_write_file
 from sacpo_lightning.models.policy import PolicySettings
 from sacpo_lightning.models.registry import resolve_model_path
 
@@ -193,21 +192,10 @@ def save_reference_cache(
     """Writes ``{split: {column: (N,)}}`` and ``metadata`` atomically (temporary file, fsync, rename)."""
     from safetensors.torch import save_file
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {f"{split}.{col}": t.detach().float().cpu().contiguous() for split, cols in splits.items()
                for col, t in cols.items()}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={METADATA_KEY: json.dumps(metadata, sort_keys=True, default=str)})
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    header = {METADATA_KEY: json.dumps(metadata, sort_keys=True, default=str)}
+    atomic_write_file(path, lambda tmp: save_file(tensors, tmp, metadata=header))
 
 
 def load_reference_cache(

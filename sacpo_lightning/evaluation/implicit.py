@@ -157,22 +157,9 @@ def pair_log_ratios(
     Returns:
         ``(chosen, rejected)``: (N,) float32 log-ratios on the CPU.
     """
-    chosen, rejected = [], []
-    device = next(model.parameters()).device
-    ref_device = next(ref_model.parameters()).device
-    for batch in batches:
-        b = batch["input_ids"].shape[0] // 2
-        ratios = None
-        for sign, lm, dev in ((1.0, model, device), (-1.0, ref_model, ref_device)):
-            logits = lm(input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev),
-                        use_cache=False).logits
-            logps = sign * sequence_logprobs(logits, batch["labels"].to(dev), average=average).float().cpu()
-            ratios = logps if ratios is None else ratios + logps
-        chosen.append(ratios[:b])
-        rejected.append(ratios[b:])
-    if not chosen:
-        raise ValueError("no pair batches to score")
-    return torch.cat(chosen), torch.cat(rejected)
+    batches = list(batches)
+    ratios = pair_logps(model, batches, average=average) - pair_logps(ref_model, batches, average=average)
+    return _split_pairs(ratios, [b["input_ids"].shape[0] // 2 for b in batches])
 
 
 def pair_dataloader(
