@@ -19,11 +19,15 @@ class ExportHF(Callback):
     Args:
         dirpath: Target folder; defaults to ``<trainer.default_root_dir>/export``.
         dtype: Dtype of the exported weights (``float32``, ``bfloat16``, ``float16``); defaults to the load dtype.
+        merged: For LoRA/QLoRA runs, also write the merged full weights. By default an adapter run exports its
+            adapter chain only (base model name, adapters, tokenizer, config), which ``sacpo`` commands and the next
+            SACPO step load directly; a merged copy costs a full model per step (14-28 GB at 7B).
     """
 
-    def __init__(self, dirpath: str | None = None, dtype: str | None = None) -> None:
+    def __init__(self, dirpath: str | None = None, dtype: str | None = None, merged: bool = False) -> None:
         self.dirpath = dirpath
         self.dtype = dtype
+        self.merged = merged
         self.last_export: str | None = None
 
     def resolve_dirpath(self, trainer: L.Trainer) -> str:
@@ -45,7 +49,8 @@ class ExportHF(Callback):
             return
         dirpath = self.resolve_dirpath(trainer)
         if trainer.is_global_zero:
-            pl_module.export_pretrained(dirpath, dtype=self.dtype, extra=self._extra_metadata(trainer))
+            kwargs = {"merged": self.merged} if self.merged else {}
+            pl_module.export_pretrained(dirpath, dtype=self.dtype, extra=self._extra_metadata(trainer), **kwargs)
             self.last_export = dirpath
         trainer.strategy.barrier("sacpo_export")
 
@@ -53,7 +58,10 @@ class ExportHF(Callback):
     def _extra_metadata(trainer: L.Trainer) -> dict[str, Any]:
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
         extra: dict[str, Any] = {"final_metrics": metrics, "global_step": trainer.global_step,
-                                 "epochs": trainer.current_epoch}
+                                 "epochs": trainer.current_epoch, "precision": str(trainer.precision)}
+        choice = getattr(trainer, "precision_choice", None)
+        if choice is not None:
+            extra["precision_choice"] = choice
         datamodule = trainer.datamodule
         if datamodule is not None and hasattr(datamodule, "fingerprint"):
             extra["data"] = datamodule.fingerprint()

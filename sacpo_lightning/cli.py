@@ -8,14 +8,30 @@ import sys
 from collections.abc import Callable
 
 from jsonargparse import Namespace
-from lightning.pytorch import LightningModule
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
 
 from sacpo_lightning.callbacks import ExportHF, NaNGuard
 from sacpo_lightning.callbacks.checkpoint import AtomicModelCheckpoint
 from sacpo_lightning.callbacks.progress import ProgressLog
 from sacpo_lightning.data import PreferenceDataModule
 from sacpo_lightning.models.policy import check_model_source
+from sacpo_lightning.precision import resolve_precision
+
+
+class SacpoTrainer(Trainer):
+    """A Lightning ``Trainer`` that also takes ``precision: auto`` (see :mod:`sacpo_lightning.precision`).
+
+    The resolved precision and the reason for it are kept in :attr:`precision_choice`, printed, and recorded in the
+    export's ``sacpo_step.json``.
+    """
+
+    def __init__(self, *, precision: str | int | None = "auto", **kwargs) -> None:
+        resolved, reason = resolve_precision(precision, kwargs.get("accelerator", "auto"))
+        rank_zero_info(reason)
+        super().__init__(precision=resolved, **kwargs)
+        self.precision_choice = {"requested": precision, "resolved": resolved, "reason": reason}
 
 
 class SacpoCLI(LightningCLI):
@@ -70,6 +86,7 @@ def lightning_cli(args: list[str] | None = None, run: bool = True) -> SacpoCLI:
         subclass_mode_data=False,
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"parser_mode": "yaml"},
+        trainer_class=SacpoTrainer,
         args=args,
         run=run,
         auto_configure_optimizers=False,

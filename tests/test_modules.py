@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from sacpo_lightning.models.policy import LoraSettings, PolicySettings
+from sacpo_lightning.models.policy import LoraSettings, PolicySettings, load_causal_lm
 from sacpo_lightning.modules import OptimSettings, RewardDPO, RewardKTO, SafetyDPO, SafetyKTO
 
 
@@ -164,13 +164,18 @@ def test_export_reproduces_trained_policy(tiny_model_dir, tmp_path, finetune):
     module = build(RewardDPO, tiny_model_dir, finetune=finetune)
     batch = make_pair_batch()
     _train(module, batch, steps=3)
-    out = tmp_path / "export"
+    out, merged_out = tmp_path / "export", tmp_path / "export_merged"
     module.export_pretrained(str(out))
-    assert (out / "model.safetensors").is_file() and (out / "sacpo_step.json").is_file()
-    assert (out / "adapter").is_dir() == (finetune == "lora")
-    assert not list(tmp_path.glob(".export.tmp-*"))
-    exported = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    module.export_pretrained(str(merged_out), merged=True)
+    assert (out / "sacpo_step.json").is_file()
+    # adapter runs export the adapter chain only, unless asked for merged weights too
+    assert (out / "model.safetensors").is_file() == (finetune == "full")
+    assert (out / "adapter").is_dir() == (out / "sacpo_chain.json").is_file() == (finetune == "lora")
+    assert (merged_out / "model.safetensors").is_file()
+    assert not list(tmp_path.glob(".export*.tmp-*"))
+    module.policy.eval()
     with torch.no_grad():
         expected = module.policy_logps(batch["input_ids"], batch["attention_mask"], batch["labels"])
-        got = module.sequence_logps(exported, batch["input_ids"], batch["attention_mask"], batch["labels"])
-    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+        for exported in (load_causal_lm(str(out)), AutoModelForCausalLM.from_pretrained(merged_out, dtype=torch.float32)):
+            got = module.sequence_logps(exported, batch["input_ids"], batch["attention_mask"], batch["labels"])
+            torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)

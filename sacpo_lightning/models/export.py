@@ -10,7 +10,9 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from sacpo_lightning.io import atomic_directory, atomic_write_json
+from sacpo_lightning.models.chain import TRAINABLE_ADAPTER, copy_links, read_chain, write_chain_file
 from sacpo_lightning.models.policy import DTYPES, DtypeName, PolicySettings, load_causal_lm
+from sacpo_lightning.models.registry import resolve_model_path
 
 STEP_METADATA = "sacpo_step.json"
 ADAPTER_DIR = "adapter"
@@ -24,12 +26,15 @@ def export_policy(
     *,
     metadata: dict[str, Any],
     dtype: DtypeName | None = None,
+    merged: bool | None = None,
 ) -> Path:
-    """Writes merged weights (safetensors), tokenizer with chat template, step metadata and, for LoRA, the adapter.
+    """Writes the trained policy with its tokenizer (and chat template) and ``sacpo_step.json``, atomically.
 
-    For LoRA and QLoRA runs the adapter is saved first, then merged into a freshly loaded, unquantized copy of the base
-    model: the exported weights are exactly base + adapter, whatever quantization was used during training, and the
-    training model is left untouched. The folder appears only when complete (see :func:`atomic_directory`).
+    Full fine-tuning writes the weights (safetensors). LoRA and QLoRA runs write the trained adapter to ``adapter/``,
+    the upstream adapters the run started from to ``chain/<i>/``, the base model's config, and ``sacpo_chain.json``
+    (see :mod:`sacpo_lightning.models.chain`); with ``merged`` they also write the merged weights, computed in a
+    freshly loaded, unquantized copy of the base, so the folder then loads with ``AutoModelForCausalLM`` too. The
+    folder appears only when complete (see :func:`atomic_directory`).
 
     Args:
         policy: The trained model (a peft model for LoRA/QLoRA).
@@ -38,36 +43,61 @@ def export_policy(
         output_dir: Target folder; replaced atomically if it exists.
         metadata: JSON-serialisable description of the step, written to ``sacpo_step.json``.
         dtype: Dtype of the exported weights; defaults to the dtype the base was loaded in.
+        merged: Also write merged full weights for an adapter run (default: only for full fine-tuning, where they are
+            the only form).
     """
     dtype = dtype or settings.dtype
     with atomic_directory(output_dir) as tmp:
         if settings.uses_adapter:
-            adapter_dir = tmp / ADAPTER_DIR
-            policy.save_pretrained(adapter_dir, safe_serialization=True)
-            from peft import PeftModel
+            _write_adapter_chain(policy, settings, tmp, dtype)
+            if merged:
+                _write_merged(load_causal_lm(str(tmp), dtype=dtype, device_map="cpu"), tokenizer, tmp, dtype)
+            else:
+                from transformers import AutoConfig
 
-            base = load_causal_lm(
-                settings.name_or_path,
-                dtype=dtype,
-                gguf_file=settings.gguf_file,
-                trust_remote_code=settings.trust_remote_code,
-                revision=settings.revision,
-                device_map="cpu",
-            )
-            merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+                base = read_chain(tmp).base
+                local = os.path.isdir(base)
+                config = AutoConfig.from_pretrained(resolve_model_path(base) if not local else base,
+                                                    trust_remote_code=settings.trust_remote_code)
+                if hasattr(config, "quantization_config"):
+                    del config.quantization_config
+                config.dtype = dtype
+                config.use_cache = True
+                config.save_pretrained(tmp)
         else:
-            merged = policy
-        merged.config.use_cache = True
-        if hasattr(merged.config, "quantization_config"):
-            del merged.config.quantization_config
-        state = {k: v.detach().to("cpu", DTYPES[dtype]) for k, v in merged.state_dict().items()}
-        merged.config.dtype = dtype
-        if merged.generation_config is not None and tokenizer.pad_token_id is not None:
-            merged.generation_config.pad_token_id = tokenizer.pad_token_id
-        merged.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+            _write_merged(policy, tokenizer, tmp, dtype)
         tokenizer.save_pretrained(tmp)
-        atomic_write_json(tmp / STEP_METADATA, metadata)
+        has_weights = bool(merged or not settings.uses_adapter)
+        atomic_write_json(tmp / STEP_METADATA, {**metadata, "merged_weights": has_weights})
     return Path(output_dir)
+
+
+def _write_adapter_chain(policy, settings: PolicySettings, folder: Path, dtype: str) -> None:
+    """The trained adapter, the upstream chain's adapters and ``sacpo_chain.json``."""
+    policy.save_pretrained(folder / ADAPTER_DIR, safe_serialization=True, selected_adapters=[TRAINABLE_ADAPTER])
+    local = os.path.expanduser(os.path.expandvars(settings.name_or_path))
+    upstream = read_chain(local) if os.path.isdir(local) else None
+    links = copy_links(upstream.links, folder) if upstream is not None else []
+    links.append({"path": ADAPTER_DIR, "scale": 1.0})
+    write_chain_file(
+        folder,
+        upstream.base if upstream else settings.name_or_path,
+        links,
+        gguf_file=upstream.base_gguf_file if upstream else settings.gguf_file,
+        revision=upstream.base_revision if upstream else settings.revision,
+        dtype=dtype,
+    )
+
+
+def _write_merged(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: Path, dtype: str) -> None:
+    model.config.use_cache = True
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    state = {k: v.detach().to("cpu", DTYPES[dtype]) for k, v in model.state_dict().items()}
+    model.config.dtype = dtype
+    if model.generation_config is not None and tokenizer.pad_token_id is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(folder, state_dict=state, safe_serialization=True)
 
 
 def read_step_metadata(path: str | os.PathLike) -> dict[str, Any] | None:

@@ -10,6 +10,14 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
+from sacpo_lightning.models.chain import (
+    TRAINABLE_ADAPTER,
+    activate,
+    attach_frozen_links,
+    has_full_weights,
+    merge_links,
+    read_chain,
+)
 from sacpo_lightning.models.registry import NAMED_MODELS, resolve_model_path
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -59,6 +67,9 @@ class PolicySettings:
         lora: Adapter settings for ``lora``/``qlora``.
         qlora_compute_dtype: Compute dtype of the 4-bit layers.
         qlora_double_quant: Quantize the quantization constants too (saves ~0.4 bit per weight).
+        disable_dropout: Set every dropout probability of the base model to 0 (the adapter's own dropout is
+            ``lora.dropout``). With dropout on, the policy's log-probs in training are noisy while the reference's
+            (always computed in eval mode) are not, so the implicit reward at initialisation is not exactly 0.
     """
 
     name_or_path: str = "tiny-random-llama"
@@ -72,6 +83,7 @@ class PolicySettings:
     lora: LoraSettings = field(default_factory=LoraSettings)
     qlora_compute_dtype: DtypeName = "bfloat16"
     qlora_double_quant: bool = True
+    disable_dropout: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.lora, dict):
@@ -110,7 +122,7 @@ def check_model_source(name_or_path: str, option: str | None = "--model.policy.n
             f"{what}: model folder {os.path.abspath(path)} does not exist. For a SACPO step-2 run this is the step-1 "
             "export (<step-1 default_root_dir>/export): run step 1 first or correct the path."
         )
-    markers = ("config.json", "adapter_config.json")
+    markers = ("config.json", "adapter_config.json", "sacpo_chain.json")
     if os.path.isdir(path) and not any(os.path.isfile(os.path.join(path, m)) for m in markers):
         if not any(name.endswith(".gguf") for name in os.listdir(path)):
             raise FileNotFoundError(
@@ -130,8 +142,22 @@ def load_causal_lm(
     quantization_config=None,
     device_map=None,
 ) -> PreTrainedModel:
-    """Loads a causal LM from a Hub id, a local folder, or a named local model."""
+    """Loads a causal LM from a Hub id, a local folder, or a named local model.
+
+    An adapter-only export (see :mod:`sacpo_lightning.models.chain`) loads as its base with the adapters merged into
+    the weights; ``quantization_config`` is refused for it (merging into quantized weights is lossy: train through
+    :func:`build_policy`, which keeps the adapters unmerged).
+    """
     check_model_source(name_or_path, option=None)
+    local = os.path.expanduser(os.path.expandvars(name_or_path))
+    chain = read_chain(local) if os.path.isdir(local) and not has_full_weights(local) else None
+    if chain is not None:
+        if quantization_config is not None:
+            raise ValueError(f"{name_or_path} is an adapter chain; it cannot be loaded merged into quantized weights.")
+        base = load_causal_lm(chain.base, dtype=dtype, gguf_file=chain.base_gguf_file,
+                              trust_remote_code=trust_remote_code, revision=chain.base_revision,
+                              attn_implementation=attn_implementation, device_map=device_map)
+        return merge_links(base, chain.links)
     kwargs: dict = {"dtype": DTYPES[dtype], "trust_remote_code": trust_remote_code}
     if revision is not None:
         kwargs["revision"] = revision
@@ -167,35 +193,61 @@ def bnb_4bit_config(settings: PolicySettings):
     )
 
 
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Sets the probability of every ``torch.nn.Dropout`` of ``model`` to 0 (in place)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
+def lora_config(settings: PolicySettings):
+    from peft import LoraConfig
+
+    lora = settings.lora
+    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
+                      bias="none", task_type="CAUSAL_LM")
+
+
 def build_policy(settings: PolicySettings, *, device: torch.device | None = None) -> PreTrainedModel:
     """Loads the base model and applies LoRA or QLoRA as configured.
 
     QLoRA quantizes while loading onto ``device`` (4-bit layers quantize when they reach their device), so the full
     precision weights of a 7B model never need to fit on the accelerator.
+
+    When ``name_or_path`` is an adapter-only export (SACPO's step 2 starting from step 1), its base is loaded (and
+    quantized for QLoRA) and its adapters are attached frozen; a new adapter is trained on top. The frozen adapters'
+    names are kept in ``model.sacpo_frozen_adapters`` so that the reference (:func:`chain.reference_adapters`) is
+    exactly the upstream policy. Full fine-tuning merges the chain into the base weights instead.
     """
     check_model_source(settings.name_or_path)
+    local = os.path.expanduser(os.path.expandvars(settings.name_or_path))
+    chain = read_chain(local) if os.path.isdir(local) else None
     quantization_config = None
     device_map = None
     if settings.finetune == "qlora":
         quantization_config = bnb_4bit_config(settings)
         device_map = {"": device if device is not None else torch.device("cpu")}
     model = load_causal_lm(
-        settings.name_or_path,
+        chain.base if chain else settings.name_or_path,
         dtype=settings.dtype,
-        gguf_file=settings.gguf_file,
+        gguf_file=chain.base_gguf_file if chain else settings.gguf_file,
         trust_remote_code=settings.trust_remote_code,
-        revision=settings.revision,
+        revision=chain.base_revision if chain else settings.revision,
         attn_implementation=settings.attn_implementation,
         quantization_config=quantization_config,
         device_map=device_map,
     )
     model.config.use_cache = False
+    if settings.disable_dropout:
+        disable_dropout(model)
     if settings.finetune == "full":
+        if chain is not None:
+            model = merge_links(model, chain.links)
         if settings.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return model
 
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import get_peft_model, prepare_model_for_kbit_training
 
     if settings.finetune == "qlora":
         model = prepare_model_for_kbit_training(
@@ -206,21 +258,21 @@ def build_policy(settings: PolicySettings, *, device: torch.device | None = None
     elif settings.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    lora = settings.lora
-    config = LoraConfig(
-        r=lora.r,
-        lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
-        target_modules=lora.target_modules,
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
+    config = lora_config(settings)
     try:
-        model = get_peft_model(model, config)
+        if chain is None:
+            model = get_peft_model(model, config)
+            model.sacpo_frozen_adapters = []
+        else:
+            model = attach_frozen_links(model, chain.links)
+            model.add_adapter(TRAINABLE_ADAPTER, config)
+            frozen = [f"link{i}" for i in range(len(chain.links))]
+            activate(model, frozen, TRAINABLE_ADAPTER)
+            model.sacpo_frozen_adapters = frozen
     except ValueError as err:
         names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
         raise ValueError(
-            f"--model.policy.lora.target_modules={lora.target_modules!r} does not match modules of "
+            f"--model.policy.lora.target_modules={settings.lora.target_modules!r} does not match modules of "
             f"{settings.name_or_path!r} ({err}). Linear layers of this model: {', '.join(names)}; or use 'all-linear'."
         ) from err
     for p in model.parameters():
@@ -229,7 +281,8 @@ def build_policy(settings: PolicySettings, *, device: torch.device | None = None
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     share = 100 * trainable / total
-    rank_zero_info(f"{settings.finetune}: {trainable:,} trainable of {total:,} parameters ({share:.2f}%)")
+    on_top = f" on top of {len(chain.links)} frozen adapter(s)" if chain is not None else ""
+    rank_zero_info(f"{settings.finetune}: {trainable:,} trainable of {total:,} parameters ({share:.2f}%){on_top}")
     return model
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import asdict
 from typing import Any, ClassVar, Literal
@@ -14,6 +15,7 @@ from torch import Tensor
 from torchmetrics import MeanMetric
 
 from sacpo_lightning.logprobs import sequence_logprobs
+from sacpo_lightning.models.chain import reference_adapters
 from sacpo_lightning.models.policy import PolicySettings, build_policy, frozen_copy
 from sacpo_lightning.optim import OptimSettings, configure_optimization
 
@@ -26,14 +28,68 @@ def check_positive(option: str, value: float) -> None:
         raise ValueError(f"{option} must be a finite number > 0, got {value!r}")
 
 
+REWARD_KINDS = ("reward_dpo", "reward_kto")
+SAFETY_KINDS = ("safety_dpo", "safety_kto")
+RewardReference = Literal["sft", "safety_step", "any"]
+SafetyReference = Literal["reward_step", "sft", "any"]
+
+
+def check_reference(
+    name_or_path: str, expected: str, beta: float, *, allowed: tuple[str, ...], upstream_kinds: tuple[str, ...]
+) -> str:
+    """Checks the model a step starts from (its reference) against what the step expects; returns a description.
+
+    ``expected`` is ``sft`` (not an export of an alignment step), a ``*_step`` value (an export of a step whose kind is
+    in ``upstream_kinds``, trained with the same ``beta``: SACPO's theorem composes steps only with one beta), or
+    ``any`` (unchecked).
+
+    Raises:
+        ValueError: Naming ``--model.policy.name_or_path`` and ``--model.expected_reference`` and how to fix it.
+    """
+    from sacpo_lightning.models.export import read_step_metadata
+
+    if expected not in allowed:
+        raise ValueError(f"--model.expected_reference must be one of {', '.join(allowed)}, got {expected!r}")
+    if expected == "any":
+        return "reference unchecked (--model.expected_reference any)"
+    local = os.path.expanduser(os.path.expandvars(name_or_path))
+    meta = read_step_metadata(local) if os.path.isdir(local) else None
+    kind = (meta or {}).get("kind")
+    fix = ("Point --model.policy.name_or_path at the right model, or set --model.expected_reference "
+           f"({', '.join(a for a in allowed if a != expected)}) if this is intended.")
+    if expected == "sft":
+        if kind in REWARD_KINDS + SAFETY_KINDS:
+            raise ValueError(f"--model.policy.name_or_path = {name_or_path!r} is the export of a {kind} step, but "
+                             f"--model.expected_reference is 'sft' (a model not aligned by this library). {fix}")
+        return f"reference {name_or_path} (SFT)"
+    if kind not in upstream_kinds:
+        what = f"the export of a {kind} step" if kind else "not the export of an alignment step (no sacpo_step.json)"
+        raise ValueError(f"--model.policy.name_or_path = {name_or_path!r} is {what}, but --model.expected_reference "
+                         f"is {expected!r}: this step's reference must be the export of a {' or '.join(upstream_kinds)}"
+                         f" step. {fix}")
+    upstream_beta = meta.get("beta")
+    if upstream_beta is None or not math.isclose(float(upstream_beta), beta, rel_tol=1e-9):
+        raise ValueError(f"--model.beta = {beta:g} differs from the beta {upstream_beta} of the {kind} step exported "
+                         f"at {name_or_path!r}; SACPO's steps compose only with one beta. Use --model.beta "
+                         f"{upstream_beta}, or set --model.expected_reference any to skip this check.")
+    return f"reference {name_or_path} ({kind}, beta {upstream_beta})"
+
+
 class RewardCoefficients:
-    """Step-1 coefficients: KL coefficient ``beta`` to the reference (the SFT model)."""
+    """Step-1 coefficients: KL coefficient ``beta`` to the reference (the SFT model; in the swapped order, the safety
+    step's export, which ``expected_reference: safety_step`` checks)."""
 
     beta: float
+    expected_reference: str
 
-    def _set_coefficients(self, beta: float) -> None:
+    def _set_coefficients(self, beta: float, expected_reference: str = "sft") -> None:
         check_positive("--model.beta", beta)
         self.beta = beta
+        self.expected_reference = expected_reference
+
+    def check_reference(self, name_or_path: str) -> str:
+        return check_reference(name_or_path, self.expected_reference, self.beta,
+                               allowed=("sft", "safety_step", "any"), upstream_kinds=SAFETY_KINDS)
 
     @property
     def kl_coef(self) -> float:
@@ -50,11 +106,17 @@ class SafetyCoefficients:
 
     beta: float
     lam: float
+    expected_reference: str
 
-    def _set_coefficients(self, beta: float, lam: float) -> None:
+    def _set_coefficients(self, beta: float, lam: float, expected_reference: str = "reward_step") -> None:
         check_positive("--model.beta", beta)
         check_positive("--model.lam", lam)
         self.beta, self.lam = beta, lam
+        self.expected_reference = expected_reference
+
+    def check_reference(self, name_or_path: str) -> str:
+        return check_reference(name_or_path, self.expected_reference, self.beta,
+                               allowed=("reward_step", "sft", "any"), upstream_kinds=REWARD_KINDS)
 
     @property
     def kl_coef(self) -> float:
@@ -110,7 +172,12 @@ class AlignmentModule(L.LightningModule):
         if not self.policy_settings.uses_adapter:
             self.ref_model = frozen_copy(self.policy)
 
+    def check_reference(self, name_or_path: str) -> str:
+        """Checks the model this step starts from; the step mixins know what their reference must be."""
+        return f"reference {name_or_path}"
+
     def setup(self, stage: str) -> None:
+        rank_zero_info(self.check_reference(self.policy_settings.name_or_path))
         datamodule = getattr(self.trainer, "datamodule", None)
         kind = getattr(getattr(datamodule, "hparams", {}), "get", lambda *_: None)("kind")
         if kind is not None and kind != self.data_kind:
@@ -168,11 +235,18 @@ class AlignmentModule(L.LightningModule):
 
     @torch.no_grad()
     def reference_logps(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> Tensor:
-        """Log-probs under the reference: the adapter switched off, or the frozen copy."""
+        """Log-probs under the reference: the trained adapter switched off (frozen upstream adapters stay on), or the
+        frozen copy. Always computed in eval mode, as the reference cache computes them, so live and cached reference
+        values agree whatever the model's dropout."""
         if self.ref_model is not None:
             return self.sequence_logps(self.ref_model, input_ids, attention_mask, labels)
-        with self.policy.disable_adapter():
-            return self.sequence_logps(self.policy, input_ids, attention_mask, labels)
+        was_training = self.policy.training
+        self.policy.eval()
+        try:
+            with reference_adapters(self.policy):
+                return self.sequence_logps(self.policy, input_ids, attention_mask, labels)
+        finally:
+            self.policy.train(was_training)
 
     # ----------------------------------------------------------------------------------------------- steps
     def compute_loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
@@ -306,12 +380,15 @@ class AlignmentModule(L.LightningModule):
             "kind": self.step_kind,
             **self.coefficients(),
             "reference": self.policy_settings.name_or_path,
+            "expected_reference": getattr(self, "expected_reference", None),
             "finetune": self.policy_settings.finetune,
             "average_log_prob": self.average_log_prob,
             "optim": asdict(self.optim_settings),
         }
 
-    def export_pretrained(self, output_dir: str, *, dtype: str | None = None, extra: dict | None = None) -> None:
+    def export_pretrained(
+        self, output_dir: str, *, dtype: str | None = None, extra: dict | None = None, merged: bool | None = None
+    ) -> None:
         """Writes the trained policy as a Hugging Face folder (see :func:`sacpo_lightning.models.export_policy`)."""
         from sacpo_lightning.models.export import export_policy
         from sacpo_lightning.models.tokenizer import load_tokenizer
@@ -321,6 +398,6 @@ class AlignmentModule(L.LightningModule):
             settings.name_or_path, trust_remote_code=settings.trust_remote_code, gguf_file=settings.gguf_file
         )
         metadata = {**self.step_metadata(), **(extra or {})}
-        export_policy(self.policy, settings, tokenizer, output_dir, metadata=metadata, dtype=dtype)
+        export_policy(self.policy, settings, tokenizer, output_dir, metadata=metadata, dtype=dtype, merged=merged)
         rank_zero_info(f"Exported {self.step_kind} policy to {output_dir}")
 

@@ -12,7 +12,9 @@ from sacpo_lightning.modules.base import (
     AlignmentModule,
     OptimSettings,
     RewardCoefficients,
+    RewardReference,
     SafetyCoefficients,
+    SafetyReference,
 )
 
 PAIR_LOSSES = {"sigmoid": dpo_loss, "ipo": ipo_loss, "hinge": hinge_loss}
@@ -91,6 +93,8 @@ class RewardDPO(RewardCoefficients, PairwiseModule):
 
     Args:
         beta: KL coefficient to the reference (SFT) policy.
+        expected_reference: What ``policy.name_or_path`` must be: ``sft`` (default), ``safety_step`` (the swapped
+            order, a safety step's export with the same beta) or ``any`` (unchecked).
     """
 
     step_kind: ClassVar[str] = "reward_dpo"
@@ -103,8 +107,9 @@ class RewardDPO(RewardCoefficients, PairwiseModule):
         loss: PairLoss = "sigmoid",
         label_smoothing: float = 0.0,
         average_log_prob: bool = False,
+        expected_reference: RewardReference = "sft",
     ) -> None:
-        self._set_coefficients(beta)
+        self._set_coefficients(beta, expected_reference)
         super().__init__(policy, optim, loss, label_smoothing, average_log_prob)
 
 
@@ -117,6 +122,9 @@ class SafetyDPO(SafetyCoefficients, PairwiseModule):
     Args:
         beta: The step-1 KL coefficient.
         lam: The Lagrange multiplier lambda (> 0); larger values weigh safety more.
+        expected_reference: What ``policy.name_or_path`` must be: ``reward_step`` (default: a step-1 export trained
+            with the same beta; anything else stops before training), ``sft`` (a safety-only model or the first step
+            of the swapped order) or ``any`` (unchecked).
     """
 
     step_kind: ClassVar[str] = "safety_dpo"
@@ -130,6 +138,7 @@ class SafetyDPO(SafetyCoefficients, PairwiseModule):
         loss: PairLoss = "sigmoid",
         label_smoothing: float = 0.0,
         average_log_prob: bool = False,
+        expected_reference: SafetyReference = "reward_step",
     ) -> None:
-        self._set_coefficients(beta, lam)
+        self._set_coefficients(beta, lam, expected_reference)
         super().__init__(policy, optim, loss, label_smoothing, average_log_prob)

@@ -14,7 +14,9 @@ from sacpo_lightning.modules.base import (
     AlignmentModule,
     OptimSettings,
     RewardCoefficients,
+    RewardReference,
     SafetyCoefficients,
+    SafetyReference,
     check_positive,
 )
 
@@ -121,8 +123,9 @@ class RewardKTO(RewardCoefficients, KTOModule):
         undesirable_weight: float = 1.0,
         auto_class_weights: bool = True,
         average_log_prob: bool = False,
+        expected_reference: RewardReference = "sft",
     ) -> None:
-        self._set_coefficients(beta)
+        self._set_coefficients(beta, expected_reference)
         super().__init__(policy, optim, desirable_weight, undesirable_weight, auto_class_weights, average_log_prob)
 
 
@@ -141,6 +144,7 @@ class SafetyKTO(SafetyCoefficients, KTOModule):
         undesirable_weight: float = 1.0,
         auto_class_weights: bool = True,
         average_log_prob: bool = False,
+        expected_reference: SafetyReference = "reward_step",
     ) -> None:
-        self._set_coefficients(beta, lam)
+        self._set_coefficients(beta, lam, expected_reference)
         super().__init__(policy, optim, desirable_weight, undesirable_weight, auto_class_weights, average_log_prob)

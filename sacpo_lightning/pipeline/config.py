@@ -273,7 +273,7 @@ def build_stages(cfg: PipelineConfig) -> list[Stage]:
         for lam in cfg.lambdas:
             add(_train_stage(
                 f"safety_only_lam{lam_tag(lam)}", "safety", cfg.safety_step, safety_cfg, sft, [],
-                {"beta": cfg.beta, "lam": lam},
+                {"beta": cfg.beta, "lam": lam, "expected_reference": "sft"},
                 f"safety only ({cfg.safety_step.algorithm}, beta/lambda={cfg.beta / lam:g}) from the SFT model",
             ))
     if "safety_first" in cfg.orders:
@@ -281,7 +281,7 @@ def build_stages(cfg: PipelineConfig) -> list[Stage]:
             first = f"safety_only_lam{lam_tag(lam)}"
             add(_train_stage(
                 f"swapped_lam{lam_tag(lam)}", "reward", cfg.reward_step, reward_cfg, f"stage:{first}", [first],
-                {"beta": cfg.beta},
+                {"beta": cfg.beta, "expected_reference": "safety_step"},
                 f"swapped order: helpfulness (beta={cfg.beta:g}) after safety (lambda={lam:g})",
             ))
     merge_lams = cfg.merge.lambdas if cfg.merge.lambdas is not None else cfg.lambdas
