@@ -35,7 +35,10 @@ class MergeOnFitEnd(Callback):
     the merge at weight ``q`` approximates the optimum for safety weight ``q * lam`` (P-SACPO), so one step-2 run
     yields a whole range of trade-offs. Each merge is a Hugging Face folder ``<dirpath>/merge_q{q:.2f}``; a
     ``merge_report.json`` beside them lists each ``q`` with its folder, ``lam_effective = q * lam`` (when the module
-    has ``lam``) and, with ``kl_prompts``, the mean per-token KL between the exact geometric mixture and the merge.
+    has ``lam``) and, with ``kl_prompts``, the mean per-token KL between the token-level geometric mixture and the
+    merge. (The sequence-level mixture ``pi_base(y) ** (1 - q) * pi_policy(y) ** q`` is the optimum for ``q * lam``;
+    the token-level mixture approximates it and the weight merge approximates that in turn, see
+    :mod:`sacpo_lightning.merging`.)
 
     The policy is taken from the :class:`ExportHF` callback's folder when one is configured; otherwise it is exported
     to ``<dirpath>/policy`` first. The merges are written in :meth:`teardown`, which Lightning calls after every
@@ -47,8 +50,9 @@ class MergeOnFitEnd(Callback):
         base: The ``q = 0`` model folder; defaults to the module's ``policy.name_or_path`` (its reference).
         dirpath: Folder for the merges and the report; defaults to ``<trainer.default_root_dir>/merges``.
         kl_prompts: Prompt file (``.json`` list or ``.jsonl`` of ``{"prompt": ...}``, or plain text lines) on which to
-            measure ``KL(mixture || merge)``; the prompts are rendered with the tokenizer's chat template and cut to
-            512 tokens. The three models (base, policy, merge) are loaded in float32 on the training device for this.
+            measure ``KL(token-level mixture || merge)``; the prompts are rendered with the tokenizer's chat template
+            and cut to 512 tokens. The three models (base, policy, merge) are loaded in float32 on the training device
+            for this.
         kl_max_prompts: Use the first this many prompts.
     """
 

@@ -2,14 +2,21 @@
 
 SACPO (Wachi et al., 2024) aligns a policy in two steps: step 1 for reward gives ``pi_r``, step 2 for safety with weight
 ``lambda`` gives ``pi_{r + lambda g}``. Both steps solve KL-regularised problems whose optimal policies are
-``pi* ~ pi_ref * exp(objective / beta)``, so the log-linear (geometric) mixture of the two models,
+``pi* ~ pi_ref * exp(objective / beta)``, so the log-linear (geometric) mixture of the two models over whole responses,
 
-    pi_q(y | x)  ~  pi_r(y | x) ** (1 - q)  *  pi_{r + lambda g}(y | x) ** q,
+    pi*_q(y | x)  ~  pi_r(y | x) ** (1 - q)  *  pi_{r + lambda g}(y | x) ** q
+                  ~  pi_ref(y | x) * exp((r(x, y) + q * lambda * g(x, y)) / beta),
 
-is exactly the optimal policy for weight ``q * lambda`` (:class:`GeometricMixtureLM`, token by token). Running two
-models per token is expensive, so P-SACPO approximates the mixture by a linear merge in weight space,
+is exactly the optimal policy for weight ``q * lambda``. That identity holds at the *sequence* level. Decoding it
+directly is intractable, so :class:`GeometricMixtureLM` runs the *token-level* geometric mixture
+``m(y_t | ctx) ~ pi_r(y_t | ctx) ** (1 - q) * pi_{r + lambda g}(y_t | ctx) ** q`` (renormalised at every position),
+which approximates ``pi*_q``: the two differ by the per-token normalisers
+``Z_t = sum_v pi_r(v | ctx) ** (1 - q) * pi_{r + lambda g}(v | ctx) ** q``, with ``pi*_q(y) / m(y) ~ prod_t Z_t(y)``.
+:meth:`GeometricMixtureLM.generate` can return ``log W(y) = sum_t log Z_t``, the importance log-weight that corrects
+samples of ``m`` into (self-normalised) estimates under ``pi*_q`` (:mod:`sacpo_lightning.importance`). Running two
+models per token is expensive, so P-SACPO approximates further by a linear merge in weight space,
 ``theta_q = (1 - q) theta_A + q theta_B`` (:func:`linear_merge_state_dicts`, :func:`merge_model_folders`).
-:func:`mixture_vs_merge_kl` measures how far the cheap merge is from the exact mixture on given texts.
+:func:`mixture_vs_merge_kl` measures how far the cheap merge is from the token-level mixture on given texts.
 
 The tensor math here (:func:`linear_merge_state_dicts`, :func:`geometric_mixture_logprobs`, :func:`token_kl`) does not
 depend on Lightning; the folder helpers work on plain Hugging Face folders (LoRA runs are exported with their adapters
@@ -30,13 +37,18 @@ from torch import Tensor
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from sacpo_lightning.io import atomic_directory, atomic_write_json
+from sacpo_lightning.models.chain import is_chain_folder, merge_chains
+from sacpo_lightning.models.policy import load_model_folder
 
 __all__ = [
     "MERGE_METADATA_FILE",
     "GeometricMixtureLM",
     "MergeError",
     "MixtureKL",
+    "MixtureSamples",
     "check_compatible",
+    "check_unmodified_sampling",
+    "geometric_mixture_log_normalizer",
     "geometric_mixture_logprobs",
     "linear_merge_state_dicts",
     "merge_model_folders",
@@ -137,8 +149,34 @@ def linear_merge_state_dicts(
     return {key: _merge_tensor(a, state_b[key], q) for key, a in state_a.items()}
 
 
+def _geometric_mixture(logits_a: Tensor, logits_b: Tensor, q: float) -> tuple[Tensor, Tensor]:
+    """``(log_probs, log_z)``: the token-level mixture's log-probs ``(..., V)`` and log-normalisers ``(...)``.
+
+    ``log_z = logsumexp((1 - q) * log_softmax(a) + q * log_softmax(b))``; it is exactly 0 at ``q`` in ``{0, 1}`` (one
+    normalised distribution) and ``<= 0`` otherwise (Hoelder's inequality).
+    """
+    q = _check_q(q)
+    if logits_a.shape != logits_b.shape:
+        raise MergeError(f"Logit shapes differ: A {tuple(logits_a.shape)}, B {tuple(logits_b.shape)}.")
+    dtype = torch.promote_types(logits_a.dtype, torch.float32)
+    logp_a = torch.log_softmax(logits_a.to(dtype), dim=-1)
+    zeros = logp_a.new_zeros(logp_a.shape[:-1])
+    if q == 0.0:
+        return logp_a, zeros
+    logp_b = torch.log_softmax(logits_b.to(dtype), dim=-1)
+    if q == 1.0:
+        return logp_b, zeros
+    unnormalised = (1.0 - q) * logp_a + q * logp_b
+    log_z = torch.logsumexp(unnormalised, dim=-1)
+    return unnormalised - log_z[..., None], log_z
+
+
 def geometric_mixture_logprobs(logits_a: Tensor, logits_b: Tensor, q: float) -> Tensor:
-    """Normalised log-probs of the geometric mixture ``pi_A ** (1 - q) * pi_B ** q`` (renormalised per position).
+    """Log-probs of the token-level geometric mixture ``pi_A ** (1 - q) * pi_B ** q``, renormalised per position.
+
+    This is the next-token distribution of :class:`GeometricMixtureLM`. Chained over a response it is *not* the
+    sequence-level mixture ``pi_A(y) ** (1 - q) * pi_B(y) ** q`` (normalised over whole responses): the two differ by
+    the product of the per-position normalisers (:func:`geometric_mixture_log_normalizer`).
 
     Args:
         logits_a: ``(..., V)`` next-token logits of model A.
@@ -149,17 +187,25 @@ def geometric_mixture_logprobs(logits_a: Tensor, logits_b: Tensor, q: float) -> 
         ``(..., V)`` float32 (or float64 for float64 input) log-probs, ``logsumexp == 0`` over the last axis; equal to
         ``log_softmax(logits_a)`` at ``q = 0`` and ``log_softmax(logits_b)`` at ``q = 1``.
     """
-    q = _check_q(q)
-    if logits_a.shape != logits_b.shape:
-        raise MergeError(f"Logit shapes differ: A {tuple(logits_a.shape)}, B {tuple(logits_b.shape)}.")
-    dtype = torch.promote_types(logits_a.dtype, torch.float32)
-    logp_a = torch.log_softmax(logits_a.to(dtype), dim=-1)
-    if q == 0.0:
-        return logp_a
-    logp_b = torch.log_softmax(logits_b.to(dtype), dim=-1)
-    if q == 1.0:
-        return logp_b
-    return torch.log_softmax((1.0 - q) * logp_a + q * logp_b, dim=-1)
+    return _geometric_mixture(logits_a, logits_b, q)[0]
+
+
+def geometric_mixture_log_normalizer(logits_a: Tensor, logits_b: Tensor, q: float) -> Tensor:
+    """Per-position ``log Z = log sum_v pi_A(v) ** (1 - q) * pi_B(v) ** q`` of the token-level geometric mixture.
+
+    Summed over the tokens of a response ``y`` sampled from the token-level mixture ``m``, ``sum_t log Z_t`` is
+    ``log pi*(y) - log m(y)`` up to a constant, where ``pi*(y) ~ pi_A(y) ** (1 - q) * pi_B(y) ** q`` is the
+    sequence-level mixture: the importance log-weight of ``y`` for the target ``pi*``.
+
+    Args:
+        logits_a: ``(..., V)`` next-token logits of model A.
+        logits_b: ``(..., V)`` next-token logits of model B (same shape).
+        q: Mixture weight in ``[0, 1]``.
+
+    Returns:
+        ``(...)`` log-normalisers, ``<= 0``; exactly 0 at ``q = 0`` and ``q = 1``.
+    """
+    return _geometric_mixture(logits_a, logits_b, q)[1]
 
 
 def token_kl(log_p: Tensor, log_q: Tensor) -> Tensor:
@@ -263,11 +309,8 @@ def check_compatible(dir_a: PathLike, dir_b: PathLike) -> None:
 
 
 def _load_causal_lm(path: PathLike, dtype: str | torch.dtype | None):
-    from transformers import AutoModelForCausalLM
-
-    if isinstance(dtype, str) and dtype != "auto":
-        dtype = getattr(torch, dtype)
-    return AutoModelForCausalLM.from_pretrained(Path(path), dtype="auto" if dtype is None else dtype)
+    """A model folder (full weights, or an adapter chain merged on load) in ``dtype`` (None: as saved)."""
+    return load_model_folder(str(path), dtype)
 
 
 def _merge_output_dirs(
@@ -334,6 +377,15 @@ def merge_model_folders(
     dir_a, dir_b = Path(dir_a), Path(dir_b)
     if check:
         check_compatible(dir_a, dir_b)
+    if is_chain_folder(dir_a) and is_chain_folder(dir_b):
+        # Adapter exports on one base: the merge is a chain with scaled adapters, no full weights written.
+        for q, out_dir in zip(q_values, dirs, strict=True):
+            with atomic_directory(out_dir) as tmp:
+                links = merge_chains(dir_a, dir_b, q, tmp)
+                atomic_write_json(tmp / MERGE_METADATA_FILE, {
+                    "kind": "adapter_merge", "base": str(dir_a.resolve()), "other": str(dir_b.resolve()), "q": q,
+                    "formula": "(1 - q) * base + q * other, as adapter scales on one base model", "links": links})
+        return dirs
     model_a = _load_causal_lm(dir_a, dtype)
     model_b = _load_causal_lm(dir_b, model_a.dtype)
     target = model_a.state_dict()
@@ -369,7 +421,7 @@ def merge_model_folders(
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Exact geometric mixture
+# Token-level geometric mixture (with the importance weights of the sequence-level one)
 # ----------------------------------------------------------------------------------------------------------------------
 
 
@@ -395,14 +447,51 @@ def _top_p_filter(logits: Tensor, top_p: float) -> Tensor:
     return logits.masked_fill(remove, float("-inf"))
 
 
+class MixtureSamples(NamedTuple):
+    """Result of ``GeometricMixtureLM.generate(..., return_log_weights=True)``."""
+
+    sequences: Tensor
+    """``(B, S + T)`` prompt and generated ids, as ``generate`` returns them by default."""
+    log_weights: Tensor
+    """``(B,)`` float64 ``log W = sum_t log Z_t`` over each row's generated tokens up to and including its EOS."""
+
+
+def check_unmodified_sampling(do_sample: bool, temperature: float, top_p: float) -> None:
+    """Refuses decoding settings under which ``log W`` is not the importance weight for the sequence-level mixture.
+
+    ``sum_t log Z_t`` corrects samples of the token-level mixture itself; greedy, tempered or nucleus decoding draws
+    from another distribution, whose density ratio to the target is not ``W``.
+
+    Raises:
+        ValueError: Naming each offending setting (argument and CLI option) and the value it needs.
+    """
+    problems = []
+    if not do_sample:
+        problems.append("do_sample=True (--do_sample), not greedy decoding")
+    if temperature != 1.0:
+        problems.append(f"temperature=1 (--temperature 1), got {temperature:g}")
+    if top_p != 1.0:
+        problems.append(f"top_p=1 (--top_p 1), got {top_p:g}")
+    if problems:
+        raise ValueError(
+            "Sequence-level mixture estimates (return_log_weights / --sequence_level true) need plain sampling from "
+            "the token-level mixture, since only then is sum_t log Z_t the importance log-weight: set "
+            + "; ".join(problems) + "."
+        )
+
+
 class GeometricMixtureLM(torch.nn.Module):
     """Token-level geometric mixture of two causal LMs that share a tokenizer.
 
-    Next-token log-probs are ``log_softmax((1 - q) * log_softmax(logits_A) + q * log_softmax(logits_B))``. With A the
-    step-1 policy ``pi_r`` and B the step-2 policy ``pi_{r + lambda g}`` (both from the same reference), this is the
-    optimal policy for safety weight ``q * lambda`` (SACPO, Wachi et al. 2024); :func:`merge_model_folders` is its
-    weight-space approximation. A model whose weight is zero is not run at all, so ``q = 0`` is exactly model A and
-    ``q = 1`` exactly model B.
+    Next-token log-probs are ``log_softmax((1 - q) * log_softmax(logits_A) + q * log_softmax(logits_B))``, i.e. the
+    geometric mixture renormalised at every position. With A the step-1 policy ``pi_r`` and B the step-2 policy
+    ``pi_{r + lambda g}`` (both from the same reference), the *sequence-level* mixture
+    ``pi*(y) ~ pi_A(y) ** (1 - q) * pi_B(y) ** q`` is the optimal policy for safety weight ``q * lambda`` (SACPO,
+    Wachi et al. 2024); this token-level mixture ``m`` approximates it, and :func:`merge_model_folders` approximates it
+    further in weight space. The gap is the per-token normaliser ``Z_t``: ``pi*(y) / m(y) ~ prod_t Z_t(y)``, which
+    :meth:`generate` returns as ``log W`` on request, so that expectations under ``pi*`` can be estimated by
+    self-normalised importance sampling (:mod:`sacpo_lightning.importance`). A model whose weight is zero is not run
+    at all, so ``q = 0`` is exactly model A and ``q = 1`` exactly model B (and then ``m = pi*``, ``log W = 0``).
 
     Args:
         model_a: The ``q = 0`` causal LM.
@@ -459,10 +548,12 @@ class GeometricMixtureLM(torch.nn.Module):
             return [self.model_b]
         return [self.model_a, self.model_b]
 
-    def _combine(self, logits: list[Tensor]) -> Tensor:
+    def _combine(self, logits: list[Tensor]) -> tuple[Tensor, Tensor]:
+        """``(log_probs (..., V), log_z (...))`` of the token-level mixture from the active models' logits."""
         if len(logits) == 1:
-            return torch.log_softmax(logits[0].to(torch.promote_types(logits[0].dtype, torch.float32)), dim=-1)
-        return geometric_mixture_logprobs(logits[0], logits[1], self.q)
+            logp = torch.log_softmax(logits[0].to(torch.promote_types(logits[0].dtype, torch.float32)), dim=-1)
+            return logp, logp.new_zeros(logp.shape[:-1])
+        return _geometric_mixture(logits[0], logits[1], self.q)
 
     def forward(
         self,
@@ -479,8 +570,8 @@ class GeometricMixtureLM(torch.nn.Module):
                 (use :meth:`generate` to decode).
 
         Returns:
-            An output whose ``logits`` are ``(B, S, V)`` float32 normalised log-probs of the mixture, so code that
-            applies ``log_softmax`` to logits gets the same values back.
+            An output whose ``logits`` are ``(B, S, V)`` float32 normalised log-probs of the token-level mixture, so
+            code that applies ``log_softmax`` to logits gets the same values back.
         """
         for key in ("cache", "past_key_values", "labels"):
             if model_kwargs.pop(key, None) is not None:
@@ -490,7 +581,7 @@ class GeometricMixtureLM(torch.nn.Module):
             model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **model_kwargs).logits
             for model in self._active()
         ]
-        return CausalLMOutputWithPast(logits=self._combine(logits))
+        return CausalLMOutputWithPast(logits=self._combine(logits)[0])
 
     @torch.no_grad()
     def generate(
@@ -504,12 +595,24 @@ class GeometricMixtureLM(torch.nn.Module):
         eos_token_id: int | Sequence[int] | None = None,
         pad_token_id: int | None = None,
         generator: torch.Generator | None = None,
-    ) -> Tensor:
-        """Decodes from the mixture with one KV cache per model.
+        return_log_weights: bool = False,
+    ) -> Tensor | MixtureSamples:
+        """Decodes from the token-level mixture with one KV cache per model.
 
         Left-padded batches are supported: positions come from the attention mask (``cumsum - 1``), as in
         ``transformers``' ``generate``, so greedy decoding at ``q = 0`` reproduces model A's own greedy ``generate``.
         Rows that emit an EOS are filled with ``pad_token_id`` afterwards; decoding stops when every row has ended.
+
+        With ``return_log_weights`` each row also gets ``log W = sum_t log Z_t`` over its generated tokens, up to and
+        including its first EOS (the padding after it does not count), where ``Z_t`` is the normaliser of the
+        token-level mixture at step ``t`` (:func:`geometric_mixture_log_normalizer`). For a sample ``y`` of the
+        token-level mixture ``m``, ``log W(y) = log pi*(y) - log m(y) + const`` with
+        ``pi*(y) ~ pi_A(y) ** (1 - q) * pi_B(y) ** q`` the sequence-level mixture, so self-normalised weights
+        ``softmax(log W)`` over several samples of one prompt turn averages over ``m`` into estimates under ``pi*``.
+        This holds only for plain sampling from ``m`` (``do_sample=True``, ``temperature=1``, ``top_p=1``); other
+        settings are refused. A row cut at ``max_new_tokens`` without an EOS is a prefix: its weight targets the
+        geometric mixture of the two models' distributions over responses truncated to ``max_new_tokens`` tokens
+        (``pi_A(prefix) ** (1 - q) * pi_B(prefix) ** q``), which equals ``pi*`` only when responses end in time.
 
         Args:
             input_ids: ``(B, S)`` prompt ids, left-padded.
@@ -521,14 +624,22 @@ class GeometricMixtureLM(torch.nn.Module):
             eos_token_id: One id or several; defaults to model A's config.
             pad_token_id: Filler after EOS; defaults to the first EOS id (or 0 when there is none).
             generator: Random generator for sampling.
+            return_log_weights: Also return the ``(B,)`` float64 importance log-weights ``log W`` (all 0 at ``q`` in
+                ``{0, 1}``).
 
         Returns:
-            ``(B, S + T)`` ids: the prompts followed by ``T <= max_new_tokens`` generated tokens.
+            ``(B, S + T)`` ids: the prompts followed by ``T <= max_new_tokens`` generated tokens; with
+            ``return_log_weights``, ``MixtureSamples(sequences, log_weights)``.
+
+        Raises:
+            ValueError: Bad sampling settings, or ``return_log_weights`` with greedy, tempered or nucleus decoding.
         """
         if do_sample and not temperature > 0:
             raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
         if not 0 < top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        if return_log_weights:
+            check_unmodified_sampling(do_sample, temperature, top_p)
         device = input_ids.device
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -545,6 +656,8 @@ class GeometricMixtureLM(torch.nn.Module):
         sequences = input_ids
         step_ids = input_ids
         unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool, device=device)
+        # float64: a long response sums hundreds of per-token terms.
+        log_weights = torch.zeros(input_ids.shape[0], dtype=torch.float64, device=device)
         for _ in range(max_new_tokens):
             position_ids = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
             position_ids = position_ids[:, -step_ids.shape[1] :]
@@ -560,7 +673,7 @@ class GeometricMixtureLM(torch.nn.Module):
                 )
                 caches[i] = getattr(out, cache_args[i])
                 logits.append(out.logits[:, -1, :])
-            logprobs = self._combine(logits)
+            logprobs, log_z = self._combine(logits)
             if do_sample:
                 scores = logprobs / temperature
                 if top_p < 1:
@@ -569,6 +682,8 @@ class GeometricMixtureLM(torch.nn.Module):
             else:
                 next_tokens = logprobs.argmax(dim=-1)
             next_tokens = torch.where(unfinished, next_tokens, torch.full_like(next_tokens, pad_token_id))
+            # This step's token is part of the response (the EOS included) only for rows that had not ended yet.
+            log_weights += torch.where(unfinished, log_z.to(torch.float64), 0.0)
             sequences = torch.cat([sequences, next_tokens[:, None]], dim=-1)
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)], dim=-1)
             step_ids = next_tokens[:, None]
@@ -576,6 +691,8 @@ class GeometricMixtureLM(torch.nn.Module):
                 unfinished &= ~torch.isin(next_tokens, eos)
                 if not unfinished.any():
                     break
+        if return_log_weights:
+            return MixtureSamples(sequences, log_weights)
         return sequences
 
 
@@ -607,13 +724,14 @@ def mixture_vs_merge_kl(
     dtype: str | torch.dtype | None = torch.float32,
     device: str | torch.device | None = None,
 ) -> MixtureKL:
-    """How far a weight-space merge is from the exact geometric mixture, measured on given texts.
+    """How far a weight-space merge is from the token-level geometric mixture, measured on given texts.
 
-    Each text is tokenized (with the tokenizer's special tokens, right-padded) and both the mixture
+    Each text is tokenized (with the tokenizer's special tokens, right-padded) and both the token-level mixture
     ``GeometricMixtureLM(A, B, q)`` and the merged model are run teacher-forced over it. At every real (non-padding)
     position ``t`` the next-token distributions are compared with ``KL(mixture(. | x_<=t) || merged(. | x_<=t))``;
     the result is the mean over all positions of all texts. No tokens are generated. The value is 0 when the merged
-    model is A at ``q = 0`` or B at ``q = 1``, and grows as the merge departs from the mixture.
+    model is A at ``q = 0`` or B at ``q = 1``, and grows as the merge departs from the token-level mixture. It does not
+    measure the distance to the sequence-level mixture (see :class:`GeometricMixtureLM`).
 
     Args:
         dir_a: The ``q = 0`` folder (step-1 model).

@@ -145,3 +145,73 @@ def test_evaluate_with_llm_judge(setup_dirs, tmp_path):
     assert {"llm_helpfulness", "llm_harmlessness", "helpfulness"} <= set(report["elo"])
     assert report["llm_judge"]["identity"] == "first"
     assert "LLM-judge win rates" in (tmp_path / "report.md").read_text()
+
+
+def test_generate_main_sequence_level(setup_dirs, tmp_path):
+    d = setup_dirs
+    out = tmp_path / "mix.jsonl"
+    mix = f"mix:{d['sft']}+{d['step2']}@0.3"
+    common = ["--model", mix, "--prompts", d["safety"], "--output", str(out), "--max_new_tokens", "3",
+              "--device", "cpu"]
+    assert generate_main([*common, "--do_sample", "--sequence_level", "true", "--samples_per_prompt", "2"]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 3 and all(len(r["samples"]) == 2 and 1 <= r["ess"] <= 2 for r in rows)
+    assert all({"log_weight", "weight"} <= set(r["samples"][0]) and "resampled_index" in r for r in rows)
+    for bad in (["--sequence_level", "true", "--samples_per_prompt", "2"],  # greedy
+                ["--do_sample", "--sequence_level", "true", "--samples_per_prompt", "2", "--top_p", "0.9"],
+                ["--do_sample", "--samples_per_prompt", "2"],
+                ["--do_sample", "--sequence_level", "maybe"]):
+        with pytest.raises(SystemExit):
+            generate_main([*common, *bad])
+
+
+def _snis(values, log_weights):
+    weights = torch.tensor(log_weights, dtype=torch.float64).softmax(-1)
+    return float((weights * torch.tensor(values, dtype=torch.float64)).sum())
+
+
+def test_evaluate_sequence_level_scores(setup_dirs, tmp_path, monkeypatch, capsys):
+    d = setup_dirs
+    out = tmp_path / "seq"
+    mix = f"mix:{d['sft']}+{d['step2']}@0.3"
+    argv = ["--models", f"sft={d['sft']}", f"mix={mix}", "--baseline", "sft", "--judge", "reward_cost",
+            "--output", str(out), "--prompts_safety", d["safety"], "--prompts_helpful", d["helpful"],
+            "--reward_model", d["reward"], "--cost_model", d["cost"], "--max_new_tokens", "4", "--device", "cpu",
+            "--bootstrap_samples", "20", "--elo_shuffles", "2",
+            "--do_sample", "--sequence_level", "true", "--samples_per_prompt", "3"]
+    assert evaluate_main(argv) == 0
+    models = json.loads((out / "report.json").read_text())["models"]
+    for set_name, kind in (("helpful", "reward"), ("safety", "cost")):
+        rows = gen.read_generations(out / "generations" / set_name / "mix.jsonl")
+        cached = json.loads((out / "scores" / set_name / f"mix.{kind}.json").read_text())
+        log_w = [[s["log_weight"] for s in r["samples"]] for r in rows]
+        summary = models["mix"]["scores"][set_name]
+        expected = sum(_snis(v, w) for v, w in zip(cached["sample_scores"], log_w, strict=True)) / len(rows)
+        assert summary[f"mean_{kind}"] == pytest.approx(expected, rel=1e-9)
+        unweighted = sum(sum(v) / len(v) for v in cached["sample_scores"]) / len(rows)
+        assert summary[f"unweighted_mean_{kind}"] == pytest.approx(unweighted, rel=1e-9)
+        assert summary[f"mean_{kind}"] != pytest.approx(unweighted, rel=1e-9)  # the weights are not uniform
+        assert summary["estimator"] == "snis" and summary["samples_per_prompt"] == 3
+        assert 1.0 <= summary["ess_min"] <= summary["ess_mean"] < 3.0
+        # Win rates use each prompt's resampled answer.
+        assert cached["scores"] == [v[r["resampled_index"]] for v, r in
+                                    zip(cached["sample_scores"], rows, strict=True)]
+        assert models["sft"]["scores"][set_name]["ess_mean"] == pytest.approx(3.0)
+    safety = models["mix"]["scores"]["safety"]
+    cost_cache = json.loads((out / "scores" / "safety" / "mix.cost.json").read_text())
+    rows = gen.read_generations(out / "generations" / "safety" / "mix.jsonl")
+    unsafe = [_snis([float(c > 0) for c in v], [s["log_weight"] for s in r["samples"]])
+              for v, r in zip(cost_cache["sample_scores"], rows, strict=True)]
+    assert safety["unsafe_fraction"] == pytest.approx(sum(unsafe) / len(unsafe))
+
+    # A rerun reuses the weighted generations and their per-sample scores.
+    def fail(*args, **kwargs):
+        raise AssertionError("should be cached")
+
+    monkeypatch.setattr(gen, "load_generation_model", fail)
+    monkeypatch.setattr(score_models.ScoreModel, "from_pretrained", fail)
+    again = evaluate_module.evaluate_models(
+        {"sft": d["sft"], "mix": mix}, "sft", d["safety"], d["helpful"], d["reward"], d["cost"], out,
+        gen.GenerationSettings(max_new_tokens=4, device="cpu", do_sample=True, sequence_level=True,
+                               samples_per_prompt=3), bootstrap_samples=20, elo_shuffles=2)
+    assert again["models"]["mix"]["scores"] == models["mix"]["scores"]

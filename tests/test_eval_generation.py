@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from sacpo_lightning.evaluation import generation as gen
 from sacpo_lightning.evaluation.generation import (
@@ -129,3 +130,104 @@ def test_prompt_files(tmp_path, shared_data):
     with pytest.raises(ValueError, match=r"p.jsonl:2: not valid JSON"):
         load_prompts(jsonl)
 
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Sequence-level mixture estimates: weighted samples, effective sample size, resampled pick
+# ----------------------------------------------------------------------------------------------------------------------
+
+SEQ = {"do_sample": True, "sequence_level": True, "samples_per_prompt": 4, "max_new_tokens": 5, "batch_size": 6,
+       "device": "cpu", "dtype": "float32", "seed": 1}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "option"),
+    [
+        ({"do_sample": False}, "--do_sample"),
+        ({"temperature": 0.7}, "--temperature"),
+        ({"top_p": 0.9}, "--top_p"),
+        ({"samples_per_prompt": 1}, "--samples_per_prompt >= 2"),
+        ({"samples_per_prompt": 0}, "--samples_per_prompt must be >= 1"),
+        ({"sequence_level": False}, "--sequence_level true"),
+    ],
+)
+def test_sequence_level_settings_are_checked(kwargs, option):
+    with pytest.raises(ValueError, match=option):
+        GenerationSettings(**{**SEQ, **kwargs})
+
+
+def test_sequence_level_settings_enter_the_cache_key(tiny_model_dir, prompt_file):
+    spec = parse_model_spec(tiny_model_dir)
+    plain = GenerationSettings(do_sample=True)
+    # Left out at their defaults, so files cached before these settings existed keep their hash.
+    assert not {"sequence_level", "samples_per_prompt"} & set(plain.cache_fields())
+    hashes = {gen.settings_hash(spec, prompt_file, s, "m") for s in (
+        plain, GenerationSettings(**SEQ), GenerationSettings(**{**SEQ, "samples_per_prompt": 5}))}
+    assert len(hashes) == 3
+
+
+@pytest.fixture(scope="module")
+def other_model_dir(tmp_path_factory):
+    from sacpo_lightning.models.tiny import save_tiny_model
+
+    return str(save_tiny_model(tmp_path_factory.mktemp("other") / "step2", seed=1))
+
+
+def _check_weighted_rows(rows, n):
+    for r in rows:
+        samples = r["samples"]
+        assert len(samples) == n and set(samples[0]) == {"response", "log_weight", "weight"}
+        log_w = torch.tensor([s["log_weight"] for s in samples], dtype=torch.float64)
+        weights = torch.tensor([s["weight"] for s in samples], dtype=torch.float64)
+        torch.testing.assert_close(weights, log_w.softmax(-1))
+        assert 1.0 - 1e-9 <= r["ess"] <= n + 1e-9
+        assert r["ess"] == pytest.approx(float(1.0 / (weights**2).sum()))
+        assert r["response"] == samples[r["resampled_index"]]["response"]
+
+
+def test_sequence_level_generation_file(tiny_model_dir, other_model_dir, prompt_file, tmp_path, monkeypatch):
+    settings = GenerationSettings(**SEQ)
+    mix = f"mix:{tiny_model_dir}+{other_model_dir}@0.3"
+    out = tmp_path / "mix.jsonl"
+    generate_to_file(mix, prompt_file, out, settings, name="mix")
+    rows = read_generations(out)
+    assert [r["prompt"] for r in rows] == PROMPTS and all(r["model"] == "mix" for r in rows)
+    _check_weighted_rows(rows, 4)
+    # The picks are sampling-importance-resampling draws: one seeded generator over the prompts in file order.
+    from sacpo_lightning.importance import resample
+
+    generator = torch.Generator().manual_seed(settings.seed)
+    assert [r["resampled_index"] for r in rows] == [int(resample(torch.tensor(
+        [s["log_weight"] for s in r["samples"]], dtype=torch.float64), 1, generator=generator)[0]) for r in rows]
+    log_w = [s["log_weight"] for r in rows for s in r["samples"]]
+    # The two models differ, so the token-level normalisers are < 1 and differ between samples.
+    assert max(log_w) < 0 and len(set(log_w)) > 1
+    assert any(r["ess"] < 4 - 1e-6 for r in rows)
+
+    # A single folder is its own sequence-level target: equal weights, ESS = N.
+    single = tmp_path / "single.jsonl"
+    generate_to_file(tiny_model_dir, prompt_file, single, settings, name="sft")
+    single_rows = read_generations(single)
+    _check_weighted_rows(single_rows, 4)
+    assert all(s["log_weight"] == 0.0 for r in single_rows for s in r["samples"])
+    assert all(r["ess"] == pytest.approx(4.0) for r in single_rows)
+
+    # Same settings: cached; another number of samples: regenerated.
+    def no_load(*args, **kwargs):
+        raise AssertionError("the cached file should have been reused")
+
+    monkeypatch.setattr(gen, "load_generation_model", no_load)
+    generate_to_file(mix, prompt_file, out, settings, name="mix")
+    with pytest.raises(AssertionError, match="cached"):
+        generate_to_file(mix, prompt_file, out, GenerationSettings(**{**SEQ, "samples_per_prompt": 3}), name="mix")
+
+
+def test_generate_samples_is_seeded_and_generate_responses_takes_one(tiny_model_dir, other_model_dir):
+    mixture, tokenizer = load_generation_model(f"mix:{tiny_model_dir}+{other_model_dir}@0.3", dtype="float32",
+                                               device="cpu")
+    settings = GenerationSettings(**SEQ)
+    first = gen.generate_samples(mixture, tokenizer, PROMPTS[:2], settings)
+    assert first == gen.generate_samples(mixture, tokenizer, PROMPTS[:2], settings)
+    assert [len(s) for s in first] == [4, 4]
+    with pytest.raises(ValueError, match="generate_samples"):
+        generate_responses(mixture, tokenizer, PROMPTS[:2], settings)

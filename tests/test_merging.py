@@ -1,4 +1,8 @@
-"""Weight-space merges and the exact geometric mixture, on two different tiny random Llamas (seeds 0 and 1)."""
+"""Weight-space merges and the token-level geometric mixture, on two different tiny random Llamas (seeds 0 and 1).
+
+The sequence-level mixture and its importance weights are checked exactly on tabular models in
+``test_mixture_sequence.py``; here the weights are checked against a teacher-forced recomputation on real models.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ from sacpo_lightning.merging import (
     GeometricMixtureLM,
     MergeError,
     check_compatible,
+    geometric_mixture_log_normalizer,
     geometric_mixture_logprobs,
     linear_merge_state_dicts,
     merge_model_folders,
@@ -289,6 +294,37 @@ def test_generation_stops_rows_at_eos_and_pads_them(folders, batch, tokenizer):
     generator = torch.Generator().manual_seed(0)
     again = mixture.generate(**batch, max_new_tokens=4, do_sample=True, top_p=0.9, generator=generator)
     assert torch.equal(sampled, again)
+
+
+def test_log_weights_match_teacher_forced_normalisers(folders, batch, tokenizer):
+    """``generate``'s log W (KV caches, left padding, an EOS mid-batch) equals sum_t log Z_t recomputed by running
+    both models over the finished sequences, counting each row's tokens up to and including its EOS."""
+    q = 0.3
+    mixture = GeometricMixtureLM.from_folders(*folders, q)
+    prompt_len = batch["input_ids"].shape[1]
+    kwargs = {"max_new_tokens": 6, "do_sample": True, "pad_token_id": tokenizer.pad_token_id}
+    free = mixture.generate(**batch, eos_token_id=[], generator=torch.Generator().manual_seed(0), **kwargs)
+    eos = int(free[0, prompt_len + 1])  # row 0 ends at its second token, the other row later (or never)
+    out = mixture.generate(**batch, eos_token_id=eos, generator=torch.Generator().manual_seed(0),
+                           return_log_weights=True, **kwargs)
+    sequences, log_w = out
+    new = sequences[:, prompt_len:]
+    real = torch.ones_like(new)
+    for row in range(new.shape[0]):
+        ends = (new[row] == eos).nonzero()
+        if len(ends):
+            real[row, int(ends[0]) + 1 :] = 0
+    assert real[0].tolist() == [1, 1, 0, 0, 0, 0][: new.shape[1]]
+    mask = torch.cat([batch["attention_mask"], real], dim=-1)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        logits = [m(input_ids=sequences, attention_mask=mask, position_ids=positions, use_cache=False).logits
+                  for m in (mixture.model_a, mixture.model_b)]
+    # The logits at position prompt_len - 1 + t predict generated token t.
+    log_z = geometric_mixture_log_normalizer(logits[0], logits[1], q)[:, prompt_len - 1 : -1]
+    expected = (log_z.double() * real).sum(-1)
+    torch.testing.assert_close(log_w, expected, rtol=0, atol=1e-4)
+    assert (log_w < 0).all()
 
 
 # ----------------------------------------------------------------------------------------------------------------------

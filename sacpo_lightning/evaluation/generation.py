@@ -1,4 +1,4 @@
-"""Batched generation on prompt sets, for exported Hugging Face folders and geometric mixtures of two of them.
+"""Batched generation on prompt sets, for exported Hugging Face folders and token-level geometric mixtures of two.
 
 Prompt sets are a JSON list or JSON lines of ``{"prompt": str, "category": str?}`` objects (the shared sets are
 ``eval/safety_problem.json`` and ``eval/helpful_problem.json``). Each prompt is formatted with the tokenizer's chat
@@ -9,12 +9,28 @@ decoding of a batch gives the same responses as decoding each prompt alone.
 A model is named by a *model spec*:
 
 - a folder (or a named local model such as ``tiny-random-llama``), loaded with ``AutoModelForCausalLM``;
-- ``mix:DIR_A+DIR_B@Q``: the token-level geometric mixture ``pi_A ** (1 - Q) * pi_B ** Q``
-  (:class:`sacpo_lightning.merging.GeometricMixtureLM`); the folders themselves must not contain ``+``.
+- ``mix:DIR_A+DIR_B@Q``: the token-level geometric mixture ``pi_A ** (1 - Q) * pi_B ** Q``, renormalised at every
+  token (:class:`sacpo_lightning.merging.GeometricMixtureLM`); the folders themselves must not contain ``+``. It
+  approximates the sequence-level mixture ``pi*(y) ~ pi_A(y) ** (1 - Q) * pi_B(y) ** Q`` (the SACPO optimum for
+  ``Q * lambda`` when A and B are the step-1 and step-2 models), but is not equal to it.
 
 Outputs are JSON lines ``{prompt, category, response, model}`` written atomically, with a sidecar
 ``<output>.meta.json`` holding a hash of everything that determines them (model files, prompts, settings). A later
 call with the same hash finds the finished file and does no work.
+
+Sequence-level estimates (``sequence_level=True``, ``samples_per_prompt=N``): every prompt gets N samples of the
+token-level mixture with their importance log-weights ``log W = sum_t log Z_t`` for the sequence-level mixture
+(:meth:`~sacpo_lightning.merging.GeometricMixtureLM.generate`); a row then also holds ``samples`` (a list of
+``{response, log_weight, weight}``, ``weight`` self-normalised over the prompt's N samples), ``ess`` (their effective
+sample size, in ``[1, N]``) and ``resampled_index``; its ``response`` is that sample, drawn with probability
+``weight`` (sampling-importance-resampling), so a judge that takes one answer per prompt sees an approximate ``pi*``
+sample. Self-normalised means ``sum_i weight_i f(response_i)`` estimate ``E_pi*[f]`` (consistent as N grows, biased
+for small N; trust them only when ``ess`` is not tiny). Decoding must be plain sampling (``do_sample``,
+``temperature=1``, ``top_p=1``). Responses end at an EOS or after ``max_new_tokens`` tokens, and the weights cover
+exactly those tokens, so the target is the geometric mixture of the two models' distributions over responses
+truncated to ``max_new_tokens`` tokens (equal to ``pi*`` when responses end in time); stop strings only cut the text
+afterwards, so estimates are of ``E[f(text cut at the stop string)]`` under that same target. A single folder (or a
+mixture at ``Q`` in ``{0, 1}``) is sampled exactly: its weights are all equal.
 """
 
 from __future__ import annotations
@@ -26,7 +42,7 @@ import os
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info
@@ -38,13 +54,16 @@ __all__ = [
     "PKU_TEMPLATE",
     "GenerationSettings",
     "ModelSpec",
+    "Sample",
     "format_prompt",
     "generate_responses",
+    "generate_samples",
     "generate_to_file",
     "load_generation_model",
     "load_prompts",
     "parse_model_spec",
     "read_generations",
+    "resample_fields",
     "truncate_at_stop",
 ]
 
@@ -76,6 +95,10 @@ class GenerationSettings:
         max_prompt_tokens: Keep only the last this-many prompt tokens (None: no limit).
         dtype: Load dtype (``float32``, ``bfloat16``, ``float16``); None keeps the checkpoint's dtype.
         device: Device to run on; None picks CUDA when available, else CPU.
+        samples_per_prompt: Samples per prompt (``> 1`` only with ``sequence_level``).
+        sequence_level: Record importance weights for the sequence-level geometric mixture and resample one answer per
+            prompt (see the module docstring); needs ``do_sample``, ``temperature=1``, ``top_p=1`` and
+            ``samples_per_prompt >= 2``.
     """
 
     max_new_tokens: int = 256
@@ -89,6 +112,8 @@ class GenerationSettings:
     max_prompt_tokens: int | None = None
     dtype: str | None = None
     device: str | None = None
+    samples_per_prompt: int = 1
+    sequence_level: bool = False
 
     def __post_init__(self) -> None:
         self.stop = list(self.stop)
@@ -110,11 +135,31 @@ class GenerationSettings:
             raise ValueError(
                 f"--template must be chat, pku, raw or a format string containing '{{input}}', got {self.template!r}"
             )
+        if self.samples_per_prompt < 1:
+            raise ValueError(f"--samples_per_prompt must be >= 1, got {self.samples_per_prompt}")
+        if self.sequence_level:
+            from sacpo_lightning.merging import check_unmodified_sampling
+
+            check_unmodified_sampling(self.do_sample, self.temperature, self.top_p)
+            if self.samples_per_prompt < 2:
+                raise ValueError(
+                    "--sequence_level true needs --samples_per_prompt >= 2: self-normalised weights over a single "
+                    f"sample are always 1, got --samples_per_prompt {self.samples_per_prompt}"
+                )
+        elif self.samples_per_prompt > 1:
+            raise ValueError(
+                f"--samples_per_prompt {self.samples_per_prompt} is only used with --sequence_level true (weighted "
+                "samples of the sequence-level mixture); drop it or add --sequence_level true"
+            )
 
     def cache_fields(self) -> dict[str, Any]:
         """The settings that change the generated text (batch size and device do not, for greedy decoding)."""
         values = asdict(self)
         values.pop("device")
+        # At their defaults the sequence-level fields are left out, so files cached before they existed stay valid.
+        if not self.sequence_level:
+            values.pop("sequence_level")
+            values.pop("samples_per_prompt")
         if not self.do_sample:
             values.pop("batch_size")
             for key in ("temperature", "top_p", "seed"):
@@ -124,7 +169,7 @@ class GenerationSettings:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A parsed model spec: one folder, or a geometric mixture of two folders with weight ``q`` on the second."""
+    """A parsed model spec: one folder, or the token-level geometric mixture of two (weight ``q`` on the second)."""
 
     paths: tuple[str, ...]
     q: float | None = None
@@ -203,15 +248,14 @@ def load_generation_model(spec: str | ModelSpec, *, dtype: str | None = None, de
     spec = parse_model_spec(spec) if isinstance(spec, str) else spec
     paths = [_resolve(p) for p in spec.paths]
     target = _pick_device(device)
-    torch_dtype: Any = getattr(torch, dtype) if dtype else "auto"
     if spec.is_mixture:
         from sacpo_lightning.merging import GeometricMixtureLM
 
         model = GeometricMixtureLM.from_folders(paths[0], paths[1], spec.q, dtype=dtype, device=target)
     else:
-        from transformers import AutoModelForCausalLM
+        from sacpo_lightning.models.policy import load_model_folder
 
-        model = AutoModelForCausalLM.from_pretrained(paths[0], dtype=torch_dtype).to(target)
+        model = load_model_folder(paths[0], dtype).to(target)
     model.eval()
     return model, load_tokenizer(paths[0])
 
@@ -351,7 +395,10 @@ class _StopOnStrings(StoppingCriteria):
         return done
 
 
-def _generate_batch(model, tokenizer, batch: list[list[int]], settings: GenerationSettings, seed: int) -> list[str]:
+def _generate_batch(
+    model, tokenizer, batch: list[list[int]], settings: GenerationSettings, seed: int
+) -> tuple[list[str], list[float] | None]:
+    """Decodes one batch: the responses and, with ``settings.sequence_level``, each row's importance log-weight."""
     device = model.device
     pad_id = tokenizer.pad_token_id
     input_ids, attention_mask = _left_pad(batch, pad_id)
@@ -360,6 +407,7 @@ def _generate_batch(model, tokenizer, batch: list[list[int]], settings: Generati
     width = input_ids.shape[1]
     from sacpo_lightning.merging import GeometricMixtureLM
 
+    log_weights: list[float] | None = None
     if isinstance(model, GeometricMixtureLM):
         generator = torch.Generator(device=device).manual_seed(seed) if settings.do_sample else None
         out = model.generate(
@@ -372,7 +420,11 @@ def _generate_batch(model, tokenizer, batch: list[list[int]], settings: Generati
             eos_token_id=eos or None,
             pad_token_id=pad_id,
             generator=generator,
+            return_log_weights=settings.sequence_level,
         )
+        if settings.sequence_level:
+            out, weights = out
+            log_weights = weights.tolist()
     else:
         kwargs: dict[str, Any] = {}
         if settings.do_sample:
@@ -392,6 +444,9 @@ def _generate_batch(model, tokenizer, batch: list[list[int]], settings: Generati
                 use_cache=True,
                 **kwargs,
             )
+        if settings.sequence_level:
+            # A single model is its own sequence-level target: its samples are exact, all weights equal.
+            log_weights = [0.0] * len(batch)
     responses = []
     for row in out[:, width:].tolist():
         # Everything after the first EOS is padding; cut there so a pad id that is a real token never leaks in.
@@ -401,7 +456,29 @@ def _generate_batch(model, tokenizer, batch: list[list[int]], settings: Generati
                 break
         text = tokenizer.decode(row, skip_special_tokens=True)
         responses.append(truncate_at_stop(text, settings.stop).strip())
-    return responses
+    return responses, log_weights
+
+
+def _decode_all(
+    model, tokenizer, prompts: Sequence[str], settings: GenerationSettings, copies: int
+) -> tuple[list[str], list[float] | None]:
+    """``copies`` responses per prompt, prompt-major (``[p0 s0, p0 s1, ..., p1 s0, ...]``), and their log-weights."""
+    if tokenizer.pad_token_id is None:
+        raise ValueError("The tokenizer has no pad token; load it with sacpo_lightning.models.load_tokenizer")
+    texts = [format_prompt(tokenizer, p, settings.template) for p in prompts]
+    encoded = [ids for ids in _encode(tokenizer, texts, settings.max_prompt_tokens) for _ in range(copies)]
+    order = sorted(range(len(encoded)), key=lambda i: (len(encoded[i]), i))
+    results: list[str] = [""] * len(encoded)
+    log_weights: list[float] | None = [0.0] * len(encoded) if settings.sequence_level else None
+    for batch_index, start in enumerate(range(0, len(order), settings.batch_size)):
+        chunk = order[start : start + settings.batch_size]
+        responses, weights = _generate_batch(model, tokenizer, [encoded[i] for i in chunk], settings,
+                                             settings.seed + batch_index)
+        for j, (i, response) in enumerate(zip(chunk, responses, strict=True)):
+            results[i] = response
+            if log_weights is not None:
+                log_weights[i] = weights[j]
+    return results, log_weights
 
 
 @torch.no_grad()
@@ -418,22 +495,73 @@ def generate_responses(
         model: A causal LM (``generate``) or a ``GeometricMixtureLM``, in eval mode.
         tokenizer: Its tokenizer (needs a pad token).
         prompts: Raw user prompts.
-        settings: Decoding settings.
+        settings: Decoding settings (one sample per prompt; see :func:`generate_samples` for several).
     """
     settings = settings or GenerationSettings()
-    if tokenizer.pad_token_id is None:
-        raise ValueError("The tokenizer has no pad token; load it with sacpo_lightning.models.load_tokenizer")
-    texts = [format_prompt(tokenizer, p, settings.template) for p in prompts]
-    encoded = _encode(tokenizer, texts, settings.max_prompt_tokens)
-    order = sorted(range(len(encoded)), key=lambda i: (len(encoded[i]), i))
-    results: list[str | None] = [None] * len(encoded)
-    for batch_index, start in enumerate(range(0, len(order), settings.batch_size)):
-        chunk = order[start : start + settings.batch_size]
-        responses = _generate_batch(model, tokenizer, [encoded[i] for i in chunk], settings,
-                                    settings.seed + batch_index)
-        for i, response in zip(chunk, responses, strict=True):
-            results[i] = response
-    return [r if r is not None else "" for r in results]
+    if settings.samples_per_prompt != 1:
+        raise ValueError(
+            f"generate_responses returns one response per prompt, but --samples_per_prompt is "
+            f"{settings.samples_per_prompt}; use generate_samples (or generate_to_file) for weighted samples"
+        )
+    return _decode_all(model, tokenizer, prompts, settings, 1)[0]
+
+
+class Sample(NamedTuple):
+    """One sampled response and its importance log-weight for the sequence-level mixture."""
+
+    response: str
+    log_weight: float
+    """``log W = sum_t log Z_t`` over the decoded tokens (0 for a single model or a mixture at ``q`` in {0, 1})."""
+
+
+@torch.no_grad()
+def generate_samples(model, tokenizer, prompts: Sequence[str], settings: GenerationSettings) -> list[list[Sample]]:
+    """``settings.samples_per_prompt`` weighted samples per prompt, for sequence-level estimates.
+
+    Decoding is as in :func:`generate_responses` with every prompt repeated ``samples_per_prompt`` times (the copies
+    share batches, each batch seeded with ``seed + batch index``). See the module docstring for what the weights
+    target.
+
+    Args:
+        model: A ``GeometricMixtureLM`` (or a causal LM, whose samples all get log-weight 0), in eval mode.
+        tokenizer: Its tokenizer (needs a pad token).
+        prompts: Raw user prompts.
+        settings: Decoding settings with ``sequence_level=True``.
+
+    Returns:
+        One list of ``samples_per_prompt`` :class:`Sample` per prompt, in the order of ``prompts``.
+    """
+    if not settings.sequence_level:
+        raise ValueError("generate_samples needs --sequence_level true (GenerationSettings(sequence_level=True))")
+    n = settings.samples_per_prompt
+    responses, log_weights = _decode_all(model, tokenizer, prompts, settings, n)
+    assert log_weights is not None
+    return [[Sample(responses[i], log_weights[i]) for i in range(p * n, (p + 1) * n)] for p in range(len(prompts))]
+
+
+def resample_fields(samples: Sequence[Sample], generator: torch.Generator) -> dict[str, Any]:
+    """The generation-file fields of one prompt's weighted samples: ``samples``, ``ess``, SIR pick and ``response``.
+
+    Args:
+        samples: The prompt's samples (:func:`generate_samples`).
+        generator: CPU generator for the resampling draw.
+
+    Returns:
+        ``{"response": picked response, "resampled_index": int, "ess": float,
+        "samples": [{"response", "log_weight", "weight"}, ...]}``.
+    """
+    from sacpo_lightning.importance import effective_sample_size, normalized_weights, resample
+
+    log_w = torch.tensor([s.log_weight for s in samples], dtype=torch.float64)
+    weights = normalized_weights(log_w)
+    pick = int(resample(log_w, 1, generator=generator)[0])
+    return {
+        "response": samples[pick].response,
+        "resampled_index": pick,
+        "ess": float(effective_sample_size(log_w)),
+        "samples": [{"response": s.response, "log_weight": s.log_weight, "weight": float(w)}
+                    for s, w in zip(samples, weights.tolist(), strict=True)],
+    }
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -471,7 +599,8 @@ def is_cached(output: str | os.PathLike, expected_hash: str) -> bool:
 
 
 def read_generations(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Reads a generation file (JSON lines of ``{prompt, category, response, model}``)."""
+    """Reads a generation file (JSON lines of ``{prompt, category, response, model}``, plus ``samples``, ``ess`` and
+    ``resampled_index`` for sequence-level files)."""
     rows = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
@@ -509,8 +638,10 @@ def generate_to_file(
 ) -> Path:
     """Generates responses for every prompt of a prompt file and writes them as JSON lines, atomically.
 
-    Does nothing when ``output_path`` already holds the result of the same model files, prompt file and settings
-    (its ``.meta.json`` sidecar records their hash) unless ``force`` is set.
+    With ``settings.sequence_level`` each row also carries the prompt's weighted samples, their effective sample size
+    and the resampled pick (see the module docstring). Does nothing when ``output_path`` already holds the result of
+    the same model files, prompt file and settings (its ``.meta.json`` sidecar records their hash) unless ``force``
+    is set.
 
     Args:
         model: A model spec (folder or ``mix:DIR_A+DIR_B@Q``).
@@ -533,12 +664,22 @@ def generate_to_file(
         rank_zero_info(f"Generations for {name} on {prompts_path} are up to date: {output_path}")
         return output_path
     rows = load_prompts(prompts_path)
+    prompts = [r["prompt"] for r in rows]
     with _loaded(spec, settings, model_and_tokenizer) as (lm, tokenizer):
-        responses = generate_responses(lm, tokenizer, [r["prompt"] for r in rows], settings)
+        if settings.sequence_level:
+            samples = generate_samples(lm, tokenizer, prompts, settings)
+        else:
+            responses = generate_responses(lm, tokenizer, prompts, settings)
+    if settings.sequence_level:
+        # One generator over the prompts in file order: the picks depend on the settings (seed) only.
+        generator = torch.Generator().manual_seed(settings.seed)
+        extra = [resample_fields(s, generator) for s in samples]
+    else:
+        extra = [{"response": resp} for resp in responses]
     lines = [
-        json.dumps({"prompt": r["prompt"], "category": r["category"], "response": resp, "model": name},
-                   ensure_ascii=False)
-        for r, resp in zip(rows, responses, strict=True)
+        json.dumps({"prompt": r["prompt"], "category": r["category"], "response": e.pop("response"), "model": name,
+                    **e}, ensure_ascii=False)
+        for r, e in zip(rows, extra, strict=True)
     ]
     # Removing the old sidecar first means a crash between the two writes can only leave a cache miss.
     meta = meta_path(output_path)

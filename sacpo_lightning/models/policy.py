@@ -175,6 +175,20 @@ def load_causal_lm(
     return AutoModelForCausalLM.from_pretrained(resolve_model_path(name_or_path), **kwargs)
 
 
+def load_model_folder(path: str, dtype: str | torch.dtype | None = None) -> PreTrainedModel:
+    """A causal LM from a folder, Hub id or named model in ``dtype`` (None: as saved): full weights, or an adapter
+    export (base + adapters, merged on load in the export's dtype)."""
+    if isinstance(dtype, torch.dtype):
+        dtype = str(dtype).removeprefix("torch.")
+    local = os.path.expanduser(os.path.expandvars(str(path)))
+    chain = read_chain(local) if os.path.isdir(local) and not has_full_weights(local) else None
+    if chain is not None:
+        return load_causal_lm(local, dtype=dtype if dtype not in (None, "auto") else (chain.dtype or "float32"))
+    check_model_source(str(path), option=None)
+    return AutoModelForCausalLM.from_pretrained(resolve_model_path(str(path)),
+                                                dtype="auto" if dtype in (None, "auto") else DTYPES[dtype])
+
+
 def bnb_4bit_config(settings: PolicySettings):
     """The bitsandbytes NF4 configuration of a QLoRA policy; a clear error when bitsandbytes is unusable."""
     try:
