@@ -50,6 +50,9 @@ def in_root(monkeypatch):
         (["--model=sacpo_lightning.modules.SafetyDPO", "--model.init_args.lam=-2"], "--model.lam must be a finite"),
         (["--data.max_prompt_length=128"], "--data.max_prompt_length (128) must be smaller than --data.max_length"),
         (["--data.max_prompt_length=200"], "--data.max_prompt_length (200) must be smaller than --data.max_length"),
+        # Helpfulness KTO from PKU's per-response safety flags would train on safety labels.
+        (["--data.objective=helpful", "--data.kind=kto"], "--data.kto_from flags makes KTO examples from the per"),
+        (["--data.objective=helpful", "--data.kind=kto", "--data.kto_from=flags"], "Set --data.kto_from pairs"),
     ],
 )
 def test_cli_rejects_out_of_range_settings_naming_the_option(in_root, args, message):

@@ -111,6 +111,41 @@ def test_kto_from_pairs(tmp_path):
     ]
 
 
+@pytest.mark.parametrize("kto_from", [None, "flags"])
+def test_pku_helpful_kto_never_reads_the_safety_flags(tmp_path, kto_from):
+    # Rows where the better (more helpful) response is the unsafe one, so flags and helpfulness disagree.
+    rows = [pku_row(), pku_row(prompt="Q2", better_response_id=0, safer_response_id=1,
+                               is_response_0_safe=False, is_response_1_safe=True)]
+    path = write_lines(tmp_path / "h.jsonl", rows)
+    asked = {} if kto_from is None else {"kto_from": kto_from}  # None: the default, flags
+    with pytest.raises(ValueError) as err:
+        SourceSpec(objective="helpful", kind="kto", **asked)
+    msg = str(err.value)
+    assert "--data.kto_from flags" in msg and "--data.objective is helpful" in msg
+    assert "--data.kto_from pairs" in msg and "--data.objective safe" in msg
+    # What the message proposes builds desirable/undesirable from better_response_id.
+    records = load_records([path], SourceSpec(objective="helpful", kind="kto", kto_from="pairs")).records
+    assert [(r.prompt, r.completion, r.desirable) for r in records] == [
+        (rows[0]["prompt"], rows[0]["response_1"], True),
+        (rows[0]["prompt"], rows[0]["response_0"], False),
+        ("Q2", rows[1]["response_0"], True),
+        ("Q2", rows[1]["response_1"], False),
+    ]
+
+
+def test_helpful_kto_from_real_train_file_fails_as_the_pair_path_does(shared_data):
+    path = pku_train(shared_data)
+    with pytest.raises(DataError) as pairs_err:
+        load_records([path], SourceSpec(objective="helpful"))
+    with pytest.raises(DataError) as kto_err:
+        load_records([path], SourceSpec(objective="helpful", kind="kto", kto_from="pairs"))
+    assert str(kto_err.value) == str(pairs_err.value)
+    assert "better_response_id" in str(kto_err.value) and "is null in all 2950 rows" in str(kto_err.value)
+    # Asked as kto_from flags (the default) it is refused before reading, instead of training on safety labels.
+    with pytest.raises(ValueError, match="--data.kto_from pairs"):
+        load_records([path], SourceSpec(objective="helpful", kind="kto"))
+
+
 def test_filter_safety_differs_counts_dropped_rows(tmp_path):
     both_safe = pku_row(prompt="Both safe?", is_response_0_safe=True, is_response_1_safe=True)
     path = write_lines(tmp_path / "f.jsonl", [pku_row(), both_safe])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -127,3 +128,125 @@ def test_score_model_batches_match_single(tiny_model_dir):
     assert ScoreModel(model, tokenizer, template="pku").score(prompts[:1], responses[:1])[0] != pytest.approx(
         single[0], abs=1e-7
     )
+
+
+# ------------------------------------------------------------------------------------------------ strict loading
+PROMPTS = ["Hi", "How do I bake bread?"]
+RESPONSES = ["Hello! How can I help?", "Mix flour, water, salt and yeast, then bake."]
+
+
+@pytest.fixture(scope="module")
+def score_dir(tmp_path_factory, tiny_model_dir):
+    """A one-output score model saved with save_pretrained, with a head that is not all zeros."""
+    from sacpo_lightning.evaluation.score_models import load_sequence_classifier
+    from sacpo_lightning.models import load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_model_dir)
+    torch.manual_seed(3)
+    model = load_sequence_classifier(tiny_model_dir, num_labels=1, pad_token_id=tokenizer.pad_token_id)
+    folder = tmp_path_factory.mktemp("score") / "original"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _variant(source, dest, edit_weights=None, edit_config=None):
+    """A copy of the score model folder ``source`` with its weights and/or config.json edited."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(source, dest)
+    if edit_weights is not None:
+        weights = load_file(dest / "model.safetensors")
+        edit_weights(weights)
+        save_file(weights, dest / "model.safetensors", metadata={"format": "pt"})
+    if edit_config is not None:
+        config = json.loads((dest / "config.json").read_text())
+        edit_config(config)
+        (dest / "config.json").write_text(json.dumps(config))
+    return dest
+
+
+def _scores(folder):
+    return ScoreModel.from_pretrained(folder, device="cpu", template="raw").score(PROMPTS, RESPONSES)
+
+
+def _as_safe_rlhf(config):
+    """config.json as Safe-RLHF writes it for LlamaForScore: score_dim and bias, no num_labels or id2label."""
+    config.update(architectures=["LlamaForScore"], score_dim=1, bias=True, score_type="cost")
+    config.pop("id2label", None)
+    config.pop("label2id", None)
+    config.pop("num_labels", None)
+
+
+@pytest.mark.parametrize("layout", ["renamed", "safe_rlhf_with_bias"])
+def test_safe_rlhf_score_head_is_mapped_and_scores_as_the_original(score_dir, tmp_path, layout):
+    original = _scores(score_dir)
+    bias = 0.75 if layout == "safe_rlhf_with_bias" else None
+
+    def rename(weights):
+        weights["score_head.weight"] = weights.pop("score.weight")
+        if bias is not None:
+            weights["score_head.bias"] = torch.tensor([bias])
+            weights.update({f"normalizer.{k}": torch.ones(1) for k in ("mean", "var", "count")})
+
+    folder = _variant(score_dir, tmp_path / layout, rename, _as_safe_rlhf if bias is not None else None)
+    mapped = _scores(folder)
+    assert mapped == pytest.approx([s + (bias or 0.0) for s in original], abs=1e-5)
+    if bias is not None:
+        # The bias survives save_pretrained (as score.bias) and the next load.
+        scorer = ScoreModel.from_pretrained(folder, device="cpu", template="raw")
+        scorer.model.save_pretrained(tmp_path / "resaved")
+        scorer.tokenizer.save_pretrained(tmp_path / "resaved")
+        assert _scores(tmp_path / "resaved") == pytest.approx(mapped, abs=1e-5)
+
+
+def test_checkpoint_without_its_head_is_refused_naming_the_weights(score_dir, tiny_model_dir, tmp_path):
+    from sacpo_lightning.evaluation.score_models import ScoreModelLoadError
+
+    folder = _variant(score_dir, tmp_path / "headless", lambda w: w.pop("score.weight"))
+    with pytest.raises(ScoreModelLoadError, match=r"missing from the checkpoint .*: score\.weight") as err:
+        ScoreModel.from_pretrained(folder, device="cpu")
+    assert str(folder) in str(err.value) and "save_pretrained" in str(err.value)
+    # A causal LM folder is no score model either: its LM head is unexpected and the score head missing.
+    with pytest.raises(ScoreModelLoadError, match=r"lm_head\.weight.*causal LM, not a score model"):
+        ScoreModel.from_pretrained(tiny_model_dir, device="cpu")
+
+
+def test_unexpected_weights_are_refused_naming_them(score_dir, tmp_path):
+    from sacpo_lightning.evaluation.score_models import ScoreModelLoadError
+
+    def add_value_head(weights):
+        weights["value_head.weight"] = torch.zeros(1, 64)
+
+    folder = _variant(score_dir, tmp_path / "extra", add_value_head)
+    with pytest.raises(ScoreModelLoadError, match=r"not in the model \(they would be ignored\): value_head\.weight"):
+        ScoreModel.from_pretrained(folder, device="cpu")
+
+
+def test_training_backbone_must_load_even_when_the_head_is_new(tiny_model_dir, tmp_path):
+    from sacpo_lightning.evaluation.score_models import ScoreModelLoadError, load_sequence_classifier
+
+    drop = "model.layers.1.mlp.up_proj.weight"
+    folder = _variant(Path(tiny_model_dir), tmp_path / "broken_lm", lambda w: w.pop(drop))
+    with pytest.raises(ScoreModelLoadError, match=r"missing from the checkpoint .*model\.layers\.1\.mlp\.up_proj"):
+        load_sequence_classifier(str(folder), num_labels=1)
+    # From an intact causal LM the new head is allowed (it is what gets trained).
+    assert load_sequence_classifier(tiny_model_dir, num_labels=1).config.num_labels == 1
+
+
+def test_multi_output_models_do_not_score_with_their_first_logit(score_dir, tiny_model_dir, tmp_path):
+    from sacpo_lightning.evaluation.score_models import ScoreModelLoadError, load_sequence_classifier
+    from sacpo_lightning.models import load_tokenizer
+
+    torch.manual_seed(0)
+    model = load_sequence_classifier(tiny_model_dir, num_labels=2)
+    model.save_pretrained(tmp_path / "two")
+    load_tokenizer(tiny_model_dir).save_pretrained(tmp_path / "two")
+    scorer = ScoreModel.from_pretrained(tmp_path / "two", device="cpu")  # loads: ClassifierJudge reads labels
+    with pytest.raises(ValueError, match="has one output, but this model has 2"):
+        scorer.score(PROMPTS, RESPONSES)
+    # Training a one-output score model from a two-output checkpoint: the shapes differ, said clearly.
+    with pytest.raises(ScoreModelLoadError, match="other shapes"):
+        load_sequence_classifier(str(tmp_path / "two"), num_labels=1)

@@ -252,7 +252,8 @@ class PreferenceDataModule(L.LightningDataModule):
         source: Row format: ``pku``, ``hh``, ``generic`` or ``kto`` (see :mod:`sacpo_lightning.data.sources`).
         objective: PKU pairs by ``better_response_id`` (``helpful``) or ``safer_response_id`` (``safe``).
         kind: ``pairs`` or ``kto``.
-        kto_from: KTO examples from PKU safety ``flags`` or from ``pairs`` (chosen desirable, rejected undesirable).
+        kto_from: KTO examples from PKU safety ``flags`` (objective ``safe`` only) or from ``pairs`` (chosen
+            desirable, rejected undesirable; for PKU with objective ``helpful``, the ``better_response_id`` one).
         tokenizer: Tokenizer name or path (the CLI links it from the model); or inject one with :meth:`set_tokenizer`.
         template: Prompt template: ``chat`` (the tokenizer's), ``pku`` or ``raw``.
         system_prompt: Optional system text for every prompt.

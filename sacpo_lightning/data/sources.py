@@ -10,7 +10,8 @@ Supported sources (field names are the defaults; ``column_mapping`` renames them
 ``pku``      PKU-SafeRLHF rows ``prompt, response_0, response_1, is_response_0_safe, is_response_1_safe,
              better_response_id, safer_response_id``. Pairs follow ``better_response_id`` (objective ``helpful``) or
              ``safer_response_id`` (objective ``safe``); KTO examples come from the ``is_response_*_safe`` flags
-             (two per row, desirable = safe) or from the pairs.
+             (two per row, desirable = safe; objective ``safe`` only) or from the pairs of the objective
+             (``kto_from: pairs``: for ``helpful`` the ``better_response_id`` response is desirable, the other not).
 ``hh``       Anthropic HH-RLHF rows ``prompt, chosen, rejected`` whose prompt is a ``\\n\\nHuman: ... \\n\\nAssistant:``
              transcript (parsed into chat messages), or rows with only ``chosen`` and ``rejected`` full transcripts
              (split after the last ``\\n\\nAssistant:`` they share).
@@ -116,8 +117,9 @@ class SourceSpec:
         source: Row format (see the module docstring).
         objective: For ``pku`` pairs: ``helpful`` uses ``better_response_id``, ``safe`` uses ``safer_response_id``.
         kind: ``pairs`` (DPO-style) or ``kto`` (unpaired).
-        kto_from: For ``kind="kto"``: ``flags`` (PKU per-response safety flags) or ``pairs`` (chosen desirable,
-            rejected undesirable).
+        kto_from: For ``kind="kto"``: ``flags`` (PKU per-response safety flags, so objective ``safe`` only) or
+            ``pairs`` (chosen desirable, rejected undesirable; for ``pku`` the pair of ``objective``, so helpful KTO
+            makes the ``better_response_id`` response desirable).
         filter: ``safety_differs`` keeps only PKU rows whose two responses differ in safety.
         column_mapping: Renames fields: ``{"prompt": "question"}`` reads the prompt from column ``question``.
         on_invalid: ``error`` refuses a file with bad rows; ``skip`` drops and counts them.
@@ -148,6 +150,14 @@ class SourceSpec:
             raise ValueError(
                 f"--data.kto_from flags needs per-response safety flags (--data.source pku), but the source is "
                 f"{self.source!r}; set --data.kto_from pairs (chosen desirable, rejected undesirable)."
+            )
+        if self.kind == "kto" and self.kto_from == "flags" and self.source == "pku" and self.objective == "helpful":
+            # The is_response_*_safe flags label safety; helpfulness KTO from them would train on the wrong objective.
+            raise ValueError(
+                "--data.kto_from flags makes KTO examples from the per-response safety flags (is_response_*_safe: "
+                "desirable = safe), which say nothing about helpfulness, but --data.objective is helpful. Set "
+                "--data.kto_from pairs (the better_response_id response desirable, the other undesirable), or "
+                "--data.objective safe for safety KTO."
             )
         if self.filter == "safety_differs" and self.source != "pku":
             raise ValueError(f"--data.filter safety_differs needs --data.source pku, got {self.source!r}.")
