@@ -18,14 +18,25 @@ SACPO's claims checked here, with ``pi_s`` denoting ``pi_ref * exp(s / beta)`` n
   * the order of the two steps does not matter;
   * the geometric mixture of ``pi_r`` and ``pi_{r + lambda g}`` with weight ``q`` is ``pi_{r + q lambda g}``;
   * a step 2 that wrongly keeps ``pi_ref`` as its reference misses ``pi_{r + lambda g}`` (so the checks can fail).
+
+The second half repeats the DPO claims through the step classes themselves (``RewardDPO``, ``SafetyDPO``: their
+``kl_coef``, ``compute_loss``, ``policy_logps`` / ``reference_logps`` / ``sequence_logps``) on an exact tabular
+causal LM (``tests/tabular.py``), and checks that ``RewardKTO`` / ``SafetyKTO`` reach the stationary point of the
+expected KTO loss that their own coefficients and references define.
 """
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
+import torch.nn.functional as F
+from tabular import CANDIDATES, PROMPTS, TrieLM, kto_batch, pair_batch
 
 from sacpo_lightning.losses import dpo_loss
+from sacpo_lightning.models.policy import PolicySettings, frozen_copy
+from sacpo_lightning.modules import RewardDPO, RewardKTO, SafetyDPO, SafetyKTO
 
 NUM_PROMPTS = 3
 NUM_RESPONSES = 4
@@ -201,3 +212,320 @@ def test_negative_control_wrong_kl_coefficient_fails(problem: dict[str, torch.Te
     wrong = fit_dpo(learned["helpful"], g, BETA)
     assert total_variation(wrong, closed_form_logp(ref, r + LAMBDA * g, BETA)).max().item() > 0.05
     assert total_variation(wrong, closed_form_logp(ref, r + g, BETA)).max().item() < TV_TOL
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Through the step classes' own wiring: RewardDPO / SafetyDPO / RewardKTO / SafetyKTO with their kl_coef, compute_loss
+# and policy_logps / reference_logps / sequence_logps, on the exact tabular LM of tests/tabular.py.
+# ------------------------------------------------------------------------------------------------------------------
+
+WIRING_BETA = 0.95  # < 1, and so is WIRING_BETA / WIRING_LAM: the KTO stationary points below are then unique
+WIRING_LAM = 2.5  # != 1, so that beta and beta / lam give visibly different optima
+WIRING_TOL = 1e-6  # trained vs theory (TV); training reaches ~1e-8, every wrong wiring below is off by > 1e-2
+# DPO data: the ordered pair (i chosen over j) under prompt p appears COUNTS[p, i] times in the batch, so the batch mean
+# is exactly the expected loss under Bradley-Terry preferences with score log COUNTS (see tabular.pair_batch).
+REWARD_COUNTS = torch.tensor([[1, 3, 2, 4], [4, 1, 3, 2]])
+SAFETY_COUNTS = torch.tensor([[3, 1, 2, 1], [1, 2, 1, 3]])
+# KTO data: (desirable, undesirable) copies of (prompt p, candidate k). Every candidate is net desirable,
+# DESIRABLE_WEIGHT * n+ > UNDESIRABLE_WEIGHT * n-, which is what gives the expected KTO loss an interior optimum.
+KTO_REWARD = (torch.tensor([[3, 4, 2, 5], [5, 2, 4, 3]]), torch.tensor([[2, 1, 1, 2], [1, 1, 2, 2]]))
+KTO_SAFETY = (torch.tensor([[2, 5, 3, 3], [4, 3, 2, 2]]), torch.tensor([[1, 1, 2, 1], [3, 1, 1, 1]]))
+KTO_WEIGHTS = {"desirable_weight": 1.25, "undesirable_weight": 1.0}
+
+
+def sft_logp(seed: int, scale: float) -> torch.Tensor:
+    """(P, K) seeded SFT log-policy over the tabular candidates, with logits of standard deviation ``scale``."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.log_softmax(scale * torch.randn(len(PROMPTS), len(CANDIDATES), generator=gen, dtype=torch.float64), -1)
+
+
+@pytest.fixture(scope="module")
+def tabular_ref(one_thread) -> torch.Tensor:
+    """The DPO tests' SFT policy: peaked (scale 2), so that every wrong wiring lands > 0.1 (TV) from the optimum."""
+    return sft_logp(seed=2, scale=2.0)
+
+
+@pytest.fixture(scope="module")
+def kto_ref(one_thread) -> torch.Tensor:
+    """The KTO tests' SFT policy: milder (scale 1). From a very peaked start the KTO objective (non-convex, and with a
+    z0 that moves under the optimiser) can throw quasi-Newton steps into the saturated region, where sigmoid' ~ 0
+    flattens every gradient far from any stationary point; from this one training converges."""
+    return sft_logp(seed=5, scale=1.0)
+
+
+def make_step(module_cls, policy_logp: torch.Tensor, ref_logp: torch.Tensor | None = None, **coefficients):
+    """A real step module whose policy is the tabular LM and whose reference is a frozen copy, as ``configure_model``
+    sets them up for full fine-tuning (which it cannot do here: it loads a Hugging Face model).
+
+    Args:
+        module_cls: RewardDPO, SafetyDPO, RewardKTO or SafetyKTO.
+        policy_logp: (P, K) policy to start from; for SACPO's step 2, the step-1 policy.
+        ref_logp: (P, K) reference; by default the starting policy itself, which is what the real wiring does
+            (the reference is a frozen copy of the loaded ``policy.name_or_path``). Only negative controls set it.
+        **coefficients: ``beta``, ``lam`` and the KTO class weights.
+    """
+    module = module_cls(policy=PolicySettings(finetune="full"), **coefficients)
+    module.policy = TrieLM(policy_logp)
+    module.ref_model = frozen_copy(TrieLM(policy_logp if ref_logp is None else ref_logp))
+    return module
+
+
+def train_step(module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Minimises ``module.compute_loss(batch)`` over the policy's table and returns the learned (P, K) log-policy.
+
+    L-BFGS: with a strong-Wolfe line search for the pairwise steps (a fixed convex objective in the log-ratios) and
+    without one for KTO, whose reference point z0 is re-estimated (detached) at every evaluation, so that its loss is
+    not one fixed function and a Wolfe line search stalls. Convergence is asserted on the gradient that
+    ``compute_loss`` itself produces, and on the policy staying interior (a saturated KTO policy also has a ~0
+    gradient, without being stationary).
+    """
+    params = [p for p in module.policy.parameters() if p.requires_grad]
+    assert params and not any(p.requires_grad for p in module.ref_model.parameters())
+    line_search = None if module.data_kind == "kto" else "strong_wolfe"
+    optimizer = torch.optim.LBFGS(
+        params, lr=1.0, max_iter=100, tolerance_grad=1e-12, tolerance_change=1e-15, line_search_fn=line_search
+    )
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss, _ = module.compute_loss(batch)
+        loss.backward()
+        return loss
+
+    for _ in range(5):
+        optimizer.step(closure)
+    closure()
+    grad = max(p.grad.abs().max().item() for p in params)
+    assert grad < 1e-8, f"{type(module).__name__} did not converge: max |grad| = {grad:.3e}"
+    logp = module.policy.candidate_logp().detach()
+    assert logp.min().item() > -15.0, f"{type(module).__name__} saturated: min log-prob {logp.min().item():.1f}"
+    return logp
+
+
+def test_step_classes_kl_coefficients() -> None:
+    """Step 1 classes regularise with beta, step 2 classes with beta / lam (the value the theorem needs)."""
+    kto = dict(beta=WIRING_BETA, **KTO_WEIGHTS)
+    assert RewardDPO(beta=WIRING_BETA).kl_coef == WIRING_BETA
+    assert RewardKTO(**kto).kl_coef == WIRING_BETA
+    assert SafetyDPO(beta=WIRING_BETA, lam=WIRING_LAM).kl_coef == pytest.approx(WIRING_BETA / WIRING_LAM, rel=1e-15)
+    assert SafetyKTO(lam=WIRING_LAM, **kto).kl_coef == pytest.approx(WIRING_BETA / WIRING_LAM, rel=1e-15)
+
+
+def test_tabular_lm_is_scored_exactly_through_the_full_logits_path(tabular_ref: torch.Tensor) -> None:
+    """``policy_logps`` / ``reference_logps`` of a collated pair batch equal the tabular LM's own candidate log-probs
+    (read off its table, with no labels, shift or padding), so the theory tests below measure what the modules
+    compute. The model has no ``logits_to_keep``, so ``sequence_logps`` must call it with the full-logits inputs only;
+    the batch has two-token prompts and right padding (responses of 2 to 4 tokens), which the labels must skip."""
+    gen = torch.Generator().manual_seed(1)
+    policy_logp = torch.log_softmax(torch.randn(tabular_ref.shape, generator=gen, dtype=torch.float64), dim=-1)
+    module = make_step(RewardDPO, policy_logp, ref_logp=tabular_ref, beta=WIRING_BETA)
+    batch = pair_batch(REWARD_COUNTS)
+    assert (batch["attention_mask"] == 0).any() and (batch["labels"][:, : len(PROMPTS[0])] == -100).all()
+    # (prompt, candidate) of each row, decoded from its tokens.
+    rows = []
+    for ids, mask in zip(batch["input_ids"].tolist(), batch["attention_mask"].tolist(), strict=True):
+        tokens = tuple(ids[: sum(mask)])
+        prompt = len(PROMPTS[0])
+        rows.append((PROMPTS.index(tokens[:prompt]), CANDIDATES.index(tokens[prompt:])))
+    p, k = torch.tensor(rows).T
+    args = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    torch.testing.assert_close(module.policy_logps(*args), policy_logp[p, k], rtol=0, atol=1e-12)
+    torch.testing.assert_close(module.reference_logps(*args), tabular_ref[p, k], rtol=0, atol=1e-12)
+    assert module.policy.forward_kwargs == {"attention_mask", "use_cache"}
+    assert module.ref_model.forward_kwargs == {"attention_mask", "use_cache"}
+    # The model is a proper distribution over the candidates, so "optimum over candidates" is the right target.
+    torch.testing.assert_close(module.policy.candidate_logp().exp().sum(-1), torch.ones(2, dtype=torch.float64))
+
+
+@pytest.fixture(scope="module")
+def dpo_steps(tabular_ref: torch.Tensor) -> dict[str, torch.Tensor]:
+    """SACPO with the real DPO step classes: step 1 from the SFT policy, step 2 from (and relative to) step 1."""
+    helpful = train_step(make_step(RewardDPO, tabular_ref, beta=WIRING_BETA), pair_batch(REWARD_COUNTS))
+    step2 = make_step(SafetyDPO, helpful, beta=WIRING_BETA, lam=WIRING_LAM)
+    return {"helpful": helpful, "helpful_then_safe": train_step(step2, pair_batch(SAFETY_COUNTS))}
+
+
+def test_reward_dpo_module_reaches_kl_regularised_optimum(tabular_ref: torch.Tensor, dpo_steps: dict) -> None:
+    """RewardDPO(beta) trained through its compute_loss on Bradley-Terry data with score r = log REWARD_COUNTS reaches
+    pi_r = pi_ref exp(r / beta) / Z: the expected loss is strictly convex in the log-ratio margins and stationary
+    exactly where sigmoid(kl_coef * h_ij) = sigmoid(r_i - r_j) for every compared pair (any positive weighting of the
+    pairs, hence this batch's, has that same minimiser), i.e. at kl_coef * log(pi / pi_ref) = r + const."""
+    r = REWARD_COUNTS.double().log()
+    target = closed_form_logp(tabular_ref, r, WIRING_BETA)
+    assert total_variation(dpo_steps["helpful"], target).max().item() < WIRING_TOL
+    assert total_variation(tabular_ref, target).min().item() > 0.05  # training had to move
+
+
+def test_safety_dpo_module_from_step1_reaches_lagrangian_optimum(tabular_ref: torch.Tensor, dpo_steps: dict) -> None:
+    """SafetyDPO(beta, lam), started from and referenced to the trained step-1 policy, reaches
+    pi_r exp(g / (beta / lam)) / Z = pi_ref exp((r + lam g) / beta) / Z, the optimum of r + lam * g with KL coefficient
+    beta to the SFT policy. This holds only with kl_coef = beta / lam and reference = step 1: the two controls below
+    show where the same training ends with either one wrong."""
+    r, g = REWARD_COUNTS.double().log(), SAFETY_COUNTS.double().log()
+    target = closed_form_logp(tabular_ref, r + WIRING_LAM * g, WIRING_BETA)
+    assert total_variation(dpo_steps["helpful_then_safe"], target).max().item() < WIRING_TOL
+    assert total_variation(dpo_steps["helpful"], target).min().item() > 0.05
+
+
+def test_negative_control_safety_dpo_with_sft_reference_misses(tabular_ref: torch.Tensor, dpo_steps: dict) -> None:
+    """The same SafetyDPO run with module.ref_model = the SFT policy (instead of step 1) converges to
+    pi_ref exp(lam g / beta) / Z, which has forgotten r: far from the Lagrangian optimum."""
+    r, g = REWARD_COUNTS.double().log(), SAFETY_COUNTS.double().log()
+    module = make_step(SafetyDPO, dpo_steps["helpful"], ref_logp=tabular_ref, beta=WIRING_BETA, lam=WIRING_LAM)
+    wrong = train_step(module, pair_batch(SAFETY_COUNTS))
+    assert total_variation(wrong, closed_form_logp(tabular_ref, WIRING_LAM * g, WIRING_BETA)).max().item() < WIRING_TOL
+    target = closed_form_logp(tabular_ref, r + WIRING_LAM * g, WIRING_BETA)
+    assert total_variation(wrong, target).max().item() > 0.05
+
+
+def test_negative_control_step2_with_kl_coef_beta_misses(tabular_ref: torch.Tensor, dpo_steps: dict) -> None:
+    """A step 2 whose kl_coef were beta instead of beta / lam is RewardDPO(beta) trained on the safety data from step
+    1: it converges to pi_ref exp((r + g) / beta) / Z (lam = 1), far from the Lagrangian optimum and from what
+    SafetyDPO reached, so SafetyDPO did not regularise with beta."""
+    r, g = REWARD_COUNTS.double().log(), SAFETY_COUNTS.double().log()
+    wrong = train_step(make_step(RewardDPO, dpo_steps["helpful"], beta=WIRING_BETA), pair_batch(SAFETY_COUNTS))
+    assert total_variation(wrong, closed_form_logp(tabular_ref, r + g, WIRING_BETA)).max().item() < WIRING_TOL
+    target = closed_form_logp(tabular_ref, r + WIRING_LAM * g, WIRING_BETA)
+    assert total_variation(wrong, target).max().item() > 0.05
+    assert total_variation(wrong, dpo_steps["helpful_then_safe"]).max().item() > 0.05
+
+
+def kto_fixed_point(
+    ref_logp: torch.Tensor,
+    n_desirable: torch.Tensor,
+    n_undesirable: torch.Tensor,
+    kl_share: torch.Tensor,
+    kl_coef: float,
+    desirable_weight: float,
+    undesirable_weight: float,
+) -> tuple[torch.Tensor, float]:
+    """The policy at which KTO training on this batch stops, solved from its stationarity equations by Newton.
+
+    With rho = log pi - log pi_ref, b = kl_coef and x = b (rho - z0), a desirable row costs w_d (1 - sigmoid(x)) and an
+    undesirable one w_u (1 - sigmoid(-x)) = w_u sigmoid(x), so the batch mean is
+
+        L = const - sum_{p,k} A_pk sigmoid(b (rho_pk - z0)),   A_pk = (w_d n+_pk - w_u n-_pk) / N,
+
+    with z0 = max(0, sum_{p,k} kl_share_pk rho_pk) re-estimated from the KL rows and held constant in the gradient.
+    Training stops where the gradient at fixed z0 vanishes and z0 is consistent. For a softmax policy per prompt (the
+    trie is a full-rank reparameterisation of it) the gradient vanishes iff dL/dlog pi_pk is proportional to pi_pk:
+
+        A_pk b sigmoid'(b (rho_pk - z0)) = nu_p pi_pk,   sum_k pi_pk = 1.
+
+    This is transcendental in pi (sigmoid' of log pi against pi itself), so there is no closed form. Nor is the
+    solution pi_ref exp(s / b) / Z for a score s set by the data alone (as b -> 0, sigmoid' -> 1/4 and pi -> A / sum A
+    whatever pi_ref is), so the Gibbs form that SACPO's composition theorem rests on fails and the theorem is not
+    claimed for KTO. Unique for fixed z0 when every A_pk > 0 and b < 1: the log of the left
+    side has slope b (1 - 2 sigmoid) in rho, in (-b, b), while the log of the right side has slope 1, so each pi_pk is
+    a decreasing function of nu_p, and nu_p is fixed by the normalisation; near pi_pk -> 0 the left side falls like
+    pi^b, slower than pi, so the solution is interior (with some A_pk < 0 the loss keeps pushing that pi_pk to 0 and
+    has no stationary point). Uniqueness of z0's fixed point is not proven; the Newton solution is what training is
+    checked to reach.
+
+    Returns:
+        The (P, K) log-policy and z0.
+    """
+    n_rows = int((n_desirable + n_undesirable).sum())
+    weight = (desirable_weight * n_desirable - undesirable_weight * n_undesirable).double() / n_rows
+    assert (weight > 0).all(), "every candidate must be net desirable for an interior optimum"
+    num_prompts, num_cands = ref_logp.shape
+    size = num_prompts * num_cands
+
+    def residual(x: torch.Tensor, free_z0: bool) -> torch.Tensor:
+        logp, log_nu = x[:size].view(num_prompts, num_cands), x[size : size + num_prompts]
+        z0 = x[-1] if free_z0 else x.new_zeros(())
+        arg = kl_coef * (logp - ref_logp - z0)
+        log_sigmoid_prime = F.logsigmoid(arg) + F.logsigmoid(-arg)
+        eqs = [(weight.log() + math.log(kl_coef) + log_sigmoid_prime - log_nu[:, None] - logp).flatten(),
+               torch.logsumexp(logp, dim=-1)]
+        if free_z0:
+            eqs.append((z0 - (kl_share * (logp - ref_logp)).sum()).view(1))
+        return torch.cat(eqs)
+
+    def newton(free_z0: bool) -> torch.Tensor:
+        start = [torch.log_softmax(weight.log(), dim=-1).flatten(), torch.zeros(num_prompts, dtype=torch.float64)]
+        x = torch.cat(start + [torch.zeros(1, dtype=torch.float64)] * free_z0)
+        for _ in range(100):
+            res = residual(x, free_z0)
+            if res.abs().max() < 1e-13:
+                return x
+            step = torch.linalg.solve(torch.autograd.functional.jacobian(lambda v: residual(v, free_z0), x), -res)
+            t = 1.0  # backtracking keeps the damped Newton iteration from overshooting far from the root
+            while residual(x + t * step, free_z0).norm() > (1 - t / 2) * res.norm() and t > 1e-6:
+                t /= 2
+            x = x + t * step
+        raise AssertionError(f"Newton did not converge: residual {residual(x, free_z0).abs().max():.3e}")
+
+    # z0 = max(0, m): try the clamped branch first; if its KL mean m is positive, solve with z0 = m as an unknown.
+    x = newton(free_z0=False)
+    logp = x[:size].view(num_prompts, num_cands)
+    if (kl_share * (logp - ref_logp)).sum() <= 0:
+        return logp, 0.0
+    x = newton(free_z0=True)
+    assert x[-1] > 0, "no consistent z0: the clamped branch has a positive KL mean, the free one a negative z0"
+    return x[:size].view(num_prompts, num_cands), float(x[-1])
+
+
+@pytest.fixture(scope="module")
+def kto_steps(kto_ref: torch.Tensor) -> dict:
+    """SACPO with the real KTO step classes: step 1 from the SFT policy, step 2 from (and relative to) step 1, plus
+    the z0 (``kl`` metric) of each at the end."""
+    out = {}
+    reward_batch, out["reward_share"] = kto_batch(*KTO_REWARD)
+    safety_batch, out["safety_share"] = kto_batch(*KTO_SAFETY)
+    step1 = make_step(RewardKTO, kto_ref, beta=WIRING_BETA, **KTO_WEIGHTS)
+    out["helpful"] = train_step(step1, reward_batch)
+    out["helpful_kl"] = step1.compute_loss(reward_batch)[1]["kl"].item()
+    step2 = make_step(SafetyKTO, out["helpful"], beta=WIRING_BETA, lam=WIRING_LAM, **KTO_WEIGHTS)
+    out["helpful_then_safe"] = train_step(step2, safety_batch)
+    out["helpful_then_safe_kl"] = step2.compute_loss(safety_batch)[1]["kl"].item()
+    return out
+
+
+def kto_theory(
+    ref_logp: torch.Tensor, data: tuple, kl_share: torch.Tensor, kl_coef: float
+) -> tuple[torch.Tensor, float]:
+    """:func:`kto_fixed_point` for (desirable, undesirable) counts ``data`` with this module's class weights."""
+    return kto_fixed_point(ref_logp, *data, kl_share, kl_coef, **KTO_WEIGHTS)
+
+
+def test_reward_kto_module_reaches_stationary_point(kto_ref: torch.Tensor, kto_steps: dict) -> None:
+    """RewardKTO(beta), trained through its compute_loss (KL rows, z0, class weights, reference = SFT), stops at the
+    stationary point of :func:`kto_fixed_point` with b = beta and reference pi_ref, with the same z0 (> 0, so the KL
+    rows matter). The point moves by far more than the tolerance when b is halved, so kl_coef is what is tested."""
+    theory, z0 = kto_theory(kto_ref, KTO_REWARD, kto_steps["reward_share"], WIRING_BETA)
+    assert total_variation(kto_steps["helpful"], theory).max().item() < WIRING_TOL
+    assert z0 > 0.05 and kto_steps["helpful_kl"] == pytest.approx(z0, abs=1e-6)
+    half_beta, _ = kto_theory(kto_ref, KTO_REWARD, kto_steps["reward_share"], WIRING_BETA / 2)
+    assert total_variation(theory, half_beta).max().item() > 0.05
+    assert total_variation(theory, kto_ref).min().item() > 0.05
+
+
+def test_safety_kto_module_from_step1_reaches_stationary_point(kto_ref: torch.Tensor, kto_steps: dict) -> None:
+    """SafetyKTO(beta, lam), started from and referenced to the trained step-1 policy, stops at the stationary point
+    with b = beta / lam relative to step 1, and not at the ones with b = beta (the kl_coef of step 1) or with the SFT
+    policy as reference. This proves the step-2 wiring (coefficient, reference, z0 from the KL rows); it does not
+    claim the Lagrangian optimum of DPO, which KTO's fixed point is not (see :func:`kto_fixed_point`)."""
+    share, helpful = kto_steps["safety_share"], kto_steps["helpful"]
+    theory, z0 = kto_theory(helpful, KTO_SAFETY, share, WIRING_BETA / WIRING_LAM)
+    trained = kto_steps["helpful_then_safe"]
+    assert total_variation(trained, theory).max().item() < WIRING_TOL
+    assert z0 > 0.05 and kto_steps["helpful_then_safe_kl"] == pytest.approx(z0, abs=1e-6)
+    wrong_coef, _ = kto_theory(helpful, KTO_SAFETY, share, WIRING_BETA)
+    wrong_ref, _ = kto_theory(kto_ref, KTO_SAFETY, share, WIRING_BETA / WIRING_LAM)
+    # Measured: 0.067 and 0.025; the bound is still 10^4 times the tolerance.
+    assert total_variation(trained, wrong_coef).max().item() > 0.01
+    assert total_variation(trained, wrong_ref).max().item() > 0.01
+    assert total_variation(trained, helpful).min().item() > 0.05
+
+
+def test_negative_control_safety_kto_with_sft_reference_misses(kto_ref: torch.Tensor, kto_steps: dict) -> None:
+    """The same SafetyKTO run with module.ref_model = the SFT policy converges too, to the stationary point relative
+    to the SFT policy, not to the one that the step-1 reference defines."""
+    batch, share = kto_batch(*KTO_SAFETY)
+    module = make_step(SafetyKTO, kto_steps["helpful"], ref_logp=kto_ref, beta=WIRING_BETA, lam=WIRING_LAM,
+                       **KTO_WEIGHTS)
+    wrong = train_step(module, batch)
+    wrong_theory, _ = kto_theory(kto_ref, KTO_SAFETY, share, WIRING_BETA / WIRING_LAM)
+    assert total_variation(wrong, wrong_theory).max().item() < WIRING_TOL
+    assert total_variation(wrong, kto_steps["helpful_then_safe"]).max().item() > 0.01
