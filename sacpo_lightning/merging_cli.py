@@ -257,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--kl-prompts",
         default=None,
         help="Prompts (.json list or .jsonl of {prompt}, or plain text lines) on which to measure the mean per-token "
-        "KL between the exact geometric mixture and each merge.",
+        "KL between the token-level geometric mixture and each merge.",
     )
     parser.add_argument("--kl-max-prompts", type=_positive_int, default=16, help="Use the first N prompts.")
     parser.add_argument("--kl-max-length", type=_positive_int, default=KL_MAX_LENGTH, help="Cut prompts to N tokens.")

@@ -170,3 +170,39 @@ def test_reference_checks(tiny_model_dir, tmp_path):
         RewardDPO().check_reference(str(out))
     with pytest.raises(ValueError, match="safety_dpo or safety_kto"):
         RewardDPO(expected_reference="safety_step").check_reference(str(out))
+
+
+def test_reference_is_computed_in_eval_mode_and_dropout_is_an_option(tiny_model_dir, tmp_path):
+    """With dropout in the base model, the live reference (eval mode) is deterministic and equals the reference
+    cache's numbers; ``disable_dropout`` (default) zeroes the base model's dropout."""
+    from transformers import AutoConfig
+
+    from sacpo_lightning.models.tiny import save_tiny_model
+
+    folder = save_tiny_model(tmp_path / "tiny_dropout")
+    config = AutoConfig.from_pretrained(folder)
+    config.attention_dropout = 0.5
+    config.save_pretrained(folder)
+    batch = make_pair_batch(seed=7)
+    kept = SafetyDPO(policy=PolicySettings(name_or_path=str(folder), lora=LoraSettings(r=4, alpha=8),
+                                           disable_dropout=False), expected_reference="any")
+    kept.configure_model()
+    kept.policy.train()
+    torch.manual_seed(0)
+    first = kept.reference_logps(batch["input_ids"], batch["attention_mask"], batch["labels"])
+    second = kept.reference_logps(batch["input_ids"], batch["attention_mask"], batch["labels"])
+    torch.testing.assert_close(first, second, atol=0, rtol=0)
+    assert kept.policy.training  # the training mode is restored
+    kept.policy.eval()
+    torch.testing.assert_close(kept.reference_logps(batch["input_ids"], batch["attention_mask"], batch["labels"]),
+                               first, atol=0, rtol=0)
+    kept.policy.train()
+    noisy = [kept.policy_logps(batch["input_ids"], batch["attention_mask"], batch["labels"]) for _ in range(2)]
+    assert (noisy[0] - noisy[1]).abs().max() > 1e-4  # dropout kept: the policy's own pass is noisy
+
+    off = SafetyDPO(policy=PolicySettings(name_or_path=str(folder), lora=LoraSettings(r=4, alpha=8)),
+                    expected_reference="any")
+    off.configure_model()
+    off.policy.train()
+    quiet = [off.policy_logps(batch["input_ids"], batch["attention_mask"], batch["labels"]) for _ in range(2)]
+    torch.testing.assert_close(quiet[0], quiet[1], atol=0, rtol=0)

@@ -101,8 +101,9 @@ def compare(tmp_path: Path, *config: str, metric: str) -> tuple[list[dict], list
         assert r0["metrics"][metric] == pytest.approx(r1["metrics"][metric], abs=1e-6)
         assert r0["metrics"][metric] == pytest.approx(one["metrics"][metric], abs=1e-5), step
     assert len(set(seen)) == len(seen)  # no example twice within the epoch
-    want = load_file(tmp_path / "single" / "export" / "model.safetensors")
-    have = load_file(tmp_path / "ddp" / "export" / "model.safetensors")
+    # the trained weights: the exported LoRA adapter
+    want = load_file(tmp_path / "single" / "export" / "adapter" / "adapter_model.safetensors")
+    have = load_file(tmp_path / "ddp" / "export" / "adapter" / "adapter_model.safetensors")
     assert max(float((want[k] - have[k]).abs().max()) for k in want) <= 1e-5
     return single, ddp, seen
 

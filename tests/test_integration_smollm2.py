@@ -37,11 +37,11 @@ def metric_column(root: Path, name: str) -> list[float]:
 
 
 def assert_loadable(export: Path) -> dict:
-    from transformers import AutoModelForCausalLM
+    from sacpo_lightning.models.policy import load_causal_lm
 
-    model = AutoModelForCausalLM.from_pretrained(export)
+    model = load_causal_lm(str(export))  # an adapter export: base + adapters, merged on load
     assert model.config.model_type == "llama"
-    assert not list(export.glob("*.bin")) and (export / "model.safetensors").is_file()
+    assert not list(export.glob("*.bin")) and (export / "adapter" / "adapter_model.safetensors").is_file()
     return json.loads((export / "sacpo_step.json").read_text())
 
 

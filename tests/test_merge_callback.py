@@ -10,12 +10,11 @@ import pytest
 import torch
 from sacpo_lightning.callbacks import ExportHF, MergeOnFitEnd
 from torch.utils.data import DataLoader
-from transformers import AutoModelForCausalLM
 
 from sacpo_lightning.merging import linear_merge_state_dicts
 from sacpo_lightning.merging_cli import REPORT_FILE
 from sacpo_lightning.models import load_tokenizer
-from sacpo_lightning.models.policy import LoraSettings, PolicySettings
+from sacpo_lightning.models.policy import LoraSettings, PolicySettings, load_causal_lm
 from sacpo_lightning.models.tiny import save_tiny_model
 from sacpo_lightning.modules import OptimSettings, SafetyDPO
 
@@ -42,7 +41,8 @@ def pair_batch(batch_size: int = 2, prompt_len: int = 4, response_len: int = 3, 
 
 def fit(step1_dir: str, root, callbacks) -> tuple[SafetyDPO, L.Trainer]:
     policy = PolicySettings(name_or_path=step1_dir, lora=LoraSettings(r=4, alpha=8))
-    module = SafetyDPO(policy=policy, optim=OptimSettings(lr=1e-2, warmup_ratio=0.0), beta=0.1, lam=2.0)
+    module = SafetyDPO(policy=policy, optim=OptimSettings(lr=1e-2, warmup_ratio=0.0), beta=0.1, lam=2.0,
+                       expected_reference="any")  # the stand-in step 1 is a plain model folder
     loader = DataLoader([pair_batch(seed=0), pair_batch(seed=1)], batch_size=None)
     trainer = L.Trainer(max_steps=2, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(root),
@@ -52,7 +52,7 @@ def fit(step1_dir: str, root, callbacks) -> tuple[SafetyDPO, L.Trainer]:
 
 
 def _state(path) -> dict[str, torch.Tensor]:
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).state_dict()
+    return load_causal_lm(str(path)).state_dict()  # full weights, or an adapter export merged on load
 
 
 def _assert_linear_merge(merged_dir, base_dir, other_dir, q: float) -> None:
@@ -65,7 +65,7 @@ def _assert_linear_merge(merged_dir, base_dir, other_dir, q: float) -> None:
 
 @pytest.mark.parametrize("merge_first", [False, True], ids=["export-then-merge", "merge-then-export"])
 def test_merges_reference_and_export_in_either_callback_order(merge_first, step1_dir, tmp_path):
-    export = ExportHF(dirpath=str(tmp_path / "export"))
+    export = ExportHF(dirpath=str(tmp_path / "export"), merged=True)
     merge = MergeOnFitEnd(weights=[0.5], dirpath=str(tmp_path / "merges"))
     fit(step1_dir, tmp_path, [merge, export] if merge_first else [export, merge])
 

@@ -176,6 +176,7 @@ def test_export_reproduces_trained_policy(tiny_model_dir, tmp_path, finetune):
     module.policy.eval()
     with torch.no_grad():
         expected = module.policy_logps(batch["input_ids"], batch["attention_mask"], batch["labels"])
-        for exported in (load_causal_lm(str(out)), AutoModelForCausalLM.from_pretrained(merged_out, dtype=torch.float32)):
+        merged_model = AutoModelForCausalLM.from_pretrained(merged_out, dtype=torch.float32)
+        for exported in (load_causal_lm(str(out)), merged_model):
             got = module.sequence_logps(exported, batch["input_ids"], batch["attention_mask"], batch["labels"])
             torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)

@@ -114,7 +114,7 @@ def test_skip_drops_the_updates_counts_and_logs_them(tmp_path, tiny_model_dir, s
     with open(tmp_path / "logs" / "version_0" / "metrics.csv") as f:
         skipped = [float(r["train/skipped_batches"]) for r in csv.DictReader(f) if r.get("train/skipped_batches")]
     assert skipped == [0, 1, 1, 2, 2]
-    assert (tmp_path / "export" / "model.safetensors").is_file()
+    assert (tmp_path / "export" / "sacpo_step.json").is_file()
 
 
 def test_skip_stops_after_max_skips(tmp_path, tiny_model_dir, shared_data):

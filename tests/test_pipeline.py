@@ -96,9 +96,9 @@ def test_pipeline_runs_skips_and_resumes_after_sigkill(tmp_path):
     assert step["kl_coef"] == pytest.approx(0.025) and step["lam"] == 4.0
     merge = manifest["stages"]["merge_lam4_q0.5"]["metrics"]
     assert merge["lam_effective"] == 2.0 and merge["kl_mixture_vs_merge"] > -1e-6
-    from transformers import AutoModelForCausalLM
+    from sacpo_lightning.models.policy import load_causal_lm
 
-    AutoModelForCausalLM.from_pretrained(manifest["stages"]["merge_lam4_q0.5"]["export_dir"])
+    load_causal_lm(manifest["stages"]["merge_lam4_q0.5"]["export_dir"])  # an adapter merge: scaled adapters
 
     # Rerunning the same command is a no-op.
     start = time.monotonic()
@@ -140,7 +140,7 @@ def test_sigkill_during_step2_then_rerun_finishes_without_redoing_step1(tmp_path
     assert manifest["stages"]["reward"]["status"] == "done"
     assert manifest["stages"]["safety_lam2"]["status"] == "pending"
     reward_export = Path(manifest["stages"]["reward"]["export_dir"])
-    reward_mtime = (reward_export / "model.safetensors").stat().st_mtime
+    reward_mtime = (reward_export / "adapter" / "adapter_model.safetensors").stat().st_mtime
 
     result = _run_cli(config, output)
     assert result.returncode == 0, result.stdout[-3000:]
@@ -148,7 +148,7 @@ def test_sigkill_during_step2_then_rerun_finishes_without_redoing_step1(tmp_path
     assert "resuming safety_lam2" in result.stdout
     manifest = json.loads((output / "manifest.json").read_text())
     assert all(entry["status"] == "done" for entry in manifest["stages"].values())
-    assert (reward_export / "model.safetensors").stat().st_mtime == reward_mtime
+    assert (reward_export / "adapter" / "adapter_model.safetensors").stat().st_mtime == reward_mtime
 
 
 def test_failed_stage_stops_pipeline_and_keeps_earlier_stages(tmp_path, monkeypatch):
@@ -186,3 +186,46 @@ def test_pipeline_with_evaluation_stage_writes_report(tmp_path):
     assert set(report["models"]) == {"sft", "reward", "safety_lam4", "merge_lam4_q0.5"}
     for name in ("pareto.png", "report.md", "training_curves.png"):
         assert (output / "stages" / "evaluate" / name).stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_safety_budget_picks_lambda_trains_it_and_reports_predicted_vs_measured(tmp_path):
+    """``safety_budget``: samples step 1, solves for lambda*, trains step 2 with beta / lambda*, merges at q, and the
+    evaluation shows the prediction next to the measurement; a harder b reruns only the stages downstream of it."""
+    config = ROOT / "configs" / "pipelines" / "tiny_budget.yaml"
+    output = tmp_path / "out"
+    result = _run_cli(config, output)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    manifest = json.loads((output / "manifest.json").read_text())
+    budget = json.loads((output / "stages" / "budget" / "budget.json").read_text())
+    assert (output / "stages" / "budget" / "lambda_curve.png").is_file()
+    assert budget["status"] == "interior" and budget["lambda_star"] > 0
+    assert budget["predicted"]["safety"] == pytest.approx(budget["inputs"]["b"], abs=1e-6)
+    assert manifest["stages"]["budget"]["metrics"]["lambda_star"] == budget["lambda_star"]
+    step = json.loads((output / "stages" / "safety_budget" / "export" / "sacpo_step.json").read_text())
+    assert step["lam"] == pytest.approx(budget["lambda_star"]) and step["kl_coef"] == pytest.approx(
+        0.1 / budget["lambda_star"])
+    merge = manifest["stages"]["merge_budget_q0.5"]["metrics"]
+    assert merge["q"] == 0.5 and merge["lam"] == pytest.approx(budget["lambda_star"])
+    report = json.loads((output / "stages" / "evaluate" / "report.json").read_text())
+    rows = report["predicted_vs_measured"]
+    assert set(rows) == {"reward", "safety_budget", "merge_budget_q0.5"}
+    assert rows["safety_budget"]["lambda"] == pytest.approx(budget["lambda_star"])
+    assert rows["reward"]["predicted_safety"] == pytest.approx(budget["reference"]["safety"])
+    assert report["safety"]["models"]["safety_budget"]["constraint"]["source"] == "mean_safety"
+    pick = json.loads((output / "stages" / "evaluate" / "merge_pick.json").read_text())
+    assert pick["b"] == budget["inputs"]["b"] and {c["model"] for c in pick["candidates"]} == {
+        "safety_budget", "merge_budget_q0.5"}
+
+    # b above everything the samples can reach: no step 2, stated in the manifest; step 1 and the scorers are reused
+    raw = yaml.safe_load(config.read_text())
+    raw["safety_budget"]["b"] = 0.99
+    harder = tmp_path / "harder.yaml"
+    harder.write_text(yaml.safe_dump(raw))
+    result = _run_cli(harder, output)
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert "reward: unchanged, skipped" in result.stdout and "cost_model: unchanged, skipped" in result.stdout
+    manifest = json.loads((output / "manifest.json").read_text())
+    assert manifest["stages"]["budget"]["metrics"]["status"] == "infeasible"
+    assert manifest["stages"]["safety_budget"]["status"] == "skipped"
+    assert "Infeasible" in manifest["stages"]["safety_budget"]["reason"]

@@ -4,7 +4,8 @@
 - :mod:`~sacpo_lightning.evaluation.score_models`: reward/cost models (training modules, export, scoring).
 - :mod:`~sacpo_lightning.evaluation.implicit`: implicit-reward preference accuracy on held-out pairs.
 - :mod:`~sacpo_lightning.evaluation.judge`: pairwise LLM judge (HTTP endpoint or local model), cached.
-- :mod:`~sacpo_lightning.evaluation.report`: win rates, bootstrap intervals, Elo, report files and plots.
+- :mod:`~sacpo_lightning.evaluation.safety_judges`: per-answer safety judges (guard LM, classifier, refusal rules).
+- :mod:`~sacpo_lightning.evaluation.report`: win rates, bootstrap intervals, Elo, safety rates, report files and plots.
 - :mod:`~sacpo_lightning.evaluation.evaluate`: :func:`evaluate_models`, the whole evaluation in one call.
 
 Submodules are imported on first use, so ``import sacpo_lightning.evaluation`` stays cheap.
@@ -28,8 +29,16 @@ _EXPORTS = {
     "PairwiseJudge": "judge",
     "OpenAIChatBackend": "judge",
     "HFLocalBackend": "judge",
+    "SafetyJudge": "safety_judges",
+    "GuardJudge": "safety_judges",
+    "ClassifierJudge": "safety_judges",
+    "RefusalJudge": "safety_judges",
+    "build_safety_judge": "safety_judges",
+    "build_safety_judges": "safety_judges",
     "win_rate_summary": "report",
     "elo_ratings": "report",
+    "safety_section": "report",
+    "predicted_vs_measured": "report",
     "write_report": "report",
     "evaluate_models": "evaluate",
 }

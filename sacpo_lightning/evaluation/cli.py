@@ -3,6 +3,10 @@
     sacpo generate --model outputs/step2/export --prompts ../shared/data/eval/safety_problem.json \\
         --output outputs/eval/step2_safety.jsonl --max_new_tokens 256
 
+    sacpo generate --model 'mix:outputs/step1/export+outputs/step2/export@0.3' \\
+        --prompts ../shared/data/eval/safety_problem.json --output outputs/eval/mix_q0.3.jsonl \\
+        --do_sample --sequence_level true --samples_per_prompt 16
+
     sacpo evaluate --models sft=smollm2 step1=outputs/step1/export step2=outputs/step2/export \\
         'mix:outputs/step1/export+outputs/step2/export@0.5' --baseline sft --judge reward_cost \\
         --reward_model outputs/smollm2/reward_model/export --cost_model outputs/smollm2/cost_model/export \\
@@ -23,6 +27,15 @@ DEFAULT_SAFETY_PROMPTS = "../shared/data/eval/safety_problem.json"
 DEFAULT_HELPFUL_PROMPTS = "../shared/data/eval/helpful_problem.json"
 
 
+def _parse_bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("true", "1", "yes", "on"):
+        return True
+    if value in ("false", "0", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
 def _add_generation_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("generation")
     g.add_argument("--max_new_tokens", type=int, default=256, help="Most generated tokens per response.")
@@ -37,6 +50,14 @@ def _add_generation_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="Load dtype (default: the checkpoint's).")
     g.add_argument("--device", default=None, help="Device (default: cuda when available, else cpu).")
+    g.add_argument("--sequence_level", type=_parse_bool, default=False, metavar="{true,false}",
+                   help="Estimate the sequence-level geometric mixture pi_A(y)^(1-q) pi_B(y)^q of mix:A+B@q specs "
+                        "(not the token-level one they decode): --samples_per_prompt samples per prompt with "
+                        "importance weights, their effective sample size and one resampled answer per prompt. "
+                        "Needs --do_sample, --temperature 1, --top_p 1. Other models are sampled the same way "
+                        "(exact, equal weights).")
+    g.add_argument("--samples_per_prompt", type=int, default=1,
+                   help="Samples per prompt with --sequence_level true (>= 2; more samples, better estimates).")
 
 
 def _generation_settings(ns: argparse.Namespace) -> GenerationSettings:
@@ -44,6 +65,7 @@ def _generation_settings(ns: argparse.Namespace) -> GenerationSettings:
         max_new_tokens=ns.max_new_tokens, do_sample=ns.do_sample, temperature=ns.temperature, top_p=ns.top_p,
         seed=ns.seed, batch_size=ns.batch_size, template=ns.template, stop=ns.stop,
         max_prompt_tokens=ns.max_prompt_tokens, dtype=ns.dtype, device=ns.device,
+        samples_per_prompt=ns.samples_per_prompt, sequence_level=ns.sequence_level,
     )
 
 
@@ -54,7 +76,9 @@ def generate_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="sacpo generate", description="Generate responses on a prompt set.")
     parser.add_argument("--model", required=True, help="Model folder, named model, or mix:DIR_A+DIR_B@Q.")
     parser.add_argument("--prompts", required=True, help="JSON list or JSON lines of {prompt, category?}.")
-    parser.add_argument("--output", required=True, help="Output .jsonl file ({prompt, category, response, model}).")
+    parser.add_argument("--output", required=True,
+                        help="Output .jsonl file ({prompt, category, response, model}; with --sequence_level true "
+                             "also samples [{response, log_weight, weight}], ess and resampled_index).")
     parser.add_argument("--name", default=None, help="Value of the 'model' field (default: the model spec).")
     parser.add_argument("--force", action="store_true", help="Regenerate even when the cached output matches.")
     _add_generation_args(parser)
@@ -78,6 +102,32 @@ def _parse_logs(items: list[str], parser: argparse.ArgumentParser) -> dict[str, 
     return logs
 
 
+def _parse_safety_options(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
+    """``--safety_judge``, ``--safety_threshold`` and ``--predicted_safety`` as ``evaluate_models`` arguments."""
+    from sacpo_lightning.evaluation.safety_judges import parse_safety_judge_arg
+
+    try:
+        judges = [parse_safety_judge_arg(item) for item in ns.safety_judge]
+    except ValueError as err:
+        parser.error(str(err))
+    predicted = {}
+    for item in ns.predicted_safety:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            parser.error(f"--predicted_safety takes MODEL_NAME=budget.json items, got {item!r}")
+        try:
+            with open(path, encoding="utf-8") as f:
+                values = json.load(f)
+        except (OSError, json.JSONDecodeError) as err:
+            parser.error(f"--predicted_safety {item!r}: cannot read {path} as JSON ({err})")
+        if not isinstance(values, dict):
+            parser.error(f"--predicted_safety {item!r}: {path} must hold a JSON object with lambda_star and "
+                         "predicted_safety")
+        predicted[name] = values
+    return {"safety_judges": judges or None, "safety_threshold": ns.safety_threshold,
+            "predicted_safety": predicted or None}
+
+
 def build_evaluate_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sacpo evaluate",
@@ -86,8 +136,9 @@ def build_evaluate_parser() -> argparse.ArgumentParser:
     parser.add_argument("--models", nargs="+", required=True,
                         help="Models as NAME=SPEC or SPEC (folder, named model, or mix:DIR_A+DIR_B@Q).")
     parser.add_argument("--baseline", required=True, help="Name (or spec) of the baseline, usually the SFT model.")
-    parser.add_argument("--judge", nargs="+", default=["reward_cost"], choices=["reward_cost", "llm", "implicit"],
-                        help="Judges to run.")
+    parser.add_argument("--judge", nargs="+", default=["reward_cost"],
+                        choices=["reward_cost", "llm", "implicit", "none"],
+                        help="Judges to run ('none': only the per-answer --safety_judge judges).")
     parser.add_argument("--output", required=True, help="Output folder (report.json, report.md, pareto.png, caches).")
     parser.add_argument("--prompts_safety", default=DEFAULT_SAFETY_PROMPTS,
                         help="Safety prompt set ('none' to skip).")
@@ -128,6 +179,15 @@ def build_evaluate_parser() -> argparse.ArgumentParser:
     i.add_argument("--implicit_template", default="chat", choices=["chat", "pku", "raw"])
     i.add_argument("--implicit_max_length", type=int, default=512)
     i.add_argument("--implicit_max_prompt_length", type=int, default=256)
+
+    sj = parser.add_argument_group("per-answer safety judges")
+    sj.add_argument("--safety_judge", action="append", default=[], metavar="KIND[:MODEL]",
+                    help="Repeatable: guard:MODEL_DIR (Llama Guard style causal LM), classifier:MODEL_DIR (cost model "
+                         "or safety classifier), refusal (rule-based), or a JSON object with more settings.")
+    sj.add_argument("--safety_threshold", type=float, default=None, metavar="B",
+                    help="Check E[safety] >= B per model (safety = fraction of answers judged safe).")
+    sj.add_argument("--predicted_safety", action="append", default=[], metavar="NAME=budget.json",
+                    help="Repeatable: the budget solver's prediction (lambda_star, predicted_safety) for model NAME.")
     _add_generation_args(parser)
     return parser
 
@@ -178,7 +238,7 @@ def evaluate_main(argv: list[str]) -> int:
         ns.cost_model,
         ns.output,
         settings,
-        judges=ns.judge,
+        judges=[j for j in ns.judge if j != "none"],
         llm_judge=judge,
         implicit_sets=implicit_sets or None,
         implicit_reference=ns.implicit_reference,
@@ -189,6 +249,7 @@ def evaluate_main(argv: list[str]) -> int:
         elo_shuffles=ns.elo_shuffles,
         seed=ns.seed,
         tie_eps=ns.tie_eps,
+        **_parse_safety_options(ns, parser),
     )
     summary = {name: {k: m[k]["win_rate"] for k in ("helpfulness", "harmlessness") if m.get(k)}
                for name, m in report["models"].items()}

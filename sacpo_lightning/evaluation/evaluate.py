@@ -12,9 +12,23 @@ Judges (any combination):
 ``implicit``     Implicit-reward preference accuracy of each model against a reference on held-out pairs
                  (:mod:`~sacpo_lightning.evaluation.implicit`); needs no generation.
 
+Per-answer safety judges (``safety_judges``, :mod:`~sacpo_lightning.evaluation.safety_judges`) add, independently of
+the above, unsafe and refusal rates per model and category, over-refusal on the helpfulness prompts, mean response
+length, the check of ``E[safety] >= safety_threshold`` and predicted-versus-measured safety (the report's ``safety``
+and ``predicted_vs_measured`` sections); their probabilities are cached as
+``scores/<set>/<model>.judge.<judge name>.json``.
+
 Everything expensive is cached under ``output_dir``: generations (``generations/<set>/<model>.jsonl``), scores
 (``scores/<set>/<model>.<reward|cost>.json``, keyed by the generation file and the score model's files) and LLM
 judgements (``judgements.jsonl``), so a rerun with one more model only pays for that model.
+
+Sequence-level generation files (``GenerationSettings(sequence_level=True)``, ``--sequence_level true``) hold N
+weighted samples per prompt (:mod:`~sacpo_lightning.evaluation.generation`). For them every sample is scored, and
+``mean_reward``, ``mean_cost`` and ``unsafe_fraction`` are self-normalised importance-sampling means per prompt
+(estimates under the sequence-level mixture, not the token-level one that was decoded), averaged over prompts; the
+scores also report ``ess_mean``/``ess_min`` (effective sample size per prompt), ``samples_per_prompt`` and the
+unweighted (token-level) means. Win rates, Elo and judges that take one answer per prompt use each row's resampled
+``response``.
 """
 
 from __future__ import annotations
@@ -83,6 +97,39 @@ def _free() -> None:
         torch.cuda.empty_cache()
 
 
+class WeightedScores(list):
+    """Per-prompt scores of each row's ``response`` (a plain ``list[float]`` to all code that uses the scores), with
+    the scores and importance log-weights of every sample behind them, for sequence-level generation files.
+
+    Attributes:
+        sample_scores: Per prompt, the scores of its samples.
+        log_weights: Per prompt, the samples' importance log-weights (same shape as ``sample_scores``).
+    """
+
+    def __init__(self, scores: Sequence[float], sample_scores: Sequence[Sequence[float]],
+                 log_weights: Sequence[Sequence[float]]) -> None:
+        super().__init__(scores)
+        self.sample_scores = [list(s) for s in sample_scores]
+        self.log_weights = [list(w) for w in log_weights]
+
+
+def _has_samples(rows: Sequence[Mapping[str, Any]], path: Path) -> bool:
+    """Whether a generation file is sequence-level (every row has ``samples``); a mix of both is refused."""
+    flags = {"samples" in r for r in rows}
+    if len(flags) > 1:
+        raise ValueError(f"{path}: some rows have 'samples' and some do not; regenerate it with one setting")
+    return flags == {True}
+
+
+def _file_scores(rows: Sequence[Mapping[str, Any]], cached: Mapping[str, Any], path: Path) -> list[float]:
+    if "sample_scores" not in cached:
+        return cached["scores"]
+    log_weights = [[s["log_weight"] for s in r["samples"]] for r in rows]
+    if [len(w) for w in log_weights] != [len(s) for s in cached["sample_scores"]]:
+        raise ValueError(f"{path}: the number of samples per prompt does not match its cached scores")
+    return WeightedScores(cached["scores"], cached["sample_scores"], log_weights)
+
+
 def _score_file(
     scorer_dir: str,
     generation_path: Path,
@@ -90,21 +137,81 @@ def _score_file(
     state: dict[str, Any],
     score_kwargs: Mapping[str, Any],
 ) -> list[float]:
-    """Scores of a generation file with the score model at ``scorer_dir``, cached next to the report."""
+    """Scores of a generation file with the score model at ``scorer_dir``, cached next to the report.
+
+    Returns:
+        One score per row (of its ``response``). For a sequence-level file every sample of every row is scored and a
+        :class:`WeightedScores` is returned: the rows' scores are those of their resampled samples.
+    """
     key = hashlib.sha256(json.dumps([file_fingerprint(generation_path), model_fingerprint(
         parse_model_spec(scorer_dir)), dict(score_kwargs)], sort_keys=True).encode()).hexdigest()[:16]
+    rows = read_generations(generation_path)
+    weighted = _has_samples(rows, generation_path)
     if cache_path.is_file():
         cached = json.loads(cache_path.read_text())
-        if cached.get("key") == key:
-            return cached["scores"]
+        if cached.get("key") == key and weighted == ("sample_scores" in cached):
+            return _file_scores(rows, cached, generation_path)
     if state.get("scorer") is None:
         from sacpo_lightning.evaluation.score_models import ScoreModel
 
         state["scorer"] = ScoreModel.from_pretrained(scorer_dir, **score_kwargs)
-    rows = read_generations(generation_path)
-    scores = state["scorer"].score([r["prompt"] for r in rows], [r["response"] for r in rows])
-    atomic_write_json(cache_path, {"key": key, "score_model": scorer_dir, "scores": scores})
-    return scores
+    payload: dict[str, Any] = {"key": key, "score_model": scorer_dir}
+    if weighted:
+        flat = state["scorer"].score([r["prompt"] for r in rows for _ in r["samples"]],
+                                     [s["response"] for r in rows for s in r["samples"]])
+        nested, start = [], 0
+        for r in rows:
+            nested.append(flat[start : start + len(r["samples"])])
+            start += len(r["samples"])
+        picks = []
+        for lineno, (r, scores) in enumerate(zip(rows, nested, strict=True), start=1):
+            index = r.get("resampled_index")
+            if not isinstance(index, int) or not 0 <= index < len(scores) or (
+                    r["samples"][index]["response"] != r["response"]):
+                raise ValueError(f"{generation_path}:{lineno}: 'resampled_index' does not point at the row's "
+                                 "response among its samples; regenerate the file")
+            picks.append(scores[index])
+        payload.update(scores=picks, sample_scores=nested)
+    else:
+        payload["scores"] = state["scorer"].score([r["prompt"] for r in rows], [r["response"] for r in rows])
+    atomic_write_json(cache_path, payload)
+    return _file_scores(rows, payload, generation_path)
+
+
+def _score_summary(kind: str, values: Sequence[float]) -> dict[str, Any]:
+    """``mean_reward`` (kind ``reward``) or ``mean_cost`` and ``unsafe_fraction`` (kind ``cost``) of one model on
+    one prompt set; self-normalised importance-sampling means with the effective sample size for
+    :class:`WeightedScores`."""
+    name = f"mean_{kind}"
+    if not isinstance(values, WeightedScores):
+        summary = {name: sum(values) / len(values)}
+        if kind == "cost":
+            summary["unsafe_fraction"] = sum(1 for c in values if c > 0) / len(values)
+        return summary
+    from sacpo_lightning.importance import snis_mean
+
+    means, unsafe, ess, plain = [], [], [], []
+    for scores, log_w in zip(values.sample_scores, values.log_weights, strict=True):
+        scores_t = torch.tensor(scores, dtype=torch.float64)
+        log_w_t = torch.tensor(log_w, dtype=torch.float64)
+        mean, prompt_ess = snis_mean(scores_t, log_w_t)
+        means.append(float(mean))
+        ess.append(float(prompt_ess))
+        plain.append(float(scores_t.mean()))
+        if kind == "cost":
+            unsafe.append(float(snis_mean((scores_t > 0).to(torch.float64), log_w_t)[0]))
+    count = len(means)
+    summary = {
+        name: sum(means) / count,
+        f"unweighted_{name}": sum(plain) / count,
+        "estimator": "snis",
+        "samples_per_prompt": max(len(s) for s in values.sample_scores),
+        "ess_mean": sum(ess) / count,
+        "ess_min": min(ess),
+    }
+    if kind == "cost":
+        summary["unsafe_fraction"] = sum(unsafe) / count
+    return summary
 
 
 def _check_aligned(gens: Mapping[str, list[dict[str, Any]]], baseline: str, set_name: str) -> None:
@@ -123,6 +230,88 @@ def _outcome_summaries(
         by_category = category_win_rates(outcomes, categories, **stats)
     return summary, by_category
 
+
+def _prepare_safety_judges(
+    configs: Sequence[Mapping[str, Any]] | None,
+    threshold: float | None,
+    predicted: Mapping[str, Mapping[str, Any]] | None,
+    device: str | None,
+    model_names: Sequence[str],
+) -> list[Any]:
+    """Builds (without loading) the per-answer safety judges and checks the options that depend on them, so that a
+    mistake is reported before any generation."""
+    from sacpo_lightning.evaluation.safety_judges import build_safety_judges
+
+    if not configs:
+        if threshold is not None or predicted:
+            raise ValueError("--safety_threshold and --predicted_safety need per-answer safety judges: add "
+                             "--safety_judge guard:MODEL or classifier:MODEL")
+        return []
+    # The judges run where generation runs unless their config says otherwise.
+    configs = [{"device": device, **c} if device is not None and isinstance(c, Mapping)
+               and c.get("kind") in ("guard", "classifier") else c for c in configs]
+    judges = build_safety_judges(configs, where="--safety_judge")
+    if (threshold is not None or predicted) and not any(j.kind == "unsafe" for j in judges):
+        raise ValueError("--safety_threshold and --predicted_safety need an unsafe judge (--safety_judge "
+                         "guard:MODEL or classifier:MODEL); a refusal judge does not measure safety")
+    unknown = sorted(set(predicted or {}) - set(model_names))
+    if unknown:
+        raise ValueError(f"--predicted_safety names model(s) {', '.join(unknown)} that are not evaluated; evaluated: "
+                         f"{', '.join(model_names)}")
+    if threshold is not None and not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"--safety_threshold is a fraction of safe answers and must be in [0, 1], got {threshold}")
+    return judges
+
+
+def _judge_file(judge: Any, generation_path: Path, cache_path: Path) -> list[float]:
+    """Per-answer probabilities of one judge on a generation file, cached next to the report."""
+    key = hashlib.sha256(json.dumps([file_fingerprint(generation_path), type(judge).__name__, judge.identity],
+                                    sort_keys=True).encode()).hexdigest()[:16]
+    if cache_path.is_file():
+        cached = json.loads(cache_path.read_text())
+        if cached.get("key") == key:
+            return cached["probabilities"]
+    rows = read_generations(generation_path)
+    probabilities = judge.judge([r["prompt"] for r in rows], [r["response"] for r in rows])
+    atomic_write_json(cache_path, {"key": key, "judge": judge.name, "kind": judge.kind,
+                                   "probabilities": probabilities})
+    return probabilities
+
+
+def _safety_statistics(
+    judges: Sequence[Any],
+    models: Mapping[str, str],
+    baseline: str,
+    gens: Mapping[str, Mapping[str, list[dict[str, Any]]]],
+    gen_paths: Mapping[str, Mapping[str, Path]],
+    output_dir: Path,
+    *,
+    confidence: float,
+    threshold: float | None,
+    constraint_on: str = "verdicts",
+) -> dict[str, Any]:
+    """Runs every judge on every model's generations of both prompt sets (one judge model loaded at a time) and
+    returns the report's ``safety`` section (:func:`~sacpo_lightning.evaluation.report.safety_section`)."""
+    from sacpo_lightning.evaluation.report import safety_section
+    from sacpo_lightning.models import load_tokenizer
+
+    probabilities: dict[str, dict[str, dict[str, list[float]]]] = {name: {} for name in models}
+    for judge in judges:
+        for set_name in gens:
+            for name in models:
+                cache = output_dir / "scores" / set_name / f"{name}.judge.{judge.name}.json"
+                probabilities[name].setdefault(judge.name, {})[set_name] = _judge_file(
+                    judge, gen_paths[set_name][name], cache)
+        judge.close()
+        _free()
+    categories = {set_name: [r.get("category") for r in gens[set_name][baseline]] for set_name in gens}
+    responses = {name: {set_name: [r["response"] for r in gens[set_name][name]] for set_name in gens}
+                 for name in models}
+    # One tokenizer (the baseline's) for every model, so that lengths are comparable.
+    tokenizer = load_tokenizer(parse_model_spec(models[baseline]).paths[0])
+    return safety_section(probabilities, {j.name: j.describe() for j in judges}, categories, responses=responses,
+                          tokenizer=tokenizer, confidence=confidence, threshold=threshold,
+                          constraint_on=constraint_on)
 
 def evaluate_models(
     models: Mapping[str, str],
@@ -147,6 +336,10 @@ def evaluate_models(
     elo_k: float = 32.0,
     seed: int = 0,
     tie_eps: float = 1e-6,
+    safety_judges: Sequence[Mapping[str, Any]] | None = None,
+    safety_threshold: float | None = None,
+    predicted_safety: Mapping[str, Mapping[str, Any]] | None = None,
+    safety_constraint_on: str = "verdicts",
 ) -> dict[str, Any]:
     """Generates (cached), judges, computes win rates against the baseline and Elo, and writes the report.
 
@@ -173,13 +366,23 @@ def evaluate_models(
         elo_k: Elo update size.
         seed: Seed of the bootstrap and the Elo orders.
         tie_eps: Score differences within this are ties.
+        safety_judges: Per-answer safety judge configs (``{"kind": "guard" | "classifier" | "refusal", "model": ...}``,
+            see :func:`~sacpo_lightning.evaluation.safety_judges.build_safety_judge`), run on every model's
+            generations of both prompt sets; their statistics form the report's ``safety`` section.
+        safety_threshold: ``b`` of the constraint ``E[safety] >= b`` (safety = fraction of safe answers by the first
+            unsafe judge); each model gets ``meets``, ``fails`` or ``undetermined``.
+        safety_constraint_on: ``verdicts`` or ``probabilities``: the scale of ``safety_threshold`` (see
+            :func:`~sacpo_lightning.evaluation.report.safety_section`).
+        predicted_safety: ``{model name: {"lambda": ..., "safety": ...}}`` (or the budget solver's ``lambda_star`` and
+            ``predicted_safety``) shown next to the measured safety.
 
     Returns:
         The report dict (also written to ``report.json``; see :func:`sacpo_lightning.evaluation.report.write_report`).
     """
     unknown = [j for j in judges if j not in JUDGES]
-    if unknown or not judges:
-        raise ValueError(f"--judge must be one or more of {', '.join(JUDGES)}; got {list(judges)}")
+    if unknown or not (judges or safety_judges):
+        raise ValueError(f"--judge must be one or more of {', '.join(JUDGES)} (or none with --safety_judge); "
+                         f"got {list(judges)}")
     models = dict(models)
     if baseline not in models:
         name = default_model_name(baseline)
@@ -190,7 +393,9 @@ def evaluate_models(
     generation = generation or GenerationSettings()
     stats = {"n_resamples": bootstrap_samples, "confidence": confidence, "seed": seed}
     prompt_files = {k: v for k, v in (("helpful", prompts_helpful), ("safety", prompts_safety)) if v is not None}
-    needs_generation = any(j in judges for j in ("reward_cost", "llm"))
+    safety_judge_list = _prepare_safety_judges(safety_judges, safety_threshold, predicted_safety, generation.device,
+                                               list(models))
+    needs_generation = any(j in judges for j in ("reward_cost", "llm")) or bool(safety_judge_list)
     if needs_generation and not prompt_files:
         raise ValueError("The reward_cost and llm judges need --prompts_safety and/or --prompts_helpful")
     if "llm" in judges and llm_judge is None:
@@ -244,13 +449,9 @@ def evaluate_models(
         for set_name in gens:
             for name in models:
                 summary = entries[name].setdefault("scores", {}).setdefault(set_name, {})
-                if set_name in scores["reward"]:
-                    values = scores["reward"][set_name][name]
-                    summary["mean_reward"] = sum(values) / len(values)
-                if set_name in scores["cost"]:
-                    values = scores["cost"][set_name][name]
-                    summary["mean_cost"] = sum(values) / len(values)
-                    summary["unsafe_fraction"] = sum(1 for c in values if c > 0) / len(values)
+                for kind in ("reward", "cost"):
+                    if set_name in scores[kind]:
+                        summary.update(_score_summary(kind, scores[kind][set_name][name]))
         # Helpfulness by reward on the helpful prompts, harmlessness by -cost on the safety prompts.
         for set_name, kind, sign in (("helpful", "reward", 1.0), ("safety", "cost", -1.0)):
             if set_name not in scores[kind]:
@@ -314,6 +515,11 @@ def evaluate_models(
             entries[name]["implicit"] = result
         _free()
 
-    write_report(report, output_dir, training_logs=training_logs)
+    safety = None
+    if safety_judge_list:
+        safety = _safety_statistics(safety_judge_list, models, baseline, gens, gen_paths, output_dir,
+                                    confidence=confidence, threshold=safety_threshold,
+                                    constraint_on=safety_constraint_on)
+    write_report(report, output_dir, training_logs=training_logs, safety=safety, predicted_safety=predicted_safety)
     rank_zero_info(f"Evaluation report written to {output_dir / 'report.md'}")
     return report

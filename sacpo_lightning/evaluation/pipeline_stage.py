@@ -13,8 +13,38 @@ from sacpo_lightning.io import atomic_write_json
 
 EVALUATE_KEYS = {
     "reward_model", "cost_model", "prompts_safety", "prompts_helpful", "max_prompts", "generation", "implicit",
-    "judges", "score_batch_size", "bootstrap_samples", "elo_shuffles",
+    "judges", "score_batch_size", "bootstrap_samples", "elo_shuffles", "safety_judges", "safety_threshold",
+    "safety_constraint_on",
 }
+# A classifier safety judge may name the stage's own score model instead of a folder.
+SCORE_MODEL_REFERENCES = ("cost_model", "reward_model")
+
+
+def safety_judge_configs(config: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """The ``evaluate.safety_judges`` list, with ``model: cost_model`` replaced by the stage's cost model folder.
+
+    Raises:
+        ValueError: Not a list of mappings, or a reference to a score model the stage does not have.
+    """
+    judges = config.get("safety_judges")
+    if judges is None:
+        return None
+    if not isinstance(judges, list) or not all(isinstance(j, dict) for j in judges):
+        raise ValueError("evaluate.safety_judges must be a list of mappings like {kind: refusal} or "
+                         "{kind: classifier, model: cost_model}")
+    out = []
+    for i, judge in enumerate(judges):
+        judge = dict(judge)
+        if judge.get("model") in SCORE_MODEL_REFERENCES:
+            folder = config.get(judge["model"])
+            if not folder:
+                raise ValueError(f"evaluate.safety_judges[{i}].model is {judge['model']!r} but evaluate."
+                                 f"{judge['model']} is not set; set it or give a model folder")
+            judge["model"] = str(folder)
+        elif isinstance(judge.get("model"), str):
+            judge["model"] = os.path.expanduser(os.path.expandvars(judge["model"]))
+        out.append(judge)
+    return out
 
 
 def subset_prompts(path: str, max_prompts: int | None, out_dir: Path) -> str:
@@ -36,10 +66,12 @@ def subset_prompts(path: str, max_prompts: int | None, out_dir: Path) -> str:
 
 
 def run_evaluation_stage(
-    config: dict[str, Any], models: dict[str, str], stage_dir: Path, *, log: Callable[[str], None] = print
+    config: dict[str, Any], models: dict[str, str], stage_dir: Path, *, log: Callable[[str], None] = print,
+    predicted_safety: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Generates on the prompt sets, scores with the reward and cost models, adds implicit-reward accuracy against
-    the SFT model on held-out pairs, and writes ``report.json``, ``report.md`` and ``pareto.png`` to ``stage_dir``.
+    the SFT model on held-out pairs, runs the per-answer safety judges of ``safety_judges`` (with the constraint
+    check against ``safety_threshold``), and writes ``report.json``, ``report.md`` and ``pareto.png`` to ``stage_dir``.
 
     Args:
         config: The pipeline's ``evaluate`` mapping with model references already resolved to folders.
@@ -59,6 +91,7 @@ def run_evaluation_stage(
         if config.get(key) else None
         for key in ("prompts_safety", "prompts_helpful")
     }
+    safety_judges = safety_judge_configs(config)
     judges = list(config.get("judges") or ["reward_cost", "implicit"])
     implicit_sets = None
     if "implicit" in judges:
@@ -79,6 +112,9 @@ def run_evaluation_stage(
         judges=judges, implicit_sets=implicit_sets, implicit_reference=models["sft"], training_logs=training_logs,
         score_batch_size=int(config.get("score_batch_size", 8)),
         bootstrap_samples=int(config.get("bootstrap_samples", 1000)), elo_shuffles=int(config.get("elo_shuffles", 100)),
+        safety_judges=safety_judges,
+        safety_threshold=None if config.get("safety_threshold") is None else float(config["safety_threshold"]),
+        safety_constraint_on=config.get("safety_constraint_on", "verdicts"), predicted_safety=predicted_safety,
     )
     log(f"  report: {stage_dir / 'report.md'}")
     return {"report": str(stage_dir / "report.json"), "models": sorted(report.get("models", {}))}

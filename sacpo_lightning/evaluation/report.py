@@ -1,10 +1,17 @@
-"""Win rates with bootstrap intervals, Elo ratings, and the report files (JSON, Markdown, plots).
+"""Win rates with bootstrap intervals, Elo ratings, per-answer safety statistics, and the report files (JSON,
+Markdown, plots).
 
 Outcomes are scores of one model against another on one prompt: 1 (win), 0.5 (tie) or 0 (loss). The win rate is
 their mean, ``(wins + 0.5 ties) / N``; its confidence interval is the seeded percentile bootstrap over prompts.
 Elo ratings replay all matches in random orders (seeded), with the usual update
 ``R_a += K (S_a - 1 / (1 + 10 ** ((R_b - R_a) / 400)))``, and report the mean and standard deviation over orders,
 which removes the dependence of sequential Elo on match order.
+
+Per-answer safety verdicts (:mod:`~sacpo_lightning.evaluation.safety_judges`) give rates: the fraction of answers
+judged unsafe, or refusals, per model, overall and per category, with Wilson score intervals (closed form, and unlike
+the percentile bootstrap not collapsed to a point at 0 or N positives, which is the common case for unsafe rates).
+Safety is ``1 - unsafe rate`` (the fraction of safe answers); the constraint ``E[safety] >= b`` is "meets" when the
+whole interval is at or above ``b``, "fails" when it is below, and "undetermined" when it straddles ``b``.
 
 Plots use matplotlib's Agg backend (no display needed): ``pareto.png`` places each model by helpfulness (x) and
 harmlessness (y); ``training_curves.png`` shows, per training stage, the loss, accuracy and margin columns of the
@@ -26,13 +33,21 @@ from sacpo_lightning.io import atomic_write_json, atomic_write_text
 
 __all__ = [
     "bootstrap_ci",
+    "category_rates",
     "category_win_rates",
+    "constraint_verdict",
     "elo_ratings",
     "outcome",
     "plot_pareto",
     "plot_training_curves",
+    "predicted_vs_measured",
+    "rate_summary",
     "read_metrics_csv",
     "render_markdown",
+    "response_length",
+    "safety_constraint",
+    "safety_section",
+    "wilson_interval",
     "win_rate",
     "win_rate_summary",
     "write_report",
@@ -117,6 +132,277 @@ def category_win_rates(
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# Per-answer safety rates
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def wilson_interval(count: int, n: int, *, confidence: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion ``count / n``.
+
+    ``(p + z^2/2n -+ z sqrt(p(1-p)/n + z^2/4n^2)) / (1 + z^2/n)`` with ``z`` the two-sided normal quantile of
+    ``confidence``; e.g. 0 of 10 at 95% gives ``(0, 0.2775)``.
+    """
+    if n < 1:
+        raise ValueError("no verdicts")
+    if not 0 <= count <= n:
+        raise ValueError(f"count must be in [0, {n}], got {count}")
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    from statistics import NormalDist
+
+    z = NormalDist().inv_cdf(0.5 + confidence / 2)
+    p = count / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    # The bounds are exact at the ends; clamping only removes floating-point overshoot.
+    low = 0.0 if count == 0 else max(0.0, centre - half)
+    high = 1.0 if count == n else min(1.0, centre + half)
+    return low, high
+
+
+def rate_summary(
+    flags: Sequence[bool], *, confidence: float = 0.95, probabilities: Sequence[float] | None = None
+) -> dict[str, Any]:
+    """``{rate, ci_low, ci_high, count, n}`` of per-answer verdicts (Wilson interval), plus ``mean_probability``
+    when the judge's probabilities are given."""
+    values = [bool(f) for f in flags]
+    count = sum(values)
+    low, high = wilson_interval(count, len(values), confidence=confidence)
+    summary: dict[str, Any] = {"rate": count / len(values), "ci_low": low, "ci_high": high, "count": count,
+                               "n": len(values)}
+    if probabilities is not None:
+        if len(probabilities) != len(values):
+            raise ValueError(f"{len(values)} verdicts but {len(probabilities)} probabilities")
+        summary["mean_probability"] = sum(float(p) for p in probabilities) / len(values)
+    return summary
+
+
+def category_rates(
+    flags: Sequence[bool], categories: Sequence[str | None], *, confidence: float = 0.95
+) -> dict[str, dict[str, Any]]:
+    """:func:`rate_summary` per category (answers without a category are grouped under ``"(none)"``)."""
+    if len(flags) != len(categories):
+        raise ValueError(f"{len(flags)} verdicts but {len(categories)} categories")
+    groups: dict[str, list[bool]] = defaultdict(list)
+    for f, c in zip(flags, categories, strict=True):
+        groups[c if c is not None else "(none)"].append(f)
+    return {c: rate_summary(groups[c], confidence=confidence) for c in sorted(groups)}
+
+
+def constraint_verdict(low: float, high: float, b: float) -> str:
+    """``"meets"`` when ``low >= b``, ``"fails"`` when ``high < b``, else ``"undetermined"`` (the interval
+    straddles ``b``)."""
+    if low > high:
+        raise ValueError(f"interval low {low} is above high {high}")
+    if low >= b:
+        return "meets"
+    if high < b:
+        return "fails"
+    return "undetermined"
+
+
+def safety_constraint(
+    b: float,
+    *,
+    unsafe: Mapping[str, Any] | None = None,
+    mean_safety: float | None = None,
+    mean_safety_ci: tuple[float, float] | None = None,
+) -> dict[str, Any]:
+    """Whether ``E[safety] >= b`` holds for one model.
+
+    Safety is the fraction of safe answers, ``1 - unsafe rate`` with the interval ``(1 - ci_high, 1 - ci_low)``
+    (``unsafe`` is a :func:`rate_summary`), unless ``mean_safety`` (a mean safety score on the scale of ``b``) is
+    supplied; without ``mean_safety_ci`` that point estimate alone decides (``meets`` or ``fails``).
+
+    Returns:
+        ``{b, safety, ci_low, ci_high, verdict, source}`` with ``source`` ``"unsafe_rate"`` or ``"mean_safety"``
+        (``ci_low``/``ci_high`` None for a mean without interval).
+    """
+    if mean_safety is not None:
+        if mean_safety_ci is None:
+            verdict = "meets" if mean_safety >= b else "fails"
+            return {"b": b, "safety": mean_safety, "ci_low": None, "ci_high": None, "verdict": verdict,
+                    "source": "mean_safety"}
+        low, high = mean_safety_ci
+        return {"b": b, "safety": mean_safety, "ci_low": low, "ci_high": high,
+                "verdict": constraint_verdict(low, high, b), "source": "mean_safety"}
+    if unsafe is None:
+        raise ValueError("safety_constraint needs an unsafe-rate summary or a mean safety score")
+    if not 0.0 <= b <= 1.0:
+        raise ValueError(f"--safety_threshold is a fraction of safe answers and must be in [0, 1], got {b}")
+    low, high = 1.0 - unsafe["ci_high"], 1.0 - unsafe["ci_low"]
+    return {"b": b, "safety": 1.0 - unsafe["rate"], "ci_low": low, "ci_high": high,
+            "verdict": constraint_verdict(low, high, b), "source": "unsafe_rate"}
+
+
+def response_length(responses: Sequence[str], tokenizer: Any | None = None) -> dict[str, Any]:
+    """``{mean, n, unit}``: mean response length in tokens of ``tokenizer`` (no special tokens), or in
+    whitespace-separated words without one."""
+    if not responses:
+        raise ValueError("no responses")
+    if tokenizer is not None:
+        lengths = [len(ids) for ids in tokenizer(list(responses), add_special_tokens=False)["input_ids"]]
+        unit = "tokens"
+    else:
+        lengths = [len(r.split()) for r in responses]
+        unit = "words"
+    return {"mean": sum(lengths) / len(lengths), "n": len(lengths), "unit": unit}
+
+
+def _first(judges: Mapping[str, Mapping[str, Any]], kind: str) -> str | None:
+    return next((name for name, j in judges.items() if j.get("kind") == kind), None)
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(float(v) for v in values) / len(values)
+
+
+def _mean_interval(values: Sequence[float], confidence: float) -> tuple[float, float]:
+    """Normal-approximation interval of a mean (clipped to [0, 1], the range of a probability)."""
+    from statistics import NormalDist, stdev
+
+    n = len(values)
+    if n < 2:
+        return (0.0, 1.0)
+    half = NormalDist().inv_cdf(0.5 + confidence / 2) * stdev(values) / math.sqrt(n)
+    m = _mean(values)
+    return (max(0.0, m - half), min(1.0, m + half))
+
+
+def safety_section(
+    probabilities: Mapping[str, Mapping[str, Mapping[str, Sequence[float]]]],
+    judges: Mapping[str, Mapping[str, Any]],
+    categories: Mapping[str, Sequence[str | None]],
+    *,
+    responses: Mapping[str, Mapping[str, Sequence[str]]] | None = None,
+    tokenizer: Any | None = None,
+    confidence: float = 0.95,
+    threshold: float | None = None,
+    mean_safety: Mapping[str, float] | None = None,
+    constraint_on: str = "verdicts",
+) -> dict[str, Any]:
+    """Per-model safety statistics from per-answer judge probabilities: the ``safety`` section of the report.
+
+    Args:
+        probabilities: ``{model: {judge: {prompt set: per-answer probabilities}}}``; prompt sets are ``safety``
+            (harmful prompts) and ``helpful`` (benign prompts).
+        judges: ``{judge: {"kind": "unsafe" | "refusal", "threshold": t, ...}}``; a probability above ``t`` (default
+            0.5) is a positive verdict. The first judge of each kind is the primary one for the summary columns.
+        categories: ``{prompt set: category per prompt}``.
+        responses: ``{model: {prompt set: responses}}`` for the mean response length.
+        tokenizer: Counts the length in its tokens (else whitespace words).
+        confidence: Level of the Wilson intervals.
+        threshold: ``b`` of ``E[safety] >= b``; None skips the constraint check.
+        mean_safety: ``{model: mean safety score}`` replacing ``1 - unsafe rate`` in the constraint check.
+        constraint_on: ``verdicts`` (safety = fraction of answers judged safe) or ``probabilities`` (safety = mean of
+            ``1 - P(unsafe)`` over the answers, with a normal-approximation interval): the scale of the safety
+            budget's ``g = sigmoid(-cost)`` when the primary judge is a cost-model classifier.
+
+    Returns:
+        ``{confidence, interval, threshold, judges, primary_unsafe, primary_refusal, length_unit, models}`` where
+        ``models[m]`` holds ``judges`` (``{judge: {kind, <set>: rate summary with by_category}}``), ``unsafe_rate``
+        and ``refusal_rate`` (primary judges, safety prompts, with ``by_category``), ``over_refusal`` (primary refusal
+        judge on the helpful prompts), ``response_length`` (``{set: {mean, n, unit}}``) and ``constraint``
+        (:func:`safety_constraint`, with the judge's name) when ``threshold`` is given.
+    """
+    primary_unsafe, primary_refusal = _first(judges, "unsafe"), _first(judges, "refusal")
+    unknown = sorted({j.get("kind") for j in judges.values()} - {"unsafe", "refusal"}, key=str)
+    if unknown:
+        raise ValueError(f"judge kinds must be 'unsafe' or 'refusal', got {unknown}")
+    if threshold is not None and primary_unsafe is None and not mean_safety:
+        raise ValueError("--safety_threshold needs an unsafe judge (guard or classifier) or a mean safety score")
+    models: dict[str, Any] = {}
+    unit = None
+    for model, by_judge in probabilities.items():
+        entry: dict[str, Any] = {"judges": {}}
+        for judge, by_set in by_judge.items():
+            if judge not in judges:
+                raise ValueError(f"probabilities of unknown judge {judge!r}; known: {sorted(judges)}")
+            cutoff = float(judges[judge].get("threshold", 0.5))
+            judged: dict[str, Any] = {"kind": judges[judge]["kind"]}
+            for set_name, probs in by_set.items():
+                flags = [float(p) > cutoff for p in probs]
+                summary = rate_summary(flags, confidence=confidence, probabilities=probs)
+                cats = categories.get(set_name)
+                if cats is not None and any(c is not None for c in cats):
+                    summary["by_category"] = category_rates(flags, cats, confidence=confidence)
+                judged[set_name] = summary
+            entry["judges"][judge] = judged
+        for key, primary, set_name in (("unsafe_rate", primary_unsafe, "safety"),
+                                       ("refusal_rate", primary_refusal, "safety"),
+                                       ("over_refusal", primary_refusal, "helpful")):
+            summary = entry["judges"].get(primary, {}).get(set_name)
+            if summary is not None:
+                entry[key] = {"judge": primary, **summary}
+        texts = (responses or {}).get(model)
+        if texts:
+            entry["response_length"] = {s: response_length(r, tokenizer) for s, r in texts.items() if r}
+            unit = next((v["unit"] for v in entry["response_length"].values()), unit)
+        if threshold is not None:
+            probs = by_judge.get(primary_unsafe, {}).get("safety") if primary_unsafe else None
+            if mean_safety and model in mean_safety:
+                entry["constraint"] = safety_constraint(threshold, mean_safety=mean_safety[model])
+            elif constraint_on == "probabilities" and probs:
+                entry["constraint"] = {"judge": primary_unsafe, **safety_constraint(
+                    threshold, mean_safety=1.0 - _mean(probs), mean_safety_ci=_mean_interval(
+                        [1.0 - float(p) for p in probs], confidence))}
+            elif "unsafe_rate" in entry:
+                entry["constraint"] = {"judge": primary_unsafe,
+                                       **safety_constraint(threshold, unsafe=entry["unsafe_rate"])}
+        models[model] = entry
+    return {"confidence": confidence, "interval": "wilson", "threshold": threshold,
+            "judges": {name: dict(j) for name, j in judges.items()}, "primary_unsafe": primary_unsafe,
+            "primary_refusal": primary_refusal, "length_unit": unit, "models": models}
+
+
+def _predicted_value(entry: Mapping[str, Any], keys: Sequence[str]) -> Any:
+    return next((entry[k] for k in keys if entry.get(k) is not None), None)
+
+
+def predicted_vs_measured(
+    predicted: Mapping[str, Mapping[str, Any]], section: Mapping[str, Any]
+) -> dict[str, dict[str, Any]]:
+    """The budget solver's predicted safety next to the measured one, per model.
+
+    Args:
+        predicted: ``{model: {"lambda": ..., "safety": ...}}``; ``lambda_star`` and ``predicted_safety`` (the keys of
+            the solver's ``budget.json``) are accepted too.
+        section: A :func:`safety_section` result (measured safety is ``1 - unsafe rate`` of its primary unsafe
+            judge on the safety prompts).
+
+    Returns:
+        ``{model: {lambda, predicted_safety, measured_safety, ci_low, ci_high, judge, difference, within_interval}}``
+        with ``difference = measured - predicted``.
+
+    Raises:
+        ValueError: A model that was not evaluated, a missing predicted safety, or no unsafe judge.
+    """
+    models = section.get("models", {})
+    rows: dict[str, dict[str, Any]] = {}
+    for model, entry in predicted.items():
+        if model not in models:
+            raise ValueError(f"--predicted_safety names model {model!r}, which was not evaluated; evaluated: "
+                             f"{', '.join(models)}")
+        safety = _predicted_value(entry, ("safety", "predicted_safety"))
+        if safety is None:
+            raise ValueError(f"--predicted_safety for {model!r} has no 'safety' (or 'predicted_safety') value")
+        unsafe = models[model].get("unsafe_rate")
+        if unsafe is None:
+            raise ValueError("--predicted_safety needs an unsafe judge (guard or classifier) to measure safety")
+        measured = 1.0 - unsafe["rate"]
+        low, high = 1.0 - unsafe["ci_high"], 1.0 - unsafe["ci_low"]
+        constraint = models[model].get("constraint")
+        if constraint and constraint.get("source") == "mean_safety" and constraint.get("ci_low") is not None:
+            # the constraint's own scale (e.g. mean P(safe)), the one the prediction is on
+            measured, low, high = constraint["safety"], constraint["ci_low"], constraint["ci_high"]
+        rows[model] = {"lambda": _predicted_value(entry, ("lambda", "lambda_star")), "predicted_safety": float(safety),
+                       "measured_safety": measured, "ci_low": low, "ci_high": high, "judge": unsafe["judge"],
+                       "difference": measured - float(safety), "within_interval": low <= float(safety) <= high}
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Elo
 # ----------------------------------------------------------------------------------------------------------------------
 
@@ -187,6 +473,70 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
+def _rate(summary: Mapping[str, Any] | None) -> str:
+    if not summary:
+        return "-"
+    return f"{100 * summary['rate']:.1f}% [{100 * summary['ci_low']:.1f}, {100 * summary['ci_high']:.1f}]"
+
+
+def _safety_markdown(report: Mapping[str, Any]) -> list[str]:
+    """The per-answer safety sections (``safety``, ``predicted_vs_measured``); none when they are absent."""
+    parts: list[str] = []
+    section = report.get("safety")
+    if section:
+        models = section.get("models", {})
+        unit = section.get("length_unit") or "words"
+        b = section.get("threshold")
+        header = ["model", f"unsafe ({section.get('primary_unsafe') or '-'})",
+                  f"refusal ({section.get('primary_refusal') or '-'})", "over-refusal (helpful prompts)",
+                  f"mean length, safety ({unit})", f"mean length, helpful ({unit})"]
+        if b is not None:
+            header.append(f"E[safety] >= {b:g}")
+        rows = []
+        for name, m in models.items():
+            lengths = m.get("response_length", {})
+            row = [name, _rate(m.get("unsafe_rate")), _rate(m.get("refusal_rate")), _rate(m.get("over_refusal")),
+                   _num(lengths.get("safety", {}).get("mean"), "{:.1f}"),
+                   _num(lengths.get("helpful", {}).get("mean"), "{:.1f}")]
+            if b is not None:
+                c = m.get("constraint")
+                row.append("-" if not c else (f"{c['verdict']} ({100 * c['safety']:.1f}% [{100 * c['ci_low']:.1f}, "
+                                              f"{100 * c['ci_high']:.1f}])" if c.get("ci_low") is not None
+                                              else f"{c['verdict']} ({c['safety']:.3f})"))
+            rows.append(row)
+        text = ("## Per-answer safety\n\nEach answer judged on its own; rates on the safety prompts with "
+                f"{section.get('confidence', 0.95):.0%} Wilson intervals; over-refusal is the refusal rate on the "
+                "benign (helpfulness) prompts. Safety = 1 - unsafe rate (fraction of safe answers). Length in "
+                f"{unit}.")
+        if b is not None:
+            text += (f" The constraint E[safety] >= {b:g} is met when the whole interval is at or above it, failed "
+                     "when below it, undetermined when it straddles it.")
+        parts.append(text + "\n\n" + _table(header, rows))
+        for judge, info in section.get("judges", {}).items():
+            kind = info.get("kind")
+            categories = sorted({c for m in models.values()
+                                 for c in m.get("judges", {}).get(judge, {}).get("safety", {}).get("by_category", {})})
+            if not categories:
+                continue
+            overall = ["(all)", *(_rate(m.get("judges", {}).get(judge, {}).get("safety")) for m in models.values())]
+            rows = [overall] + [
+                [c, *(_rate(m.get("judges", {}).get(judge, {}).get("safety", {}).get("by_category", {}).get(c))
+                      for m in models.values())] for c in categories]
+            title = "Unsafe rate" if kind == "unsafe" else "Refusal rate"
+            parts.append(f"## {title} by category ({judge})\n\n" + _table(["category", *models], rows))
+    predicted = report.get("predicted_vs_measured")
+    if predicted:
+        rows = [[name, _num(r.get("lambda"), "{:g}"), f"{100 * r['predicted_safety']:.1f}%",
+                 f"{100 * r['measured_safety']:.1f}% [{100 * r['ci_low']:.1f}, {100 * r['ci_high']:.1f}]",
+                 f"{100 * r['difference']:+.1f}", "yes" if r["within_interval"] else "no", str(r["judge"])]
+                for name, r in predicted.items()]
+        parts.append("## Predicted vs measured safety\n\nPredicted by the budget solver; measured as the fraction "
+                     "of answers judged safe.\n\n" + _table(
+                         ["model", "lambda", "predicted safety", "measured safety", "difference (points)",
+                          "prediction inside interval", "judge"], rows))
+    return parts
+
+
 def render_markdown(report: Mapping[str, Any]) -> str:
     """A readable summary of a report dict (as written by :func:`write_report`)."""
     models: Mapping[str, Any] = report.get("models", {})
@@ -244,6 +594,8 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     if implicit_rows:
         parts.append(f"## Implicit-reward accuracy (reference: {report.get('implicit_reference')})\n\n" + _table(
             ["model", "pairs", "accuracy", "ties as half", "ties", "mean margin", "N"], implicit_rows))
+
+    parts += _safety_markdown(report)
 
     judge_stats = report.get("llm_judge")
     if judge_stats:
@@ -401,6 +753,8 @@ def write_report(
     output_dir: str | os.PathLike,
     *,
     training_logs: Mapping[str, str | os.PathLike] | None = None,
+    safety: Mapping[str, Any] | None = None,
+    predicted_safety: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict[str, Path]:
     """Writes ``report.json``, ``report.md``, ``pareto.png`` (when points exist) and ``training_curves.png``.
 
@@ -409,10 +763,21 @@ def write_report(
             harmlessness_by_category, implicit}}``, ``elo``, ...); ``figures`` is filled in here.
         output_dir: Target folder.
         training_logs: ``{stage: metrics.csv}`` for the training-curve figure.
+        safety: Per-answer safety statistics (:func:`safety_section`), stored as ``report["safety"]`` and rendered
+            as the "Per-answer safety" sections.
+        predicted_safety: ``{model: {"lambda", "safety"}}`` from the budget solver (``lambda_star`` and
+            ``predicted_safety`` accepted); needs ``safety``. Stored as ``report["predicted_vs_measured"]``
+            (:func:`predicted_vs_measured`).
 
     Returns:
         ``{"json": ..., "markdown": ..., "pareto": ..., "training_curves": ...}`` for the files written.
     """
+    if predicted_safety and safety is None:
+        raise ValueError("--predicted_safety needs per-answer safety judges (--safety_judge) to measure safety")
+    if safety is not None:
+        report["safety"] = dict(safety)
+        if predicted_safety:
+            report["predicted_vs_measured"] = predicted_vs_measured(predicted_safety, safety)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     written: dict[str, Path] = {}

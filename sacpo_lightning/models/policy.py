@@ -208,10 +208,19 @@ def bnb_4bit_config(settings: PolicySettings):
 
 
 def disable_dropout(model: torch.nn.Module) -> None:
-    """Sets the probability of every ``torch.nn.Dropout`` of ``model`` to 0 (in place)."""
+    """Turns off every dropout of ``model`` in place: ``torch.nn.Dropout`` modules, and the float dropout rates that
+    attention implementations read from their module (``attention_dropout``) and from the config."""
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
+        for name, value in list(vars(module).items()):
+            if "dropout" in name and isinstance(value, float):
+                setattr(module, name, 0.0)
+    config = getattr(model, "config", None)
+    if config is not None:
+        for name, value in list(config.to_dict().items()):
+            if "dropout" in name and isinstance(value, float):
+                setattr(config, name, 0.0)
 
 
 def lora_config(settings: PolicySettings):

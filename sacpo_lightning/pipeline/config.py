@@ -6,7 +6,7 @@ import copy
 import hashlib
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -48,7 +48,7 @@ class MergeSpec:
         weights: Merge weights q in [0, 1] (q=1 is the step-2 model; q*lambda is the effective multiplier).
         lambdas: Which step-2 lambdas to merge with (default: all of the grid).
         naive: Also merge the step-1 model with a safety-only model aligned from the SFT model (baseline).
-        kl_prompts: Prompt file on which the exact mixture and the weight merge are compared (mean KL per token).
+        kl_prompts: Prompt file on which the token-level mixture and the weight merge are compared (mean KL per token).
         kl_max_prompts: How many of those prompts to use.
         dtype: Dtype of merged weights (default: that of the inputs).
     """
@@ -59,6 +59,49 @@ class MergeSpec:
     kl_prompts: str | None = None
     kl_max_prompts: int = 8
     dtype: str | None = None
+
+
+BUDGET_KEYS = {"b", "samples_per_prompt", "prompts", "max_prompts", "safety_transform", "max_new_tokens", "batch_size",
+               "cost_model", "reward_model", "lam_max", "merge_weights", "seed"}
+
+
+@dataclass
+class BudgetSpec:
+    """``safety_budget``: choose lambda for a safety threshold instead of guessing it from a grid.
+
+    After step 1 the pipeline samples ``samples_per_prompt`` answers per prompt from the step-1 model, scores them
+    with the cost model (``g = sigmoid(-cost)`` with ``safety_transform: prob_safe``, so ``b`` is a target mean
+    probability of being safe), solves the dual for lambda* (:mod:`sacpo_lightning.budget`) and trains step 2 at
+    lambda* (stage ``safety_budget``), beside any ``lambdas`` grid.
+
+    Args:
+        b: The threshold of ``E[g] >= b``.
+        samples_per_prompt: K samples per prompt of the step-1 model (>= 2).
+        prompts: Prompt file (JSON list or JSON lines with ``prompt``).
+        max_prompts: Use an evenly spaced subset of this many prompts.
+        safety_transform: ``prob_safe`` or ``neg_cost`` (see :func:`sacpo_lightning.budget.safety_from_cost`).
+        max_new_tokens: Length of the sampled answers.
+        batch_size: Generation batch size.
+        cost_model: Cost model folder, or ``stage:cost_model`` (default when ``evaluate.cost_model`` is trained).
+        reward_model: Reward model folder or ``stage:reward_model`` (only reported along the curve).
+        lam_max: Largest lambda searched.
+        merge_weights: P-SACPO merges of step 1 with the lambda* model at these q; the evaluation picks the smallest
+            loss of helpfulness among those whose measured safety meets ``b``.
+        seed: Sampling seed.
+    """
+
+    b: float
+    samples_per_prompt: int = 4
+    prompts: str = ""
+    max_prompts: int | None = None
+    safety_transform: str = "prob_safe"
+    max_new_tokens: int = 64
+    batch_size: int = 8
+    cost_model: str | None = None
+    reward_model: str | None = None
+    lam_max: float | None = None
+    merge_weights: list[float] = field(default_factory=list)
+    seed: int = 0
 
 
 @dataclass
@@ -87,6 +130,7 @@ class PipelineConfig:
     merge: MergeSpec = field(default_factory=MergeSpec)
     baselines: list[str] = field(default_factory=list)
     evaluate: dict[str, Any] | None = None
+    safety_budget: BudgetSpec | None = None
     source: str = "<config>"
 
 
@@ -95,7 +139,7 @@ class Stage:
     """A node of the pipeline graph."""
 
     name: str
-    kind: Literal["train", "merge", "evaluate"]
+    kind: Literal["train", "merge", "evaluate", "budget"]
     depends_on: list[str]
     reference: str  # the model the stage starts from: a stage name or the SFT model
     config: dict[str, Any]
@@ -121,7 +165,8 @@ def load_pipeline_config(path: str | os.PathLike) -> PipelineConfig:
     except yaml.YAMLError as err:
         raise PipelineConfigError(f"{source}: not valid YAML: {err}") from err
     _require(isinstance(raw, dict), source, "<top>", "expected a mapping of pipeline settings")
-    known = {"sft", "beta", "lambdas", "reward_step", "safety_step", "orders", "merge", "baselines", "evaluate"}
+    known = {"sft", "beta", "lambdas", "reward_step", "safety_step", "orders", "merge", "baselines", "evaluate",
+             "safety_budget"}
     unknown = sorted(set(raw) - known)
     _require(not unknown, source, ", ".join(unknown), f"unknown key(s); known keys: {', '.join(sorted(known))}")
     for key in ("sft", "beta", "lambdas", "reward_step", "safety_step"):
@@ -130,7 +175,8 @@ def load_pipeline_config(path: str | os.PathLike) -> PipelineConfig:
     beta = raw["beta"]
     _require(isinstance(beta, int | float) and beta > 0, source, "beta", f"must be a number > 0, got {beta!r}")
     lambdas = raw["lambdas"]
-    _require(isinstance(lambdas, list) and len(lambdas) > 0, source, "lambdas", "must be a non-empty list")
+    _require(isinstance(lambdas, list) and (len(lambdas) > 0 or raw.get("safety_budget") is not None), source,
+             "lambdas", "must be a non-empty list (or [] with a safety_budget, which chooses lambda)")
     for lam in lambdas:
         _require(isinstance(lam, int | float) and lam > 0, source, "lambdas", f"every lambda must be > 0, got {lam!r}")
     _require(len(set(lambdas)) == len(lambdas), source, "lambdas", "values must be distinct")
@@ -198,11 +244,49 @@ def load_pipeline_config(path: str | os.PathLike) -> PipelineConfig:
             if evaluate.get(key) is not None:
                 _require(Path(_expand(evaluate[key])).is_file(), source, f"evaluate.{key}",
                          f"file {evaluate[key]!r} not found")
+    budget = _load_budget(raw.get("safety_budget"), source, orders, evaluate)
     return PipelineConfig(
         sft=raw["sft"], beta=float(beta), lambdas=[float(x) for x in lambdas], reward_step=steps["reward_step"],
         safety_step=steps["safety_step"], orders=orders, merge=merge, baselines=baselines, evaluate=evaluate,
-        source=source,
+        safety_budget=budget, source=source,
     )
+
+
+def _load_budget(raw: Any, source: str, orders: list[str], evaluate: dict[str, Any] | None) -> BudgetSpec | None:
+    if raw is None:
+        return None
+    key = "safety_budget"
+    _require(isinstance(raw, dict), source, key, "must be a mapping with b, samples_per_prompt, prompts, ...")
+    extra = sorted(set(raw) - BUDGET_KEYS)
+    _require(not extra, source, f"{key}.{','.join(extra)}", f"unknown key(s); known: {sorted(BUDGET_KEYS)}")
+    for name in ("b", "prompts"):
+        _require(name in raw, source, f"{key}.{name}", "required")
+    _require("reward_first" in orders, source, key, "the safety budget needs the reward_first order")
+    spec = BudgetSpec(**raw)
+    _require(isinstance(spec.b, int | float), source, f"{key}.b", f"must be a number, got {spec.b!r}")
+    if spec.safety_transform == "prob_safe":
+        _require(0 < spec.b < 1, source, f"{key}.b", f"with safety_transform prob_safe b is a probability in (0, 1), "
+                 f"got {spec.b!r}")
+    _require(spec.safety_transform in ("prob_safe", "neg_cost"), source, f"{key}.safety_transform",
+             f"must be prob_safe or neg_cost, got {spec.safety_transform!r}")
+    _require(isinstance(spec.samples_per_prompt, int) and spec.samples_per_prompt >= 2, source,
+             f"{key}.samples_per_prompt", f"must be an integer >= 2, got {spec.samples_per_prompt!r}")
+    spec.prompts = _expand(str(spec.prompts))
+    _require(Path(spec.prompts).is_file(), source, f"{key}.prompts", f"file {spec.prompts!r} not found")
+    for q in spec.merge_weights:
+        _require(isinstance(q, int | float) and 0 < q < 1, source, f"{key}.merge_weights",
+                 f"q must be in (0, 1), got {q!r}")
+    trained = evaluate or {}
+    for name in ("cost_model", "reward_model"):
+        value = getattr(spec, name)
+        if value is None and isinstance(trained.get(name), dict):
+            setattr(spec, name, f"stage:{name}")
+        elif isinstance(value, str) and not value.startswith("stage:"):
+            setattr(spec, name, _expand(value))
+            _require(Path(getattr(spec, name)).is_dir(), source, f"{key}.{name}", f"folder {value!r} not found")
+    _require(spec.cost_model is not None, source, f"{key}.cost_model",
+             "required: a cost model folder, or train one with evaluate.cost_model")
+    return spec
 
 
 def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
@@ -265,7 +349,7 @@ def build_stages(cfg: PipelineConfig) -> list[Stage]:
         for lam in cfg.lambdas:
             add(_train_stage(
                 f"safety_lam{lam_tag(lam)}", "safety", cfg.safety_step, safety_cfg, "stage:reward", ["reward"],
-                {"beta": cfg.beta, "lam": lam},
+                {"beta": cfg.beta, "lam": lam, "expected_reference": "reward_step"},
                 f"step 2: safety ({cfg.safety_step.algorithm}, beta/lambda={cfg.beta / lam:g}) from step 1",
             ))
     needs_safety_only = "safety_first" in cfg.orders or "safety_only" in cfg.baselines or cfg.merge.naive
@@ -284,6 +368,8 @@ def build_stages(cfg: PipelineConfig) -> list[Stage]:
                 {"beta": cfg.beta, "expected_reference": "safety_step"},
                 f"swapped order: helpfulness (beta={cfg.beta:g}) after safety (lambda={lam:g})",
             ))
+    if cfg.safety_budget is not None:
+        _add_budget_stages(cfg, safety_cfg, add)
     merge_lams = cfg.merge.lambdas if cfg.merge.lambdas is not None else cfg.lambdas
     for lam in merge_lams if cfg.merge.weights else []:
         for q in cfg.merge.weights:
@@ -308,17 +394,53 @@ def build_stages(cfg: PipelineConfig) -> list[Stage]:
     if cfg.evaluate is not None:
         evaluate = copy.deepcopy(cfg.evaluate)
         for key in ("reward_model", "cost_model"):
-            spec = evaluate.get(key)
-            if isinstance(spec, dict):
-                score_cfg = compose_step_config(StepSpec(configs=[_expand(c) for c in spec.get("configs", [])],
-                                                         overrides=spec.get("overrides") or {}))
-                start = score_cfg.get("model", {}).get("init_args", {}).get("policy", {}).get("name_or_path", sft)
-                add(Stage(name=key, kind="train", depends_on=[], reference=start, config=score_cfg,
-                          description=f"{key.replace('_', ' ')} for offline evaluation"))
+            if isinstance(evaluate.get(key), dict):
+                _add_score_stage(cfg, key, add)
                 evaluate[key] = f"stage:{key}"
         add(Stage(name="evaluate", kind="evaluate", depends_on=[s.name for s in stages], reference=sft,
                   config=evaluate, description="evaluation of every produced model against the SFT model"))
     return stages
+
+
+BUDGET_LAMBDA = "budget:lambda_star"
+
+
+def _add_budget_stages(cfg: PipelineConfig, safety_cfg: dict, add) -> None:
+    """``budget`` (sample step 1, score, solve for lambda*) and ``safety_budget`` (step 2 at lambda*), plus the
+    P-SACPO merges of ``merge_weights``. Score-model stages are added here when the budget needs them first."""
+    spec = cfg.safety_budget
+    upstream = ["reward"]
+    for name in ("cost_model", "reward_model"):
+        ref = getattr(spec, name)
+        if isinstance(ref, str) and ref.startswith("stage:"):
+            upstream.append(ref.split(":", 1)[1])
+            _add_score_stage(cfg, ref.split(":", 1)[1], add)
+    add(Stage(name="budget", kind="budget", depends_on=upstream, reference="stage:reward",
+              config={"reference": "stage:reward", "beta": cfg.beta, **{k: v for k, v in asdict(spec).items()
+                                                                         if k != "merge_weights"}},
+              description=f"safety budget: lambda* for E[g] >= {spec.b:g} from {spec.samples_per_prompt} samples per "
+                          "prompt of step 1"))
+    add(_train_stage("safety_budget", "safety", cfg.safety_step, safety_cfg, "stage:reward", ["reward", "budget"],
+                     {"beta": cfg.beta, "lam": BUDGET_LAMBDA, "expected_reference": "reward_step"},
+                     "step 2 at the budget's lambda* (beta/lambda* from the budget stage)"))
+    for q in spec.merge_weights:
+        add(Stage(
+            name=f"merge_budget_q{q:g}", kind="merge", depends_on=["reward", "safety_budget"], reference="stage:reward",
+            config={"base": "stage:reward", "other": "stage:safety_budget", "q": q, "lam": BUDGET_LAMBDA,
+                    "kl_prompts": None, "kl_max_prompts": 0, "dtype": cfg.merge.dtype},
+            description=f"P-SACPO: step 1 merged with the lambda* model at q={q:g}",
+        ))
+
+
+def _add_score_stage(cfg: PipelineConfig, key: str, add) -> None:
+    spec = (cfg.evaluate or {}).get(key)
+    if not isinstance(spec, dict):
+        return
+    score_cfg = compose_step_config(StepSpec(configs=[_expand(c) for c in spec.get("configs", [])],
+                                             overrides=spec.get("overrides") or {}))
+    start = score_cfg.get("model", {}).get("init_args", {}).get("policy", {}).get("name_or_path", cfg.sft)
+    add(Stage(name=key, kind="train", depends_on=[], reference=start, config=score_cfg,
+              description=f"{key.replace('_', ' ')} for offline evaluation"))
 
 
 def config_hash(obj: Any) -> str:

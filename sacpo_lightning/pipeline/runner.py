@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import copy
 import json
+import math
 import os
 import shutil
 import signal
@@ -20,8 +21,10 @@ from typing import Any
 import yaml
 from filelock import FileLock, Timeout
 
+from sacpo_lightning.budget_sampling import BUDGET_FILE
 from sacpo_lightning.io import atomic_write_json, atomic_write_text, file_fingerprint, is_complete_directory
 from sacpo_lightning.pipeline.config import (
+    BUDGET_LAMBDA,
     PipelineConfig,
     PipelineConfigError,
     Stage,
@@ -97,7 +100,16 @@ class PipelineRunner:
         return self.stage_dir(name) / "export"
 
     # ------------------------------------------------------------------------------------------------ resolving
+    def budget_result(self) -> dict[str, Any] | None:
+        """The budget stage's ``budget.json``, or None before it has run."""
+        path = self.stage_dir("budget") / BUDGET_FILE
+        return json.loads(path.read_text()) if path.is_file() else None
+
     def _resolve(self, value: Any) -> Any:
+        if value == BUDGET_LAMBDA:
+            budget = self.budget_result()
+            # unresolved until the budget stage has run; its hash then changes and the stage runs with the value
+            return budget["lambda_star"] if budget is not None and budget.get("step2_beta") else value
         if isinstance(value, str) and value.startswith("stage:"):
             return str(self.export_dir(value.split(":", 1)[1]))
         if isinstance(value, dict):
@@ -169,8 +181,10 @@ class PipelineRunner:
             entry = self.manifest["stages"].get(stage.name)
             export = self.export_dir(stage.name)
             up_to_date = (
-                entry is not None and entry.get("status") == "done" and entry.get("config_hash") == digest
-                and (stage.kind == "evaluate" or is_complete_directory(export))
+                entry is not None and entry.get("status") in ("done", "skipped")
+                and entry.get("config_hash") == digest
+                and (stage.kind in ("evaluate", "budget") or entry["status"] == "skipped"
+                     or is_complete_directory(export))
             )
             prefix = f"[{i}/{total}] {stage.name}"
             if up_to_date:
@@ -182,17 +196,22 @@ class PipelineRunner:
             self.log(f"{prefix}: {stage.description}")
             entry = {
                 "name": stage.name, "kind": stage.kind, "status": "pending", "description": stage.description,
-                "export_dir": str(export) if stage.kind != "evaluate" else None,
+                "export_dir": str(export) if stage.kind not in ("evaluate", "budget") else None,
                 "reference": self._resolve(stage.reference), "config": inputs["config"], "config_hash": digest,
                 "data": inputs["data"], "depends_on": stage.depends_on, "started_at": _now(),
             }
             self.manifest["stages"][stage.name] = entry
             self._save_manifest()
             t0 = time.monotonic()
+            skip = self._skip_reason(stage)
+            if skip is not None:
+                entry.update(status="skipped", reason=skip, finished_at=_now(), wall_time_s=0.0)
+                self._save_manifest()
+                self.log(f"{prefix}: skipped: {skip}")
+                continue
             try:
-                metrics = {"train": self._run_train, "merge": self._run_merge, "evaluate": self._run_evaluate}[
-                    stage.kind
-                ](stage, inputs, digest)
+                metrics = {"train": self._run_train, "merge": self._run_merge, "evaluate": self._run_evaluate,
+                           "budget": self._run_budget}[stage.kind](stage, inputs, digest)
             except BaseException as err:
                 entry.update(status="failed", error=f"{type(err).__name__}: {err}", wall_time_s=time.monotonic() - t0)
                 self._save_manifest()
@@ -271,19 +290,101 @@ class PipelineRunner:
             prompts = render_prompts(load_prompts(config["kl_prompts"], config["kl_max_prompts"]), tokenizer)
             kl = mixture_vs_merge_kl(config["base"], config["other"], out, config["q"], prompts, tokenizer)
             metrics.update(kl_mixture_vs_merge=kl.mean_kl, kl_num_tokens=kl.num_tokens)
-            self.log(f"  mean KL(exact mixture || weight merge) per token: {kl.mean_kl:.5f} "
+            self.log(f"  mean KL(token-level mixture || weight merge) per token: {kl.mean_kl:.5f} "
                      f"over {kl.num_tokens} tokens")
         atomic_write_json(self.stage_dir(stage.name) / "merge_metrics.json", metrics)
         return metrics
+
+    def _skip_reason(self, stage: Stage) -> str | None:
+        """Why a stage that depends on lambda* cannot run (the budget found no usable lambda*), else None."""
+        if BUDGET_LAMBDA not in json.dumps(stage.config):
+            return None
+        budget = self.budget_result()
+        if budget is None:
+            return "the budget stage has not produced budget.json"
+        if not budget.get("step2_beta"):
+            return f"no step 2 at lambda*: {budget.get('message')}"
+        return None
+
+    def _run_budget(self, stage: Stage, inputs: dict[str, Any], digest: str) -> dict[str, Any]:
+        from sacpo_lightning.budget import default_lambdas
+        from sacpo_lightning.budget_sampling import estimate_budget
+        from sacpo_lightning.evaluation.generation import GenerationSettings
+        from sacpo_lightning.evaluation.pipeline_stage import subset_prompts
+
+        config = inputs["config"]
+        root = self.stage_dir(stage.name)
+        root.mkdir(parents=True, exist_ok=True)
+        prompts = subset_prompts(config["prompts"], config.get("max_prompts"), root)
+        generation = GenerationSettings(max_new_tokens=int(config["max_new_tokens"]), do_sample=True,
+                                        batch_size=int(config["batch_size"]), seed=int(config["seed"]))
+        kwargs = dict(safety_transform=config["safety_transform"], lam_max=config.get("lam_max"),
+                      generation=generation)
+        args = (config["reference"], prompts, int(config["samples_per_prompt"]), float(config["beta"]),
+                float(config["b"]), config["cost_model"], config.get("reward_model"), root)
+        result = estimate_budget(*args, **kwargs)
+        merge_weights = self.cfg.safety_budget.merge_weights if self.cfg.safety_budget else []
+        if result.get("step2_beta") and merge_weights:
+            # predictions for the P-SACPO merges too: a merge at q approximates lambda = q * lambda* (cached samples)
+            lam = float(result["lambda_star"])
+            lambdas = sorted(set(default_lambdas(float(config["beta"]), lam)) | {q * lam for q in merge_weights})
+            result = estimate_budget(*args, lambdas=lambdas, **kwargs)
+        self.log(f"  {result['message']}")
+        self.log(f"  curve: {root / 'lambda_curve.png'}; budget: {root / BUDGET_FILE}")
+        return {"lambda_star": result["lambda_star"], "status": result["status"],
+                "predicted_safety": result["predicted"]["safety"], "step2_beta": result.get("step2_beta")}
+
+    def predicted_safety(self) -> dict[str, dict[str, Any]] | None:
+        """The budget's predictions per evaluated model: step 1 at lambda = 0, the lambda* model, and each merge at
+        q * lambda* (read off the predicted curve)."""
+        budget = self.budget_result()
+        if budget is None:
+            return None
+        out = {"reward": {"lambda": 0.0, "safety": budget["reference"]["safety"]}}
+        if budget.get("step2_beta"):
+            lam = float(budget["lambda_star"])
+            out["safety_budget"] = {"lambda": lam, "safety": budget["predicted"]["safety"]}
+            curve = budget.get("curve") or {}
+            grid = curve.get("lambdas") or []
+            for s in self.stages:
+                q = s.config.get("q") if s.kind == "merge" and s.config.get("lam") == BUDGET_LAMBDA else None
+                if q is None:
+                    continue
+                for i, value in enumerate(grid):
+                    if math.isclose(value, q * lam, rel_tol=1e-9):
+                        out[s.name] = {"lambda": q * lam, "safety": curve["safety"][i]}
+        return out
 
     def _run_evaluate(self, stage: Stage, inputs: dict[str, Any], digest: str) -> dict[str, Any]:
         from sacpo_lightning.evaluation.pipeline_stage import run_evaluation_stage
 
         models = {"sft": self.cfg.sft}
         for s in self.stages:
-            if s.kind in ("train", "merge") and s.name not in ("reward_model", "cost_model"):
-                models[s.name] = str(self.export_dir(s.name))
-        return run_evaluation_stage(inputs["config"], models, self.stage_dir(stage.name), log=self.log)
+            if s.kind not in ("train", "merge") or s.name in ("reward_model", "cost_model"):
+                continue
+            if self.manifest["stages"].get(s.name, {}).get("status") == "skipped":
+                continue
+            models[s.name] = str(self.export_dir(s.name))
+        config = dict(inputs["config"])
+        predicted = self.predicted_safety()
+        if predicted is not None:
+            predicted = {k: v for k, v in predicted.items() if k in models}
+            if config.get("safety_threshold") is None and self.cfg.safety_budget is not None:
+                config["safety_threshold"] = self.cfg.safety_budget.b
+        metrics = run_evaluation_stage(config, models, self.stage_dir(stage.name), log=self.log,
+                                       predicted_safety=predicted if config.get("safety_judges") else None)
+        if self.cfg.safety_budget is not None and self.cfg.safety_budget.merge_weights:
+            from sacpo_lightning.budget import pick_merge_weight
+
+            report = json.loads(Path(metrics["report"]).read_text())
+            candidates = {s.name: s.config["q"] for s in self.stages
+                          if s.kind == "merge" and s.config.get("lam") == BUDGET_LAMBDA and s.name in models}
+            candidates["safety_budget"] = 1.0
+            pick = pick_merge_weight(report, candidates, self.cfg.safety_budget.b)
+            atomic_write_json(self.stage_dir(stage.name) / "merge_pick.json", pick)
+            self.log(f"  P-SACPO pick for b={self.cfg.safety_budget.b:g}: {pick['message']}")
+            metrics["merge_pick"] = pick
+        return metrics
 
     # ------------------------------------------------------------------------------------------------ summary
     def summary(self, elapsed: float) -> str:

@@ -1,0 +1,622 @@
+"""The safety budget of SACPO: the optimal Lagrange multiplier lambda* estimated from samples of the reference.
+
+Problem and dual
+----------------
+SACPO (Wachi et al., 2024) solves the constrained alignment problem
+
+    max_pi  E_x E_{y~pi}[r(x, y)] - beta KL(pi || pi_sft)    subject to    E_x E_{y~pi}[g(x, y)] >= b.
+
+For a multiplier lambda >= 0 the Lagrangian ``E[r + lambda g] - beta KL(pi || pi_sft) - lambda b`` is maximised by
+``pi*_lambda(y|x) ∝ pi_sft(y|x) exp((r + lambda g) / beta)``, and its value is the dual function
+
+    D(lambda) = beta E_x log E_{y~pi_sft}[exp((r + lambda g) / beta)] - lambda b,
+
+convex in lambda, with ``D'(lambda) = E_x E_{pi*_lambda}[g] - b`` and ``D''(lambda) = E_x Var_{pi*_lambda}[g] / beta``.
+Its minimiser over lambda >= 0 is lambda*: 0 when the constraint already holds at lambda = 0, else the root of
+``E_x E_{pi*_lambda}[g] = b``.
+
+Which reference, and where r goes (SACPO's step 2)
+---------------------------------------------------
+Step 1 aligns the reward: ``pi_r ∝ pi_sft exp(r / beta)``. Substituting,
+
+    pi*_lambda ∝ pi_r exp(lambda g / beta),
+
+which is the maximiser of ``E[g] - (beta / lambda) KL(pi || pi_r)``: SACPO's step 2, aligning the safety g with KL
+coefficient ``beta / lambda`` relative to the step-1 model. The dual becomes
+``beta E_x log Z_r(x) + beta E_x log E_{y~pi_r}[exp(lambda g / beta)] - lambda b``; the first term does not depend on
+lambda. So with samples of the **step-1 model** the right form is r = 0 in the exponent: the same lambda*, the same
+D', and D up to a constant. Putting r in the exponent again would tilt pi_r by ``exp(r / beta)`` a second time
+(``pi_sft exp(2 r / beta)``). Hence the ``reward_in_tilt`` switch of :func:`solve_lambda` and
+:func:`predicted_curve`:
+
+- ``reward_in_tilt=False`` (the pipeline's case): samples come from pi_r; only g enters the weights
+  ``lambda g / beta``; reward scores, when given, are only *reported* (E[r] under pi*_lambda: what safety costs in
+  helpfulness).
+- ``reward_in_tilt=True``: samples come from pi_sft and the whole problem is solved at once, weights
+  ``(r + lambda g) / beta``; r must then be on the scale of the reward that step 1 used.
+
+The step-2 KL coefficient for the found multiplier is :attr:`BudgetSolution.step2_beta` = ``beta / lambda*``.
+
+Estimators
+----------
+From K samples ``y_1..y_K ~ pi_ref(.|x)`` per prompt (P prompts, scores as (P, K) arrays) with tilt
+``s_k = (r_k + lambda g_k) / beta`` (r_k = 0 without reward tilt):
+
+- ``log E_{pi_ref}[exp(s)] ≈ logsumexp_k s_k - log K`` (stable for any lambda);
+- ``E_{pi*_lambda}[f] ≈ sum_k w_k f_k`` with ``w = softmax(s)`` (self-normalised importance sampling,
+  :mod:`sacpo_lightning.importance`);
+- ``KL(pi*_lambda || pi_ref) ≈ sum_k w_k log(K w_k)`` (the KL of the weights from uniform);
+- the effective sample size ``1 / sum_k w_k^2`` per prompt, K at lambda = 0 (without reward tilt), falling as lambda
+  concentrates the weight on the safest samples.
+
+As lambda grows, ``E_{pi*_lambda}[g]`` rises to ``E_x max_k g(x, y_k)``: the most safety reachable by reweighting
+these samples. A budget ``b`` at or above it has no finite lambda* and is reported as ``"infeasible"``. All of this is
+a sample estimate: biased for finite K (self-normalised), the sample maximum understates the true one, and estimates
+at large lambda rest on few samples (watch the ESS).
+
+Safety scores from a cost model
+-------------------------------
+Safe RLHF's cost model gives ``cost > 0`` for unsafe responses (:mod:`sacpo_lightning.evaluation.score_models`).
+:func:`safety_from_cost` turns it into g: ``"prob_safe"`` (the default of the sampling step), ``g = sigmoid(-cost)``
+in [0, 1], so that b reads as a target average probability of being safe; or ``"neg_cost"``, ``g = -cost``, the
+constraint ``E[cost] <= -b`` of Safe RLHF.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from sacpo_lightning.importance import normalized_weights, snis_mean
+from sacpo_lightning.io import atomic_write_file, atomic_write_json
+
+__all__ = [
+    "SAFETY_TRANSFORMS",
+    "BudgetSolution",
+    "LambdaCurve",
+    "budget_report",
+    "default_lambdas",
+    "dual_derivative",
+    "dual_objective",
+    "plot_curve",
+    "predicted_curve",
+    "safety_from_cost",
+    "solve_lambda",
+    "write_budget_json",
+]
+
+SAFETY_TRANSFORMS = ("prob_safe", "neg_cost")
+STATUSES = ("zero", "interior", "at_max", "infeasible")
+
+# Default lam_max makes the largest tilt gap within a prompt LAM_MAX_TILT nats: the weights are then an argmax.
+LAM_MAX_TILT = 1000.0
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Validation
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _scores(values: Any, name: str, like: Tensor | None = None) -> Tensor:
+    """(P, K) float64 tensor of finite scores, or a clear error."""
+    try:
+        t = torch.as_tensor(values, dtype=torch.float64)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{name} must be a (P, K) array of numbers: {err}") from None
+    if t.dim() != 2 or t.shape[0] < 1 or t.shape[1] < 1:
+        raise ValueError(f"{name} must be a (P, K) array (P prompts, K samples each), got shape {tuple(t.shape)}")
+    if like is not None and t.shape != like.shape:
+        raise ValueError(f"{name} has shape {tuple(t.shape)} but safety has shape {tuple(like.shape)}")
+    bad = ~torch.isfinite(t)
+    if bad.any():
+        p, k = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"{name} has {int(bad.sum())} NaN or infinite values (first at prompt {p}, sample {k})")
+    return t
+
+
+def _number(value: Any) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _check_beta(beta: float) -> float:
+    v = _number(beta)
+    if v is None or not (math.isfinite(v) and v > 0):
+        raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
+    return v
+
+
+def _check_b(b: float) -> float:
+    v = _number(b)
+    if v is None or not math.isfinite(v):
+        raise ValueError(f"the safety budget b must be a finite number, got {b!r}")
+    return v
+
+
+def _check_lam(lam: float) -> float:
+    v = _number(lam)
+    if v is None or not (math.isfinite(v) and v >= 0):
+        raise ValueError(f"lambda must be a finite number >= 0, got {lam!r}")
+    return v
+
+
+def _inputs(rewards: Any, safety: Any, reward_in_tilt: bool) -> tuple[Tensor | None, Tensor, Tensor | None]:
+    """(rewards, safety, rewards in the tilt or None) as checked float64 (P, K) tensors."""
+    g = _scores(safety, "safety")
+    r = _scores(rewards, "rewards", like=g) if rewards is not None else None
+    if reward_in_tilt and r is None:
+        raise ValueError("reward_in_tilt=True needs reward scores (rewards is None)")
+    return r, g, (r if reward_in_tilt else None)
+
+
+def _log_weights(tilt_rewards: Tensor | None, safety: Tensor, lam: Tensor | float, beta: float) -> Tensor:
+    """``(r + lam g) / beta``; with a (L,) tensor ``lam`` the result is (L, P, K)."""
+    lam = torch.as_tensor(lam, dtype=torch.float64)
+    lam = lam.reshape(-1, 1, 1) if lam.dim() == 1 else lam
+    s = lam * safety
+    if tilt_rewards is not None:
+        s = s + tilt_rewards
+    return s / beta
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Dual function
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def dual_objective(rewards: Any | None, safety: Any, lam: float, beta: float, b: float) -> float:
+    """Sample estimate of the dual ``D(lambda) = beta E_x log E_{pi_ref}[exp((r + lambda g) / beta)] - lambda b``.
+
+    Args:
+        rewards: (P, K) rewards **in the exponent**, or None for r = 0: SACPO's step 2, whose reference (the step-1
+            model) already carries r (module docstring).
+        safety: (P, K) safety scores g of K samples of pi_ref for each of P prompts.
+        lam: The multiplier, >= 0.
+        beta: KL coefficient to pi_ref, > 0.
+        b: The safety budget (the constraint is ``E[g] >= b``).
+
+    Returns:
+        ``beta * mean_x (logsumexp_k (r + lam g) / beta - log K) - lam * b``.
+    """
+    beta = _check_beta(beta)
+    r, g, tilt = _inputs(rewards, safety, reward_in_tilt=rewards is not None)
+    lam, b = _check_lam(lam), _check_b(b)
+    s = _log_weights(tilt, g, lam, beta)
+    log_mean_exp = torch.logsumexp(s, dim=-1) - math.log(g.shape[1])
+    return float(beta * log_mean_exp.mean() - lam * b)
+
+
+def dual_derivative(rewards: Any | None, safety: Any, lam: float, beta: float, b: float) -> float:
+    """``D'(lambda) = E_x E_{pi*_lambda}[g] - b`` (non-decreasing in lambda), with the arguments of
+    :func:`dual_objective`."""
+    beta = _check_beta(beta)
+    r, g, tilt = _inputs(rewards, safety, reward_in_tilt=rewards is not None)
+    lam, b = _check_lam(lam), _check_b(b)
+    return _expected_safety(tilt, g, lam, beta) - b
+
+
+def _expected_safety(tilt: Tensor | None, g: Tensor, lam: float, beta: float) -> float:
+    mean, _ = snis_mean(g, _log_weights(tilt, g, lam, beta))
+    return float(mean.mean())
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Predictions under pi*_lambda
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _predict(r: Tensor | None, g: Tensor, tilt: Tensor | None, lams: Tensor, beta: float) -> dict[str, Tensor | None]:
+    """(L,) prompt-averaged E[g], E[r], KL and mean/min ESS under pi*_lambda for each of the (L,) ``lams``."""
+    s = _log_weights(tilt, g, lams, beta)  # (L, P, K)
+    safety, ess = snis_mean(g, s)
+    reward = snis_mean(r, s)[0].mean(-1) if r is not None else None
+    # KL(w || uniform) = E_w[s] - logmeanexp(s): written with s rather than log w, which is -inf where w underflows.
+    w = normalized_weights(s)
+    kl = (w * s).sum(-1) - (torch.logsumexp(s, dim=-1) - math.log(g.shape[1]))
+    return {"safety": safety.mean(-1), "reward": reward, "kl": kl.clamp_min(0.0).mean(-1),
+            "ess_mean": ess.mean(-1), "ess_min": ess.min(-1).values}
+
+
+@dataclass(frozen=True)
+class LambdaCurve:
+    """Predicted quantities under pi*_lambda along a grid of multipliers (prompt averages; lists of length L).
+
+    Attributes:
+        lambdas: The multipliers.
+        safety: E_x E_{pi*_lambda}[g].
+        reward: E_x E_{pi*_lambda}[r] (None without reward scores).
+        kl: E_x KL(pi*_lambda || pi_ref).
+        ess_mean, ess_min: Mean and smallest per-prompt effective sample size (out of ``samples_per_prompt``).
+    """
+
+    lambdas: list[float]
+    safety: list[float]
+    reward: list[float] | None
+    kl: list[float]
+    ess_mean: list[float]
+    ess_min: list[float]
+    beta: float
+    samples_per_prompt: int
+    reward_in_tilt: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def predicted_curve(
+    rewards: Any | None, safety: Any, beta: float, lambdas: Sequence[float] | Tensor, *, reward_in_tilt: bool
+) -> LambdaCurve:
+    """E[g], E[r], KL to the reference and ESS under pi*_lambda for each lambda, from the same K samples per prompt.
+
+    Args:
+        rewards: (P, K) reward scores of the samples, or None.
+        safety: (P, K) safety scores g.
+        beta: KL coefficient, > 0.
+        lambdas: (L,) multipliers, each >= 0.
+        reward_in_tilt: False when the samples come from SACPO's step-1 model (r is already in pi_ref: weights
+            ``lambda g / beta``, rewards only reported); True when they come from pi_sft (weights
+            ``(r + lambda g) / beta``). See the module docstring.
+    """
+    beta = _check_beta(beta)
+    r, g, tilt = _inputs(rewards, safety, reward_in_tilt)
+    lams = torch.as_tensor(lambdas, dtype=torch.float64).reshape(-1)
+    if lams.numel() == 0:
+        raise ValueError("lambdas must not be empty")
+    if not (torch.isfinite(lams).all() and (lams >= 0).all()):
+        raise ValueError(f"lambdas must be finite and >= 0, got {lams.tolist()}")
+    out = _predict(r, g, tilt, lams, beta)
+    return LambdaCurve(
+        lambdas=lams.tolist(),
+        safety=out["safety"].tolist(),
+        reward=out["reward"].tolist() if out["reward"] is not None else None,
+        kl=out["kl"].tolist(),
+        ess_mean=out["ess_mean"].tolist(),
+        ess_min=out["ess_min"].tolist(),
+        beta=float(beta),
+        samples_per_prompt=int(g.shape[1]),
+        reward_in_tilt=reward_in_tilt,
+    )
+
+
+def default_lambdas(beta: float, lam_star: float | None = None, num: int = 41) -> list[float]:
+    """0, then ``num - 1`` geometrically spaced multipliers from ``beta / 100`` to ``max(100 beta, 4 lam_star)``,
+    plus ``lam_star`` itself (sorted)."""
+    beta = _check_beta(beta)
+    if num < 2:
+        raise ValueError(f"num must be >= 2, got {num}")
+    top = max(100.0 * beta, 4.0 * lam_star if lam_star else 0.0)
+    grid = torch.logspace(math.log10(beta / 100.0), math.log10(top), num - 1, dtype=torch.float64).tolist()
+    values = {0.0, *grid}
+    if lam_star is not None and math.isfinite(lam_star):
+        values.add(float(lam_star))
+    return sorted(values)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Solving for lambda*
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BudgetSolution:
+    """The estimated optimal multiplier and what it predicts.
+
+    Attributes:
+        lam: lambda*. ``status`` says how to read it:
+
+            - ``"zero"``: the constraint holds at lambda = 0 (``safety_ref >= b``); lam = 0, no safety step needed.
+            - ``"interior"``: lam solves ``E[g] = b``.
+            - ``"at_max"``: b is reachable in the limit (``b < safety_max``) but lambda* > ``lam_max``; lam =
+              ``lam_max`` is a lower bound.
+            - ``"infeasible"``: ``b >= safety_max``, the most safety reachable by reweighting these samples; no
+              finite lambda meets it. lam = ``lam_max`` and ``safety`` is the capped prediction there.
+        message: A sentence saying the above with the numbers.
+        safety, reward, kl, ess_mean, ess_min: Predictions under pi*_lam (see :class:`LambdaCurve`).
+        safety_ref, reward_ref: The same at lambda = 0.
+        safety_max: ``E_x max_k g``: the limit of the predicted safety as lambda grows.
+    """
+
+    lam: float
+    status: str
+    message: str
+    safety: float
+    reward: float | None
+    kl: float
+    ess_mean: float
+    ess_min: float
+    safety_ref: float
+    reward_ref: float | None
+    safety_max: float
+    beta: float
+    b: float
+    lam_max: float
+    reward_in_tilt: bool
+    num_prompts: int
+    samples_per_prompt: int
+    iterations: int
+
+    @property
+    def feasible(self) -> bool:
+        return self.status != "infeasible"
+
+    @property
+    def step2_beta(self) -> float | None:
+        """SACPO's step-2 KL coefficient ``beta / lambda*`` relative to the step-1 model; None when no finite
+        positive lambda* was found (``zero``: no step needed; ``infeasible``)."""
+        if self.status in ("interior", "at_max") and self.lam > 0:
+            return self.beta / self.lam
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "step2_beta": self.step2_beta, "feasible": self.feasible}
+
+
+def solve_lambda(
+    rewards: Any | None,
+    safety: Any,
+    beta: float,
+    b: float,
+    *,
+    reward_in_tilt: bool,
+    lam_max: float | None = None,
+    rtol: float = 1e-12,
+    max_iter: int = 200,
+) -> BudgetSolution:
+    """Minimises the dual over lambda >= 0 by bisection on its derivative (non-decreasing, so bisection is safe).
+
+    Args:
+        rewards: (P, K) reward scores of the samples, or None.
+        safety: (P, K) safety scores g of K samples of pi_ref for each of P prompts.
+        beta: KL coefficient, > 0.
+        b: Safety budget: the constraint is ``E_x E_pi[g] >= b``.
+        reward_in_tilt: See :func:`predicted_curve` (False for samples of SACPO's step-1 model).
+        lam_max: Largest multiplier searched; None: ``1000 beta / max_x (max_k g - min_k g)``, where the weights
+            are already an argmax.
+        rtol: Stop when the bracket is narrower than ``rtol * upper end``.
+        max_iter: Most bisection steps.
+
+    Returns:
+        A :class:`BudgetSolution`; check ``status`` before using ``lam``.
+    """
+    beta = _check_beta(beta)
+    r, g, tilt = _inputs(rewards, safety, reward_in_tilt)
+    b = _check_b(b)
+    spread = float((g.max(dim=1).values - g.min(dim=1).values).max())
+    if lam_max is None:
+        lam_max = LAM_MAX_TILT * beta / spread if spread > 0 else beta
+    elif not (math.isfinite(lam_max) and lam_max > 0):
+        raise ValueError(f"lam_max must be a finite number > 0, got {lam_max!r}")
+    safety_max = float(g.max(dim=1).values.mean())
+
+    def deriv(lam: float) -> float:
+        return _expected_safety(tilt, g, lam, beta) - b
+
+    iterations = 0
+    if deriv(0.0) >= 0:
+        lam, status = 0.0, "zero"
+    elif b >= safety_max:
+        lam, status = float(lam_max), "infeasible"
+    else:
+        # Bracket the root by doubling from a tilt of one nat across the widest prompt, then bisect.
+        lo, hi = 0.0, min(beta / spread, lam_max)
+        status = "interior"
+        while deriv(hi) < 0:
+            if hi >= lam_max:
+                status = "at_max"
+                break
+            lo, hi = hi, min(2.0 * hi, lam_max)
+        if status == "at_max":
+            lam = float(lam_max)
+        else:
+            while hi - lo > rtol * hi and iterations < max_iter:
+                mid = 0.5 * (lo + hi)
+                if deriv(mid) < 0:
+                    lo = mid
+                else:
+                    hi = mid
+                iterations += 1
+            lam = 0.5 * (lo + hi)
+
+    at = _predict(r, g, tilt, torch.tensor([lam, 0.0], dtype=torch.float64), beta)
+    pred = {k: (float(v[0]) if v is not None else None) for k, v in at.items()}
+    ref = {k: (float(v[1]) if v is not None else None) for k, v in at.items()}
+    num_prompts, k = g.shape
+    message = _message(status, lam, b, ref["safety"], pred["safety"], safety_max, lam_max)
+    if pred["ess_mean"] < 0.1 * k:
+        message += (f" Mean effective sample size at lambda* is {pred['ess_mean']:.2f} of {k}: the prediction rests on "
+                    "few samples; draw more per prompt.")
+    return BudgetSolution(
+        lam=lam, status=status, message=message, safety=pred["safety"], reward=pred["reward"], kl=pred["kl"],
+        ess_mean=pred["ess_mean"], ess_min=pred["ess_min"], safety_ref=ref["safety"], reward_ref=ref["reward"],
+        safety_max=safety_max, beta=float(beta), b=b, lam_max=float(lam_max), reward_in_tilt=reward_in_tilt,
+        num_prompts=int(num_prompts), samples_per_prompt=int(k), iterations=iterations,
+    )
+
+
+def _message(status: str, lam: float, b: float, ref: float, pred: float, top: float, lam_max: float) -> str:
+    if status == "zero":
+        return f"The reference already meets the budget: E[g] = {ref:.4g} >= b = {b:.4g}; lambda* = 0."
+    if status == "interior":
+        return f"lambda* = {lam:.6g} raises E[g] from {ref:.4g} to b = {b:.4g}."
+    if status == "at_max":
+        return (f"b = {b:.4g} is below the reachable maximum {top:.4g} but needs lambda > lam_max = {lam_max:.4g} "
+                f"(E[g] = {pred:.4g} there); raise lam_max.")
+    return (f"Infeasible: b = {b:.4g} is at or above the most safety reachable from these samples, "
+            f"E_x max_k g = {top:.4g}; no finite lambda meets it (E[g] = {pred:.4g} at lam_max = {lam_max:.4g}).")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Safety transform, report, plot
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def safety_from_cost(costs: Any, transform: str = "prob_safe") -> Tensor:
+    """Safety scores g from cost-model scores (``cost > 0``: unsafe).
+
+    Args:
+        costs: (...) costs.
+        transform: ``"prob_safe"``: ``g = sigmoid(-cost)`` in [0, 1], the cost model's probability that the response
+            is safe (its classification term is ``-log sigmoid(-cost)`` for safe responses), so b is a target
+            average probability of being safe. ``"neg_cost"``: ``g = -cost``.
+
+    Returns:
+        float64 tensor shaped like ``costs``.
+    """
+    c = torch.as_tensor(costs, dtype=torch.float64)
+    if transform == "prob_safe":
+        return torch.sigmoid(-c)
+    if transform == "neg_cost":
+        return -c
+    raise ValueError(f"safety transform must be one of {SAFETY_TRANSFORMS}, got {transform!r}")
+
+
+def _finite_or_none(obj: Any) -> Any:
+    """Strict JSON has no NaN or Infinity: they become null."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite_or_none(v) for v in obj]
+    return obj
+
+
+def budget_report(solution: BudgetSolution, curve: LambdaCurve, inputs: dict[str, Any] | None = None) -> dict:
+    """The content of ``budget.json``: ``lambda_star``, ``status``, ``message``, ``step2_beta``, ``predicted`` (at
+    lambda*), ``reference`` (at lambda = 0), ``solution`` (every field), ``curve`` and ``inputs``."""
+    return {
+        "lambda_star": solution.lam,
+        "status": solution.status,
+        "message": solution.message,
+        "step2_beta": solution.step2_beta,
+        "predicted": {"safety": solution.safety, "reward": solution.reward, "kl": solution.kl,
+                      "ess_mean": solution.ess_mean, "ess_min": solution.ess_min},
+        "reference": {"safety": solution.safety_ref, "reward": solution.reward_ref,
+                      "safety_max": solution.safety_max},
+        "solution": solution.to_dict(),
+        "curve": curve.to_dict(),
+        "inputs": dict(inputs or {}),
+    }
+
+
+def write_budget_json(path: str | os.PathLike, report: dict[str, Any]) -> Path:
+    """Writes ``report`` as strict JSON (non-finite floats as null), atomically."""
+    atomic_write_json(path, _finite_or_none(report))
+    return Path(path)
+
+
+def plot_curve(
+    curve: LambdaCurve, path: str | os.PathLike, *, b: float | None = None, lam_star: float | None = None
+) -> Path:
+    """Writes a PNG (e.g. ``lambda_curve.png``) of E[g], E[r] and KL, and ESS against lambda, atomically.
+
+    The x axis is symmetric-log when the grid spans several decades (so that lambda = 0 stays on it).
+    """
+    from sacpo_lightning.evaluation.report import _pyplot
+
+    plt = _pyplot()
+    lams = curve.lambdas
+    fig, axes = plt.subplots(3, 1, figsize=(6.5, 8), sharex=True)
+    try:
+        ax_g, ax_kl, ax_ess = axes
+        ax_g.plot(lams, curve.safety, marker=".", color="tab:green", label="E[g] under pi*_lambda")
+        if b is not None:
+            ax_g.axhline(b, color="tab:red", ls="--", lw=1, label=f"budget b = {b:.3g}")
+        ax_g.set_ylabel("predicted safety E[g]")
+        ax_kl.plot(lams, curve.kl, marker=".", color="tab:purple", label="KL(pi*_lambda || pi_ref)")
+        ax_kl.set_ylabel("KL to reference (nats)")
+        if curve.reward is not None:
+            ax_r = ax_kl.twinx()
+            ax_r.plot(lams, curve.reward, marker=".", color="tab:blue", label="E[r]")
+            ax_r.set_ylabel("predicted reward E[r]", color="tab:blue")
+            ax_r.legend(loc="lower right", fontsize=8)
+        ax_ess.plot(lams, curve.ess_mean, marker=".", label="mean ESS")
+        ax_ess.plot(lams, curve.ess_min, marker=".", label="min ESS")
+        ax_ess.axhline(curve.samples_per_prompt, color="grey", ls=":", lw=1, label=f"K = {curve.samples_per_prompt}")
+        ax_ess.set_ylabel("effective sample size")
+        ax_ess.set_xlabel("lambda")
+        positive = [x for x in lams if x > 0]
+        if positive and max(positive) / min(positive) > 100:
+            ax_ess.set_xscale("symlog", linthresh=min(positive))
+        if len(lams) > 1:
+            ax_ess.set_xlim(min(lams), max(lams))
+        for ax in axes:
+            if lam_star is not None and math.isfinite(lam_star):
+                ax.axvline(lam_star, color="black", ls="--", lw=0.8)
+            ax.grid(True, alpha=0.3)
+            ax.legend(loc="upper left", fontsize=8)
+        title = f"pi*_lambda ∝ pi_ref exp({'(r + lambda g)' if curve.reward_in_tilt else 'lambda g'} / beta), "
+        title += f"beta = {curve.beta:g}"
+        if lam_star is not None:
+            title += f", lambda* = {lam_star:.4g}"
+        ax_g.set_title(title, fontsize=10)
+        fig.tight_layout()
+        atomic_write_file(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    finally:
+        plt.close(fig)
+    return Path(path)
+
+
+def pick_merge_weight(report: dict[str, Any], candidates: dict[str, float], b: float) -> dict[str, Any]:
+    """P-SACPO after the fact: among merges of step 1 with the lambda* model (``{model name: q}``, the lambda* model
+    itself at q = 1), the one whose measured safety meets ``b`` with the least loss of helpfulness.
+
+    Safety is the evaluation report's constraint check (``report["safety"]["models"][m]["constraint"]``: measured
+    safety with its interval and verdict ``meets`` / ``fails`` / ``undetermined``); helpfulness is the mean reward on
+    the helpfulness prompts, with the bootstrap interval of the win rate against the baseline. A model counts as meeting
+    ``b`` when its whole interval is at or above ``b``; when none does, models whose point estimate meets ``b`` are
+    considered and the pick is marked ``undetermined``.
+
+    Returns:
+        ``{b, pick, q, status, message, candidates: [{model, q, safety, ci_low, ci_high, verdict, mean_reward,
+        helpfulness_win_rate, helpfulness_ci}]}``.
+    """
+    rows = []
+    models = report.get("models", {})
+    safety_models = (report.get("safety") or {}).get("models", {})
+    for name, q in sorted(candidates.items(), key=lambda item: item[1]):
+        constraint = (safety_models.get(name) or {}).get("constraint")
+        if constraint is None:
+            continue
+        entry = models.get(name, {})
+        helpful = entry.get("helpfulness") or {}
+        rows.append({
+            "model": name, "q": q, "safety": constraint.get("safety"), "ci_low": constraint.get("ci_low"),
+            "ci_high": constraint.get("ci_high"), "verdict": constraint.get("verdict"),
+            "mean_reward": ((entry.get("scores") or {}).get("helpful") or {}).get("mean_reward"),
+            "helpfulness_win_rate": helpful.get("win_rate"),
+            "helpfulness_ci": [helpful.get("ci_low"), helpful.get("ci_high")],
+        })
+    if not rows:
+        return {"b": b, "pick": None, "q": None, "status": "no_data", "candidates": rows,
+                "message": "no candidate has a measured safety (configure evaluate.safety_judges and a threshold)"}
+    meets = [r for r in rows if r["verdict"] == "meets"]
+    status = "meets"
+    if not meets:
+        meets = [r for r in rows if r["safety"] is not None and r["safety"] >= b]
+        status = "undetermined"
+    if not meets:
+        return {"b": b, "pick": None, "q": None, "status": "none_meets", "candidates": rows,
+                "message": f"no merge weight meets b={b:g}: the safest, {max(rows, key=lambda r: r['safety'])['model']}"
+                           f", measures {max(r['safety'] for r in rows):.3f}"}
+
+    def helpfulness(row: dict[str, Any]) -> float:
+        value = row["mean_reward"] if row["mean_reward"] is not None else row["helpfulness_win_rate"]
+        return float("-inf") if value is None else float(value)
+
+    best = max(meets, key=lambda r: (helpfulness(r), -r["q"]))
+    ci = best["helpfulness_ci"]
+    interval = f" (win-rate interval {ci[0]:.2f}-{ci[1]:.2f})" if None not in ci else ""
+    message = (f"q={best['q']:g} ({best['model']}): safety {best['safety']:.3f} [{best['ci_low']:.3f}, "
+               f"{best['ci_high']:.3f}] {'meets' if status == 'meets' else 'meets by point estimate only'} "
+               f"b={b:g}; mean reward {helpfulness(best):.3f}{interval}")
+    return {"b": b, "pick": best["model"], "q": best["q"], "status": status, "message": message, "candidates": rows}
