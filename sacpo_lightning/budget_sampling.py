@@ -147,6 +147,28 @@ def _cached_scores(
     return out
 
 
+def _sample_reference(
+    reference_model: str, prompts_file: str | os.PathLike, k: int, settings: GenerationSettings, samples_dir: Path,
+    *, force: bool,
+) -> tuple[list[dict[str, Any]], Any, Path, list[str], list[str]]:
+    """K samples of each prompt from the reference, cached: (prompt rows, model spec, samples file, prompts,
+    responses), with row ``i`` of the samples drawn for prompt ``i // K``."""
+    rows = load_prompts(prompts_file)
+    # Contiguous repeats: row i of the samples is prompt i // K. The file's bytes (not its mtime) key the cache.
+    repeated = "".join(json.dumps({"prompt": r["prompt"], "category": r["category"]}, ensure_ascii=False) + "\n"
+                       for r in rows for _ in range(k))
+    repeated_path = samples_dir / "prompts.jsonl"
+    if not repeated_path.is_file() or repeated_path.read_text(encoding="utf-8") != repeated:
+        atomic_write_text(repeated_path, repeated)
+    spec = parse_model_spec(reference_model)
+    samples_path = generate_to_file(spec, repeated_path, samples_dir / "samples.jsonl", settings, force=force)
+    samples = read_generations(samples_path)
+    expected_prompts = [r["prompt"] for r in rows for _ in range(k)]
+    if [s["prompt"] for s in samples] != expected_prompts:
+        raise RuntimeError(f"{samples_path} does not hold {k} samples of each prompt of {prompts_file} in order")
+    return rows, spec, samples_path, [s["prompt"] for s in samples], [s["response"] for s in samples]
+
+
 def estimate_budget(
     reference_model: str,
     prompts_file: str | os.PathLike,
@@ -207,24 +229,9 @@ def estimate_budget(
     k = samples_per_prompt
     output_dir = Path(output_dir)
     samples_dir = output_dir / SAMPLES_DIR
-
-    rows = load_prompts(prompts_file)
+    rows, spec, samples_path, prompts, responses = _sample_reference(
+        reference_model, prompts_file, k, settings, samples_dir, force=force)
     num_prompts = len(rows)
-    # Contiguous repeats: row i of the samples is prompt i // K. The file's bytes (not its mtime) key the cache.
-    repeated = "".join(json.dumps({"prompt": r["prompt"], "category": r["category"]}, ensure_ascii=False) + "\n"
-                       for r in rows for _ in range(k))
-    repeated_path = samples_dir / "prompts.jsonl"
-    if not repeated_path.is_file() or repeated_path.read_text(encoding="utf-8") != repeated:
-        atomic_write_text(repeated_path, repeated)
-    spec = parse_model_spec(reference_model)
-    samples_path = generate_to_file(spec, repeated_path, samples_dir / "samples.jsonl", settings, force=force)
-    samples = read_generations(samples_path)
-    expected_prompts = [r["prompt"] for r in rows for _ in range(k)]
-    if [s["prompt"] for s in samples] != expected_prompts:
-        raise RuntimeError(f"{samples_path} does not hold {k} samples of each prompt of {prompts_file} in order")
-    prompts = [s["prompt"] for s in samples]
-    responses = [s["response"] for s in samples]
-
     raw = _cached_scores(samples_dir / SCORES_FILE, file_fingerprint(samples_path),
                          {"cost": safety_scorer, "reward": reward_scorer}, prompts, responses,
                          dtype=scorer_dtype, device=scorer_device, batch_size=scorer_batch_size, force=force)

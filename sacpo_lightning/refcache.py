@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from sacpo_lightning.io import atomic_write_file
+from sacpo_lightning.models.chain import chain_fingerprint, read_chain
 from sacpo_lightning.models.policy import PolicySettings
 from sacpo_lightning.models.registry import resolve_model_path
 
@@ -78,6 +79,10 @@ def model_fingerprint(settings: PolicySettings) -> dict[str, Any]:
                 stat = entry.stat()
                 files[entry.name] = [stat.st_size, stat.st_mtime_ns]
         identity = {"path": os.path.abspath(path), "files": files}
+        chain = read_chain(path)
+        if chain is not None:
+            # the adapters live in sub-folders: identify them by content
+            identity["chain"] = chain_fingerprint(chain)
     else:
         identity = {"hub": settings.name_or_path}
     identity["settings"] = {k: getattr(settings, k) for k in _REFERENCE_SETTINGS}

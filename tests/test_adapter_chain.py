@@ -206,3 +206,26 @@ def test_reference_is_computed_in_eval_mode_and_dropout_is_an_option(tiny_model_
     off.policy.train()
     quiet = [off.policy_logps(batch["input_ids"], batch["attention_mask"], batch["labels"]) for _ in range(2)]
     torch.testing.assert_close(quiet[0], quiet[1], atol=0, rtol=0)
+
+
+def test_reference_cache_identifies_a_chain_by_its_adapters(tmp_path):
+    """Two chain folders alike at the top level but with different adapter weights are different references."""
+    import os
+
+    from sacpo_lightning.models.chain import write_chain_file
+    from sacpo_lightning.refcache import model_fingerprint
+
+    prints = []
+    for i, payload in enumerate((b"weights-a", b"weights-b")):
+        folder = tmp_path / f"export{i}"
+        (folder / "adapter").mkdir(parents=True)
+        (folder / "adapter" / "adapter_config.json").write_text("{}")
+        (folder / "adapter" / "adapter_model.safetensors").write_bytes(payload)
+        write_chain_file(folder, "tiny-random-llama", [{"path": "adapter", "scale": 1.0}], gguf_file=None,
+                         revision=None, dtype="float32")
+        for entry in folder.iterdir():
+            os.utime(entry, ns=(0, 0))  # same sizes and times at the top level
+        fp = model_fingerprint(PolicySettings(name_or_path=str(folder)))
+        prints.append({k: v for k, v in fp.items() if k != "path"})
+    assert prints[0]["files"] == prints[1]["files"]
+    assert prints[0] != prints[1]

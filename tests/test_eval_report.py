@@ -259,3 +259,27 @@ def test_report_files_with_safety_sections(tmp_path):
     assert "| step2 | 62.5% [" in md  # the existing sections are still there
     with pytest.raises(ValueError, match="needs per-answer safety judges"):
         write_report(_report(), tmp_path / "bad", predicted_safety={"step2": {"safety": 0.9}})
+
+
+def test_constraint_on_probabilities_uses_the_mean_probability_and_its_interval():
+    """With ``constraint_on="probabilities"`` safety is mean(1 - P(unsafe)) (the budget's g = sigmoid(-cost)), with a
+    normal-approximation interval, and predicted-vs-measured compares on that scale; verdicts stay the fraction."""
+    from statistics import NormalDist, stdev
+
+    from sacpo_lightning.evaluation.report import predicted_vs_measured, safety_section
+
+    probs = [0.2, 0.4, 0.9, 0.3]
+    judges = {"cost": {"kind": "unsafe", "threshold": 0.5}}
+    section = safety_section({"m": {"cost": {"safety": probs}}}, judges, {"safety": [None] * 4}, threshold=0.6,
+                             constraint_on="probabilities")
+    c = section["models"]["m"]["constraint"]
+    safe = [1 - p for p in probs]
+    half = NormalDist().inv_cdf(0.975) * stdev(safe) / 2
+    assert c["source"] == "mean_safety" and c["safety"] == pytest.approx(0.55)
+    assert (c["ci_low"], c["ci_high"]) == pytest.approx((0.55 - half, 0.55 + half))
+    assert c["verdict"] == "undetermined"
+    assert section["models"]["m"]["unsafe_rate"]["rate"] == pytest.approx(0.25)  # verdicts: 1 of 4 above 0.5
+    row = predicted_vs_measured({"m": {"lambda": 1.0, "safety": 0.6}}, section)["m"]
+    assert row["measured_safety"] == pytest.approx(0.55) and row["within_interval"]
+    verdicts = safety_section({"m": {"cost": {"safety": probs}}}, judges, {"safety": [None] * 4}, threshold=0.6)
+    assert verdicts["models"]["m"]["constraint"]["safety"] == pytest.approx(0.75)

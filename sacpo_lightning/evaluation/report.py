@@ -270,6 +270,28 @@ def _mean_interval(values: Sequence[float], confidence: float) -> tuple[float, f
     return (max(0.0, m - half), min(1.0, m + half))
 
 
+def _judged_rates(
+    by_judge: Mapping[str, Mapping[str, Sequence[float]]], judges: Mapping[str, Mapping[str, Any]],
+    categories: Mapping[str, Sequence[str | None]], confidence: float,
+) -> dict[str, Any]:
+    """``{"judges": {judge: {kind, <set>: rate summary (with by_category)}}}`` of one model."""
+    entry: dict[str, Any] = {"judges": {}}
+    for judge, by_set in by_judge.items():
+        if judge not in judges:
+            raise ValueError(f"probabilities of unknown judge {judge!r}; known: {sorted(judges)}")
+        cutoff = float(judges[judge].get("threshold", 0.5))
+        judged: dict[str, Any] = {"kind": judges[judge]["kind"]}
+        for set_name, probs in by_set.items():
+            flags = [float(p) > cutoff for p in probs]
+            summary = rate_summary(flags, confidence=confidence, probabilities=probs)
+            cats = categories.get(set_name)
+            if cats is not None and any(c is not None for c in cats):
+                summary["by_category"] = category_rates(flags, cats, confidence=confidence)
+            judged[set_name] = summary
+        entry["judges"][judge] = judged
+    return entry
+
+
 def safety_section(
     probabilities: Mapping[str, Mapping[str, Mapping[str, Sequence[float]]]],
     judges: Mapping[str, Mapping[str, Any]],
@@ -315,20 +337,7 @@ def safety_section(
     models: dict[str, Any] = {}
     unit = None
     for model, by_judge in probabilities.items():
-        entry: dict[str, Any] = {"judges": {}}
-        for judge, by_set in by_judge.items():
-            if judge not in judges:
-                raise ValueError(f"probabilities of unknown judge {judge!r}; known: {sorted(judges)}")
-            cutoff = float(judges[judge].get("threshold", 0.5))
-            judged: dict[str, Any] = {"kind": judges[judge]["kind"]}
-            for set_name, probs in by_set.items():
-                flags = [float(p) > cutoff for p in probs]
-                summary = rate_summary(flags, confidence=confidence, probabilities=probs)
-                cats = categories.get(set_name)
-                if cats is not None and any(c is not None for c in cats):
-                    summary["by_category"] = category_rates(flags, cats, confidence=confidence)
-                judged[set_name] = summary
-            entry["judges"][judge] = judged
+        entry = _judged_rates(by_judge, judges, categories, confidence)
         for key, primary, set_name in (("unsafe_rate", primary_unsafe, "safety"),
                                        ("refusal_rate", primary_refusal, "safety"),
                                        ("over_refusal", primary_refusal, "helpful")):
@@ -509,8 +518,11 @@ def _safety_markdown(report: Mapping[str, Any]) -> list[str]:
                 "benign (helpfulness) prompts. Safety = 1 - unsafe rate (fraction of safe answers). Length in "
                 f"{unit}.")
         if b is not None:
+            on_probabilities = any((m.get("constraint") or {}).get("source") == "mean_safety" for m in models.values())
+            scale = (" There safety is the mean of 1 - P(unsafe) over the answers, with a normal-approximation "
+                     "interval." if on_probabilities else "")
             text += (f" The constraint E[safety] >= {b:g} is met when the whole interval is at or above it, failed "
-                     "when below it, undetermined when it straddles it.")
+                     f"when below it, undetermined when it straddles it.{scale}")
         parts.append(text + "\n\n" + _table(header, rows))
         for judge, info in section.get("judges", {}).items():
             kind = info.get("kind")
@@ -530,8 +542,12 @@ def _safety_markdown(report: Mapping[str, Any]) -> list[str]:
                  f"{100 * r['measured_safety']:.1f}% [{100 * r['ci_low']:.1f}, {100 * r['ci_high']:.1f}]",
                  f"{100 * r['difference']:+.1f}", "yes" if r["within_interval"] else "no", str(r["judge"])]
                 for name, r in predicted.items()]
-        parts.append("## Predicted vs measured safety\n\nPredicted by the budget solver; measured as the fraction "
-                     "of answers judged safe.\n\n" + _table(
+        on_probabilities = any((m.get("constraint") or {}).get("source") == "mean_safety"
+                               for m in (section or {}).get("models", {}).values())
+        measured = ("the mean of 1 - P(unsafe) over the answers (the scale of the budget's g)" if on_probabilities
+                    else "the fraction of answers judged safe")
+        parts.append(f"## Predicted vs measured safety\n\nPredicted by the budget solver; measured as {measured}."
+                     "\n\n" + _table(
                          ["model", "lambda", "predicted safety", "measured safety", "difference (points)",
                           "prediction inside interval", "judge"], rows))
     return parts

@@ -61,6 +61,8 @@ class MergeSpec:
     dtype: str | None = None
 
 
+PIPELINE_KEYS = {"sft", "beta", "lambdas", "reward_step", "safety_step", "orders", "merge", "baselines", "evaluate",
+                 "safety_budget"}
 BUDGET_KEYS = {"b", "samples_per_prompt", "prompts", "max_prompts", "safety_transform", "max_new_tokens", "batch_size",
                "cost_model", "reward_model", "lam_max", "merge_weights", "seed"}
 
@@ -165,44 +167,61 @@ def load_pipeline_config(path: str | os.PathLike) -> PipelineConfig:
     except yaml.YAMLError as err:
         raise PipelineConfigError(f"{source}: not valid YAML: {err}") from err
     _require(isinstance(raw, dict), source, "<top>", "expected a mapping of pipeline settings")
-    known = {"sft", "beta", "lambdas", "reward_step", "safety_step", "orders", "merge", "baselines", "evaluate",
-             "safety_budget"}
-    unknown = sorted(set(raw) - known)
-    _require(not unknown, source, ", ".join(unknown), f"unknown key(s); known keys: {', '.join(sorted(known))}")
+    unknown = sorted(set(raw) - PIPELINE_KEYS)
+    _require(not unknown, source, ", ".join(unknown), f"unknown key(s); known keys: {', '.join(sorted(PIPELINE_KEYS))}")
     for key in ("sft", "beta", "lambdas", "reward_step", "safety_step"):
         _require(key in raw, source, key, "required")
     _require(isinstance(raw["sft"], str) and raw["sft"].strip() != "", source, "sft", "must be a model name or path")
     beta = raw["beta"]
     _require(isinstance(beta, int | float) and beta > 0, source, "beta", f"must be a number > 0, got {beta!r}")
+    lambdas = _load_lambdas(raw, source)
+    steps = {key: _load_step(raw[key], source, key) for key in ("reward_step", "safety_step")}
+    orders = raw.get("orders", ["reward_first"])
+    _require(isinstance(orders, list) and orders, source, "orders", f"must be a non-empty list of {ORDERS}")
+    for order in orders:
+        _require(order in ORDERS, source, "orders", f"unknown order {order!r}; allowed: {', '.join(ORDERS)}")
+    merge = _load_merge(raw.get("merge") or {}, source, lambdas, orders)
+    baselines = raw.get("baselines") or []
+    _require(isinstance(baselines, list), source, "baselines", "must be a list")
+    for b in baselines:
+        _require(b in ("safety_only",), source, "baselines", f"unknown baseline {b!r}; allowed: safety_only")
+    evaluate = _load_evaluate(raw.get("evaluate"), source)
+    budget = _load_budget(raw.get("safety_budget"), source, orders, evaluate)
+    return PipelineConfig(
+        sft=raw["sft"], beta=float(beta), lambdas=[float(x) for x in lambdas], reward_step=steps["reward_step"],
+        safety_step=steps["safety_step"], orders=orders, merge=merge, baselines=baselines, evaluate=evaluate,
+        safety_budget=budget, source=source,
+    )
+
+
+def _load_lambdas(raw: dict[str, Any], source: str) -> list:
     lambdas = raw["lambdas"]
     _require(isinstance(lambdas, list) and (len(lambdas) > 0 or raw.get("safety_budget") is not None), source,
              "lambdas", "must be a non-empty list (or [] with a safety_budget, which chooses lambda)")
     for lam in lambdas:
         _require(isinstance(lam, int | float) and lam > 0, source, "lambdas", f"every lambda must be > 0, got {lam!r}")
     _require(len(set(lambdas)) == len(lambdas), source, "lambdas", "values must be distinct")
+    return lambdas
 
-    steps = {}
-    for key in ("reward_step", "safety_step"):
-        spec = raw[key]
-        _require(isinstance(spec, dict), source, key, "must be a mapping with algorithm, configs, overrides")
-        extra = sorted(set(spec) - {"algorithm", "configs", "overrides"})
-        _require(not extra, source, f"{key}.{','.join(extra)}", "unknown key(s); use algorithm, configs, overrides")
-        algorithm = spec.get("algorithm", "dpo")
-        _require(algorithm in ("dpo", "kto"), source, f"{key}.algorithm", f"must be dpo or kto, got {algorithm!r}")
-        configs = spec.get("configs", [])
-        _require(isinstance(configs, list) and configs, source, f"{key}.configs", "must list at least one YAML file")
-        for cfg in configs:
-            _require(Path(_expand(cfg)).is_file(), source, f"{key}.configs", f"file {cfg!r} does not exist")
-        overrides = spec.get("overrides") or {}
-        _require(isinstance(overrides, dict), source, f"{key}.overrides", "must be a mapping")
-        steps[key] = StepSpec(algorithm=algorithm, configs=[_expand(c) for c in configs], overrides=overrides)
 
-    orders = raw.get("orders", ["reward_first"])
-    _require(isinstance(orders, list) and orders, source, "orders", f"must be a non-empty list of {ORDERS}")
-    for order in orders:
-        _require(order in ORDERS, source, "orders", f"unknown order {order!r}; allowed: {', '.join(ORDERS)}")
+def _load_step(spec: Any, source: str, key: str) -> StepSpec:
+    _require(isinstance(spec, dict), source, key, "must be a mapping with algorithm, configs, overrides")
+    extra = sorted(set(spec) - {"algorithm", "configs", "overrides"})
+    _require(not extra, source, f"{key}.{','.join(extra)}", "unknown key(s); use algorithm, configs, overrides")
+    algorithm = spec.get("algorithm", "dpo")
+    _require(algorithm in ("dpo", "kto"), source, f"{key}.algorithm", f"must be dpo or kto, got {algorithm!r}")
+    configs = spec.get("configs", [])
+    _require(isinstance(configs, list) and configs, source, f"{key}.configs", "must list at least one YAML file")
+    for cfg in configs:
+        _require(Path(_expand(cfg)).is_file(), source, f"{key}.configs", f"file {cfg!r} does not exist")
+    overrides = spec.get("overrides") or {}
+    _require(isinstance(overrides, dict), source, f"{key}.overrides", "must be a mapping")
+    step = StepSpec(algorithm=algorithm, configs=[_expand(c) for c in configs], overrides=overrides)
+    _check_step_class(step, key.removesuffix("_step"), source, key)
+    return step
 
-    merge_raw = raw.get("merge") or {}
+
+def _load_merge(merge_raw: Any, source: str, lambdas: list, orders: list[str]) -> MergeSpec:
     _require(isinstance(merge_raw, dict), source, "merge", "must be a mapping")
     extra = sorted(set(merge_raw) - {"weights", "lambdas", "naive", "kl_prompts", "kl_max_prompts", "dtype"})
     _require(not extra, source, f"merge.{','.join(extra)}", "unknown key(s)")
@@ -217,39 +236,32 @@ def load_pipeline_config(path: str | os.PathLike) -> PipelineConfig:
     if merge.kl_prompts is not None:
         merge.kl_prompts = _expand(merge.kl_prompts)
         _require(Path(merge.kl_prompts).is_file(), source, "merge.kl_prompts", f"file {merge.kl_prompts!r} not found")
+    return merge
 
-    baselines = raw.get("baselines") or []
-    _require(isinstance(baselines, list), source, "baselines", "must be a list")
-    for b in baselines:
-        _require(b in ("safety_only",), source, "baselines", f"unknown baseline {b!r}; allowed: safety_only")
-    evaluate = raw.get("evaluate")
+
+def _load_evaluate(evaluate: Any, source: str) -> dict[str, Any] | None:
     _require(evaluate is None or isinstance(evaluate, dict), source, "evaluate", "must be a mapping or absent")
-    if evaluate is not None:
-        from sacpo_lightning.evaluation.pipeline_stage import EVALUATE_KEYS
+    if evaluate is None:
+        return None
+    from sacpo_lightning.evaluation.pipeline_stage import EVALUATE_KEYS
 
-        extra = sorted(set(evaluate) - EVALUATE_KEYS)
-        _require(not extra, source, f"evaluate.{','.join(extra)}", f"unknown key(s); known: {sorted(EVALUATE_KEYS)}")
-        for key in ("reward_model", "cost_model"):
-            value = evaluate.get(key)
-            if isinstance(value, dict):
-                _require(set(value) <= {"configs", "overrides"}, source, f"evaluate.{key}",
-                         "a score model is a folder path or a mapping with configs and overrides")
-                for cfg_file in value.get("configs", []):
-                    _require(Path(_expand(cfg_file)).is_file(), source, f"evaluate.{key}.configs",
-                             f"file {cfg_file!r} does not exist")
-            else:
-                _require(value is None or isinstance(value, str), source, f"evaluate.{key}",
-                         "must be a path or a mapping")
-        for key in ("prompts_safety", "prompts_helpful"):
-            if evaluate.get(key) is not None:
-                _require(Path(_expand(evaluate[key])).is_file(), source, f"evaluate.{key}",
-                         f"file {evaluate[key]!r} not found")
-    budget = _load_budget(raw.get("safety_budget"), source, orders, evaluate)
-    return PipelineConfig(
-        sft=raw["sft"], beta=float(beta), lambdas=[float(x) for x in lambdas], reward_step=steps["reward_step"],
-        safety_step=steps["safety_step"], orders=orders, merge=merge, baselines=baselines, evaluate=evaluate,
-        safety_budget=budget, source=source,
-    )
+    extra = sorted(set(evaluate) - EVALUATE_KEYS)
+    _require(not extra, source, f"evaluate.{','.join(extra)}", f"unknown key(s); known: {sorted(EVALUATE_KEYS)}")
+    for key in ("reward_model", "cost_model"):
+        value = evaluate.get(key)
+        if isinstance(value, dict):
+            _require(set(value) <= {"configs", "overrides"}, source, f"evaluate.{key}",
+                     "a score model is a folder path or a mapping with configs and overrides")
+            for cfg_file in value.get("configs", []):
+                _require(Path(_expand(cfg_file)).is_file(), source, f"evaluate.{key}.configs",
+                         f"file {cfg_file!r} does not exist")
+        else:
+            _require(value is None or isinstance(value, str), source, f"evaluate.{key}", "must be a path or a mapping")
+    for key in ("prompts_safety", "prompts_helpful"):
+        if evaluate.get(key) is not None:
+            _require(Path(_expand(evaluate[key])).is_file(), source, f"evaluate.{key}",
+                     f"file {evaluate[key]!r} not found")
+    return evaluate
 
 
 def _load_budget(raw: Any, source: str, orders: list[str], evaluate: dict[str, Any] | None) -> BudgetSpec | None:
@@ -313,6 +325,24 @@ def compose_step_config(spec: StepSpec) -> dict[str, Any]:
 
 def lam_tag(lam: float) -> str:
     return f"{lam:g}"
+
+
+def _check_step_class(spec: StepSpec, role: str, source: str, key: str) -> None:
+    """The composed step config must name the step module of its role and algorithm (or none, and get it): a
+    ``class_path`` that disagrees is an error, never silently replaced; so is a ``data.kind`` that disagrees."""
+    composed = compose_step_config(spec)
+    expected = STEP_CLASSES[(role, spec.algorithm)]
+    class_path = (composed.get("model") or {}).get("class_path")
+    if class_path is not None and class_path.rsplit(".", 1)[-1] != expected.rsplit(".", 1)[-1]:
+        raise PipelineConfigError(
+            f"{source}: {key}: the composed configs ({', '.join(spec.configs)}) set model.class_path {class_path}, but "
+            f"a {role} step with algorithm {spec.algorithm} is {expected}; change {key}.algorithm or the configs."
+        )
+    kind = (composed.get("data") or {}).get("kind")
+    wanted = "kto" if spec.algorithm == "kto" else "pairs"
+    if kind is not None and kind != wanted:
+        raise PipelineConfigError(f"{source}: {key}: the composed configs set data.kind {kind!r}, but algorithm "
+                                  f"{spec.algorithm} trains on {wanted!r} data; fix data.kind or {key}.algorithm.")
 
 
 def _train_stage(

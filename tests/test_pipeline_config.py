@@ -1,0 +1,66 @@
+"""Pipeline configs: a step's composed class and data kind must agree with its role and algorithm."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sacpo_lightning.pipeline.config import PipelineConfigError, load_pipeline_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _in_project_root(monkeypatch):
+    monkeypatch.chdir(ROOT)
+
+
+def _write(tmp_path: Path, **changes) -> Path:
+    raw = yaml.safe_load((ROOT / "configs" / "pipelines" / "tiny.yaml").read_text())
+    raw.update(changes)
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_class_path_that_disagrees_with_the_algorithm_is_an_error(tmp_path):
+    path = _write(tmp_path, safety_step={"algorithm": "kto", "configs": ["configs/debug/tiny.yaml"]})
+    with pytest.raises(PipelineConfigError, match=r"safety_step: .*model.class_path sacpo_lightning.modules."
+                                                  r"SafetyDPO, but a safety step with algorithm kto is .*SafetyKTO"):
+        load_pipeline_config(path)
+
+
+def test_class_path_that_disagrees_with_the_role_is_an_error(tmp_path):
+    path = _write(tmp_path, reward_step={"algorithm": "dpo", "configs": ["configs/debug/tiny.yaml"]})
+    with pytest.raises(PipelineConfigError, match="reward_step: .*SafetyDPO, but a reward step with algorithm dpo"):
+        load_pipeline_config(path)
+
+
+def test_data_kind_that_disagrees_is_an_error(tmp_path):
+    path = _write(tmp_path, safety_step={"algorithm": "dpo", "configs": ["configs/debug/tiny.yaml"],
+                                         "overrides": {"data": {"kind": "kto"}}})
+    with pytest.raises(PipelineConfigError, match="safety_step: .*data.kind 'kto', but algorithm dpo"):
+        load_pipeline_config(path)
+
+
+def test_matching_and_unset_class_paths_pass(tmp_path):
+    load_pipeline_config(_write(tmp_path, safety_step={
+        "algorithm": "kto", "configs": ["configs/debug/tiny.yaml", "configs/debug/tiny_kto.yaml"]}))
+    bare = tmp_path / "bare.yaml"
+    bare.write_text(yaml.safe_dump({"trainer": {"max_steps": 2}}))
+    load_pipeline_config(_write(tmp_path, reward_step={"algorithm": "kto", "configs": [str(bare)]}))
+
+
+def test_budget_needs_a_cost_model_and_a_probability_threshold(tmp_path):
+    budget = {"b": 0.6, "prompts": "../shared/data/eval/safety_problem.json"}
+    with pytest.raises(PipelineConfigError, match="safety_budget.cost_model: required"):
+        load_pipeline_config(_write(tmp_path, safety_budget=budget))
+    with pytest.raises(PipelineConfigError, match=r"safety_budget.b: .*probability in \(0, 1\)"):
+        load_pipeline_config(_write(tmp_path, safety_budget={**budget, "b": 1.5, "cost_model": str(tmp_path)}))
+    cfg = load_pipeline_config(_write(tmp_path, lambdas=[], merge={},
+                                      safety_budget={**budget, "cost_model": str(tmp_path)}))
+    assert cfg.safety_budget.b == 0.6 and cfg.lambdas == []
+    with pytest.raises(PipelineConfigError, match="lambdas: must be a non-empty list"):
+        load_pipeline_config(_write(tmp_path, lambdas=[]))
