@@ -12,18 +12,14 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
-from sacpo_lightning.io import atomic_write_json, is_complete_directory
-from sacpo_lightning.merging_cli import (
+from sacpo_lightning.merging import (
     KL_MAX_LENGTH,
-    NAME_FORMAT,
+    MERGE_NAME_FORMAT,
     REPORT_FILE,
     format_report,
-    load_prompts,
     merge_with_report,
-    render_prompts,
+    read_kl_prompts,
 )
-
-from .export import ExportHF
 
 POLICY_EXPORT_DIR = "policy"
 
@@ -40,10 +36,10 @@ class MergeOnFitEnd(Callback):
     the token-level mixture approximates it and the weight merge approximates that in turn, see
     :mod:`sacpo_lightning.merging`.)
 
-    The policy is taken from the :class:`ExportHF` callback's folder when one is configured; otherwise it is exported
-    to ``<dirpath>/policy`` first. The merges are written in :meth:`teardown`, which Lightning calls after every
-    callback's ``on_fit_end`` (where the export is written), so the order of the callbacks does not matter. Nothing is
-    written when the fit fails or is interrupted. Only rank 0 writes; the other ranks wait for it.
+    The trained policy is exported to ``<dirpath>/policy`` first (with the module's ``export_pretrained``, whatever
+    other callbacks export), and the merges are written by :func:`sacpo_lightning.merging.merge_with_report`. This
+    happens in :meth:`teardown`, after every callback's ``on_fit_end``. Nothing is written when the fit fails or is
+    interrupted. Only rank 0 writes; the other ranks wait for it.
 
     Args:
         weights: Merge weights ``q``, each in ``[0, 1]`` (``0`` is the base, ``1`` the trained policy).
@@ -107,12 +103,11 @@ class MergeOnFitEnd(Callback):
         if self.base is None:
             self.resolve_base(pl_module)
         if self.kl_prompts is not None:
-            load_prompts(self.kl_prompts, self.kl_max_prompts)
+            read_kl_prompts(self.kl_prompts, self.kl_max_prompts)
 
     @override
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # The policy export may be written by another callback's on_fit_end, after this one: the merges wait for
-        # teardown, and this hook only notes that the fit completed.
+        # The merges wait for teardown (after every callback's on_fit_end); this hook only notes that the fit completed.
         self._fit_completed = not trainer.interrupted
 
     @override
@@ -136,19 +131,9 @@ class MergeOnFitEnd(Callback):
         self.merges = merges
 
     def _policy_folder(self, trainer: L.Trainer, pl_module: L.LightningModule) -> str | None:
-        """The trained policy as a Hugging Face folder: the ExportHF folder, or a fresh export of our own."""
-        exporters = [cb for cb in trainer.callbacks if isinstance(cb, ExportHF)]
-        if exporters:
-            for exporter in exporters:
-                if exporter.last_export is not None and is_complete_directory(exporter.last_export):
-                    return exporter.last_export
-            rank_zero_warn("MergeOnFitEnd: the ExportHF callback wrote no export in this fit; no merges written.")
-            return None
+        """The trained policy as a Hugging Face folder: a fresh export to ``<dirpath>/policy``."""
         if not hasattr(pl_module, "export_pretrained"):
-            rank_zero_warn(
-                f"MergeOnFitEnd: {type(pl_module).__name__} has no export_pretrained and no ExportHF callback is "
-                "configured; no merges written."
-            )
+            rank_zero_warn(f"MergeOnFitEnd: {type(pl_module).__name__} has no export_pretrained; no merges written.")
             return None
         path = os.path.join(self.resolve_dirpath(trainer), POLICY_EXPORT_DIR)
         pl_module.export_pretrained(path)
@@ -160,29 +145,26 @@ class MergeOnFitEnd(Callback):
             return []
         base = self.resolve_base(pl_module)
         dirpath = self.resolve_dirpath(trainer)
-        prompts = tokenizer = None
-        if self.kl_prompts is not None:
-            from sacpo_lightning.models import load_tokenizer
-
-            tokenizer = load_tokenizer(base)
-            prompts = render_prompts(load_prompts(self.kl_prompts, self.kl_max_prompts), tokenizer)
-        device = trainer.strategy.root_device
-        report = merge_with_report(
-            base, other, self.weights, dirpath, prompts=prompts, tokenizer=tokenizer, max_length=KL_MAX_LENGTH,
-            device=device,
-        )
+        prompts = None if self.kl_prompts is None else read_kl_prompts(self.kl_prompts, self.kl_max_prompts)
         lam = getattr(pl_module, "lam", None)
-        if lam is not None:
-            for entry in report["merges"]:
-                entry["lam_effective"] = entry["q"] * float(lam)
-        report.update(
-            lam=None if lam is None else float(lam),
-            beta=getattr(pl_module, "beta", None),
-            step_kind=getattr(pl_module, "step_kind", None),
-            global_step=trainer.global_step,
-            kl_prompts=None if self.kl_prompts is None else os.path.abspath(self.kl_prompts),
+        report = merge_with_report(
+            base,
+            other,
+            self.weights,
+            output_root=dirpath,
+            prompts=prompts,
+            max_length=KL_MAX_LENGTH,
+            device=trainer.strategy.root_device,
+            lam=lam,
+            report_file=os.path.join(dirpath, REPORT_FILE),
+            extra={
+                "lam": None if lam is None else float(lam),
+                "beta": getattr(pl_module, "beta", None),
+                "step_kind": getattr(pl_module, "step_kind", None),
+                "global_step": trainer.global_step,
+                "kl_prompts": None if self.kl_prompts is None else os.path.abspath(self.kl_prompts),
+            },
         )
-        atomic_write_json(os.path.join(dirpath, REPORT_FILE), report)
         rank_zero_info(f"MergeOnFitEnd wrote {len(report['merges'])} merge(s) of {base} and {other}:\n"
                        + format_report(report))
         return report["merges"]
@@ -208,7 +190,7 @@ def _check_weights(weights: Sequence[float]) -> list[float]:
             raise ValueError(f"{option} must each be in [0, 1], got {q!r}")
     names: dict[str, float] = {}
     for q in weights:
-        name = NAME_FORMAT.format(q=q)
+        name = MERGE_NAME_FORMAT.format(q=q)
         if name in names:
             raise ValueError(f"{option} {names[name]} and {q} both give the folder {name}; use distinct weights.")
         names[name] = q

@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
+    "bradley_terry_loss",
+    "cost_sign_loss",
     "dpo_loss",
     "hinge_loss",
     "ipo_loss",
@@ -322,3 +324,36 @@ def kto_class_weights(
         )
     _check_positive("desirable_weight", desirable_weight)
     return desirable_weight * num_undesirable / num_desirable, 1.0
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Score models (reward and cost models scored by a sequence classifier)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def bradley_terry_loss(higher: Tensor, lower: Tensor) -> Tensor:
+    """Per-pair Bradley-Terry loss ``-log sigmoid(s_higher - s_lower)`` (Ouyang et al., 2022, eq. 1).
+
+    Args:
+        higher: (B,) scores of the responses that should score higher.
+        lower: (B,) scores of the other responses.
+
+    Returns:
+        (B,) losses; ``log 2`` for equal scores.
+    """
+    return -F.logsigmoid(higher - lower)
+
+
+def cost_sign_loss(costs: Tensor, unsafe: Tensor) -> Tensor:
+    """Per-response classification term of Safe RLHF's cost model, ``-log sigmoid(sign * c)`` (Dai et al., 2024).
+
+    Args:
+        costs: (N,) costs.
+        unsafe: (N,) bool, True for unsafe responses (sign +1: the cost should be positive), False for safe ones
+            (sign -1: negative).
+
+    Returns:
+        (N,) losses.
+    """
+    sign = unsafe.to(costs.dtype) * 2.0 - 1.0
+    return -F.logsigmoid(sign * costs)

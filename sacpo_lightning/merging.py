@@ -8,24 +8,24 @@ SACPO (Wachi et al., 2024) aligns a policy in two steps: step 1 for reward gives
                   ~  pi_ref(y | x) * exp((r(x, y) + q * lambda * g(x, y)) / beta),
 
 is exactly the optimal policy for weight ``q * lambda``. That identity holds at the *sequence* level. Decoding it
-directly is intractable, so :class:`GeometricMixtureLM` runs the *token-level* geometric mixture
-``m(y_t | ctx) ~ pi_r(y_t | ctx) ** (1 - q) * pi_{r + lambda g}(y_t | ctx) ** q`` (renormalised at every position),
-which approximates ``pi*_q``: the two differ by the per-token normalisers
-``Z_t = sum_v pi_r(v | ctx) ** (1 - q) * pi_{r + lambda g}(v | ctx) ** q``, with ``pi*_q(y) / m(y) ~ prod_t Z_t(y)``.
-:meth:`GeometricMixtureLM.generate` can return ``log W(y) = sum_t log Z_t``, the importance log-weight that corrects
-samples of ``m`` into (self-normalised) estimates under ``pi*_q`` (:mod:`sacpo_lightning.importance`). Running two
-models per token is expensive, so P-SACPO approximates further by a linear merge in weight space,
-``theta_q = (1 - q) theta_A + q theta_B`` (:func:`linear_merge_state_dicts`, :func:`merge_model_folders`).
-:func:`mixture_vs_merge_kl` measures how far the cheap merge is from the token-level mixture on given texts.
+directly is intractable, so :class:`sacpo_lightning.models.mixture.GeometricMixtureLM` runs the *token-level* geometric
+mixture ``m(y_t | ctx) ~ pi_r(y_t | ctx) ** (1 - q) * pi_{r + lambda g}(y_t | ctx) ** q`` (renormalised at every
+position, :func:`geometric_mixture_logprobs`), which approximates ``pi*_q``: the two differ by the per-token normalisers
+``Z_t = sum_v pi_r(v | ctx) ** (1 - q) * pi_{r + lambda g}(v | ctx) ** q`` (:func:`geometric_mixture_log_normalizer`),
+with ``pi*_q(y) / m(y) ~ prod_t Z_t(y)``, the importance weight that corrects samples of ``m`` into (self-normalised)
+estimates under ``pi*_q`` (:mod:`sacpo_lightning.importance`). Running two models per token is expensive, so P-SACPO
+approximates further by a linear merge in weight space, ``theta_q = (1 - q) theta_A + q theta_B``
+(:func:`linear_merge_state_dicts`, :func:`merge_model_folders`). :func:`mixture_vs_merge_kl` measures how far the cheap
+merge is from the token-level mixture on given texts, and :func:`merge_with_report` does both for several weights: the
+one merge path of ``sacpo merge``, the pipeline's merge stage and the ``MergeOnFitEnd`` callback.
 
 The tensor math here (:func:`linear_merge_state_dicts`, :func:`geometric_mixture_logprobs`, :func:`token_kl`) does not
 depend on Lightning; the folder helpers work on plain Hugging Face folders (LoRA runs are exported with their adapters
-already merged into the full weights, which is what is merged here).
+already merged into the full weights, or as adapter chains on one base, which merge as chains).
 """
 
 from __future__ import annotations
 
-import inspect
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -34,29 +34,37 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
-from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from sacpo_lightning.io import atomic_directory, atomic_write_json
 from sacpo_lightning.models.chain import is_chain_folder, merge_chains
 from sacpo_lightning.models.policy import load_model_folder
 
 __all__ = [
+    "KL_MAX_LENGTH",
     "MERGE_METADATA_FILE",
-    "GeometricMixtureLM",
+    "MERGE_NAME_FORMAT",
+    "REPORT_FILE",
     "MergeError",
     "MixtureKL",
-    "MixtureSamples",
     "check_compatible",
-    "check_unmodified_sampling",
+    "format_report",
     "geometric_mixture_log_normalizer",
     "geometric_mixture_logprobs",
     "linear_merge_state_dicts",
     "merge_model_folders",
+    "merge_with_report",
     "mixture_vs_merge_kl",
+    "read_kl_prompts",
     "token_kl",
 ]
 
 MERGE_METADATA_FILE = "sacpo_merge.json"
+REPORT_FILE = "merge_report.json"
+"""The report :func:`merge_with_report` writes beside the merges (``sacpo merge``, ``MergeOnFitEnd``)."""
+MERGE_NAME_FORMAT = "merge_q{q:.2f}"
+"""Folder name of the merge at weight ``q`` under an output root."""
+KL_MAX_LENGTH = 512
+"""Tokens a KL prompt is cut to by default (``sacpo merge --kl_max_length``, the ``MergeOnFitEnd`` callback)."""
 
 # Config fields that must agree for a weight-space merge or a token-level mixture to make sense.
 ARCHITECTURE_FIELDS = (
@@ -174,9 +182,10 @@ def _geometric_mixture(logits_a: Tensor, logits_b: Tensor, q: float) -> tuple[Te
 def geometric_mixture_logprobs(logits_a: Tensor, logits_b: Tensor, q: float) -> Tensor:
     """Log-probs of the token-level geometric mixture ``pi_A ** (1 - q) * pi_B ** q``, renormalised per position.
 
-    This is the next-token distribution of :class:`GeometricMixtureLM`. Chained over a response it is *not* the
-    sequence-level mixture ``pi_A(y) ** (1 - q) * pi_B(y) ** q`` (normalised over whole responses): the two differ by
-    the product of the per-position normalisers (:func:`geometric_mixture_log_normalizer`).
+    This is the next-token distribution of :class:`~sacpo_lightning.models.mixture.GeometricMixtureLM`. Chained over a
+    response it is *not* the sequence-level mixture ``pi_A(y) ** (1 - q) * pi_B(y) ** q`` (normalised over whole
+    responses): the two differ by the product of the per-position normalisers
+    (:func:`geometric_mixture_log_normalizer`).
 
     Args:
         logits_a: ``(..., V)`` next-token logits of model A.
@@ -341,7 +350,7 @@ def merge_model_folders(
     output_dirs: Sequence[PathLike] | None = None,
     *,
     output_root: PathLike | None = None,
-    name_format: str = "merge_q{q:.2f}",
+    name_format: str = MERGE_NAME_FORMAT,
     dtype: str | torch.dtype | None = None,
     check: bool = True,
 ) -> list[Path]:
@@ -421,282 +430,6 @@ def merge_model_folders(
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Token-level geometric mixture (with the importance weights of the sequence-level one)
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-def _eos_tensor(eos_token_id: int | Sequence[int] | None, device: torch.device) -> Tensor | None:
-    if eos_token_id is None:
-        return None
-    ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
-    return torch.tensor(ids, dtype=torch.long, device=device) if ids else None
-
-
-def _cache_argument(model: torch.nn.Module) -> str:
-    """Name of the KV-cache argument (and output field): ``cache`` in current ``transformers``, else the old name."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
-def _top_p_filter(logits: Tensor, top_p: float) -> Tensor:
-    """Keeps the smallest set of tokens whose probability reaches ``top_p`` (at least one); others get ``-inf``."""
-    sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-    remove_sorted = cumulative - sorted_logits.softmax(dim=-1) >= top_p
-    remove_sorted[..., 0] = False
-    remove = remove_sorted.scatter(-1, order, remove_sorted)
-    return logits.masked_fill(remove, float("-inf"))
-
-
-class MixtureSamples(NamedTuple):
-    """Result of ``GeometricMixtureLM.generate(..., return_log_weights=True)``."""
-
-    sequences: Tensor
-    """``(B, S + T)`` prompt and generated ids, as ``generate`` returns them by default."""
-    log_weights: Tensor
-    """``(B,)`` float64 ``log W = sum_t log Z_t`` over each row's generated tokens up to and including its EOS."""
-
-
-def check_unmodified_sampling(do_sample: bool, temperature: float, top_p: float) -> None:
-    """Refuses decoding settings under which ``log W`` is not the importance weight for the sequence-level mixture.
-
-    ``sum_t log Z_t`` corrects samples of the token-level mixture itself; greedy, tempered or nucleus decoding draws
-    from another distribution, whose density ratio to the target is not ``W``.
-
-    Raises:
-        ValueError: Naming each offending setting (argument and CLI option) and the value it needs.
-    """
-    problems = []
-    if not do_sample:
-        problems.append("do_sample=True (--do_sample), not greedy decoding")
-    if temperature != 1.0:
-        problems.append(f"temperature=1 (--temperature 1), got {temperature:g}")
-    if top_p != 1.0:
-        problems.append(f"top_p=1 (--top_p 1), got {top_p:g}")
-    if problems:
-        raise ValueError(
-            "Sequence-level mixture estimates (return_log_weights / --sequence_level true) need plain sampling from "
-            "the token-level mixture, since only then is sum_t log Z_t the importance log-weight: set "
-            + "; ".join(problems) + "."
-        )
-
-
-class GeometricMixtureLM(torch.nn.Module):
-    """Token-level geometric mixture of two causal LMs that share a tokenizer.
-
-    Next-token log-probs are ``log_softmax((1 - q) * log_softmax(logits_A) + q * log_softmax(logits_B))``, i.e. the
-    geometric mixture renormalised at every position. With A the step-1 policy ``pi_r`` and B the step-2 policy
-    ``pi_{r + lambda g}`` (both from the same reference), the *sequence-level* mixture
-    ``pi*(y) ~ pi_A(y) ** (1 - q) * pi_B(y) ** q`` is the optimal policy for safety weight ``q * lambda`` (SACPO,
-    Wachi et al. 2024); this token-level mixture ``m`` approximates it, and :func:`merge_model_folders` approximates it
-    further in weight space. The gap is the per-token normaliser ``Z_t``: ``pi*(y) / m(y) ~ prod_t Z_t(y)``, which
-    :meth:`generate` returns as ``log W`` on request, so that expectations under ``pi*`` can be estimated by
-    self-normalised importance sampling (:mod:`sacpo_lightning.importance`). A model whose weight is zero is not run
-    at all, so ``q = 0`` is exactly model A and ``q = 1`` exactly model B (and then ``m = pi*``, ``log W = 0``).
-
-    Args:
-        model_a: The ``q = 0`` causal LM.
-        model_b: The ``q = 1`` causal LM (same vocabulary, same device).
-        q: Mixture weight in ``[0, 1]``.
-    """
-
-    def __init__(self, model_a: torch.nn.Module, model_b: torch.nn.Module, q: float) -> None:
-        super().__init__()
-        self.model_a = model_a
-        self.model_b = model_b
-        self.q = q
-
-    @property
-    def q(self) -> float:
-        return self._q
-
-    @q.setter
-    def q(self, value: float) -> None:
-        self._q = _check_q(value)
-
-    @property
-    def config(self):
-        """Model A's config (vocabulary, special ids), for code that reads ``model.config``."""
-        return self.model_a.config
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model_a.parameters()).device
-
-    @classmethod
-    def from_folders(
-        cls,
-        dir_a: PathLike,
-        dir_b: PathLike,
-        q: float,
-        *,
-        dtype: str | torch.dtype | None = None,
-        device: str | torch.device | None = None,
-        check: bool = True,
-    ) -> GeometricMixtureLM:
-        """Loads both models (in eval mode) from Hugging Face folders, after :func:`check_compatible` by default."""
-        if check:
-            check_compatible(dir_a, dir_b)
-        model_a = _load_causal_lm(dir_a, dtype)
-        model_b = _load_causal_lm(dir_b, model_a.dtype if dtype is None else dtype)
-        mixture = cls(model_a, model_b, q).eval()
-        return mixture if device is None else mixture.to(device)
-
-    def _active(self) -> list[torch.nn.Module]:
-        if self.q == 0.0:
-            return [self.model_a]
-        if self.q == 1.0:
-            return [self.model_b]
-        return [self.model_a, self.model_b]
-
-    def _combine(self, logits: list[Tensor]) -> tuple[Tensor, Tensor]:
-        """``(log_probs (..., V), log_z (...))`` of the token-level mixture from the active models' logits."""
-        if len(logits) == 1:
-            logp = torch.log_softmax(logits[0].to(torch.promote_types(logits[0].dtype, torch.float32)), dim=-1)
-            return logp, logp.new_zeros(logp.shape[:-1])
-        return _geometric_mixture(logits[0], logits[1], self.q)
-
-    def forward(
-        self,
-        input_ids: Tensor,
-        attention_mask: Tensor | None = None,
-        **model_kwargs: Any,
-    ) -> CausalLMOutputWithPast:
-        """Teacher-forced mixture log-probs.
-
-        Args:
-            input_ids: ``(B, S)`` token ids.
-            attention_mask: ``(B, S)`` mask, passed to both models unchanged.
-            **model_kwargs: Other arguments for both models' forward (e.g. ``position_ids``); caching is turned off
-                (use :meth:`generate` to decode).
-
-        Returns:
-            An output whose ``logits`` are ``(B, S, V)`` float32 normalised log-probs of the token-level mixture, so
-            code that applies ``log_softmax`` to logits gets the same values back.
-        """
-        for key in ("cache", "past_key_values", "labels"):
-            if model_kwargs.pop(key, None) is not None:
-                raise ValueError(f"GeometricMixtureLM.forward does not take {key}; use generate() to decode.")
-        model_kwargs.pop("use_cache", None)
-        logits = [
-            model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **model_kwargs).logits
-            for model in self._active()
-        ]
-        return CausalLMOutputWithPast(logits=self._combine(logits)[0])
-
-    @torch.no_grad()
-    def generate(
-        self,
-        input_ids: Tensor,
-        attention_mask: Tensor | None = None,
-        max_new_tokens: int = 32,
-        do_sample: bool = False,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        eos_token_id: int | Sequence[int] | None = None,
-        pad_token_id: int | None = None,
-        generator: torch.Generator | None = None,
-        return_log_weights: bool = False,
-    ) -> Tensor | MixtureSamples:
-        """Decodes from the token-level mixture with one KV cache per model.
-
-        Left-padded batches are supported: positions come from the attention mask (``cumsum - 1``), as in
-        ``transformers``' ``generate``, so greedy decoding at ``q = 0`` reproduces model A's own greedy ``generate``.
-        Rows that emit an EOS are filled with ``pad_token_id`` afterwards; decoding stops when every row has ended.
-
-        With ``return_log_weights`` each row also gets ``log W = sum_t log Z_t`` over its generated tokens, up to and
-        including its first EOS (the padding after it does not count), where ``Z_t`` is the normaliser of the
-        token-level mixture at step ``t`` (:func:`geometric_mixture_log_normalizer`). For a sample ``y`` of the
-        token-level mixture ``m``, ``log W(y) = log pi*(y) - log m(y) + const`` with
-        ``pi*(y) ~ pi_A(y) ** (1 - q) * pi_B(y) ** q`` the sequence-level mixture, so self-normalised weights
-        ``softmax(log W)`` over several samples of one prompt turn averages over ``m`` into estimates under ``pi*``.
-        This holds only for plain sampling from ``m`` (``do_sample=True``, ``temperature=1``, ``top_p=1``); other
-        settings are refused. A row cut at ``max_new_tokens`` without an EOS is a prefix: its weight targets the
-        geometric mixture of the two models' distributions over responses truncated to ``max_new_tokens`` tokens
-        (``pi_A(prefix) ** (1 - q) * pi_B(prefix) ** q``), which equals ``pi*`` only when responses end in time.
-
-        Args:
-            input_ids: ``(B, S)`` prompt ids, left-padded.
-            attention_mask: ``(B, S)`` mask (1 for tokens, 0 for padding); all ones when omitted.
-            max_new_tokens: Maximum number of tokens to add.
-            do_sample: Sample instead of taking the arg-max.
-            temperature: Divides the mixture log-probs before sampling (``> 0``).
-            top_p: Nucleus-sampling mass in ``(0, 1]``.
-            eos_token_id: One id or several; defaults to model A's config.
-            pad_token_id: Filler after EOS; defaults to the first EOS id (or 0 when there is none).
-            generator: Random generator for sampling.
-            return_log_weights: Also return the ``(B,)`` float64 importance log-weights ``log W`` (all 0 at ``q`` in
-                ``{0, 1}``).
-
-        Returns:
-            ``(B, S + T)`` ids: the prompts followed by ``T <= max_new_tokens`` generated tokens; with
-            ``return_log_weights``, ``MixtureSamples(sequences, log_weights)``.
-
-        Raises:
-            ValueError: Bad sampling settings, or ``return_log_weights`` with greedy, tempered or nucleus decoding.
-        """
-        if do_sample and not temperature > 0:
-            raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
-        if not 0 < top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-        if return_log_weights:
-            check_unmodified_sampling(do_sample, temperature, top_p)
-        device = input_ids.device
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        attention_mask = attention_mask.to(device=device, dtype=torch.long)
-        if eos_token_id is None:
-            eos_token_id = getattr(self.config, "eos_token_id", None)
-        eos = _eos_tensor(eos_token_id, device)
-        if pad_token_id is None:
-            pad_token_id = int(eos[0]) if eos is not None else 0
-
-        models = self._active()
-        cache_args = [_cache_argument(model) for model in models]
-        caches: list[Any] = [None] * len(models)
-        sequences = input_ids
-        step_ids = input_ids
-        unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool, device=device)
-        # float64: a long response sums hundreds of per-token terms.
-        log_weights = torch.zeros(input_ids.shape[0], dtype=torch.float64, device=device)
-        for _ in range(max_new_tokens):
-            position_ids = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
-            position_ids = position_ids[:, -step_ids.shape[1] :]
-            logits = []
-            for i, model in enumerate(models):
-                out = model(
-                    input_ids=step_ids,
-                    attention_mask=attention_mask,
-                    position_ids=position_ids,
-                    use_cache=True,
-                    logits_to_keep=1,
-                    **{cache_args[i]: caches[i]},
-                )
-                caches[i] = getattr(out, cache_args[i])
-                logits.append(out.logits[:, -1, :])
-            logprobs, log_z = self._combine(logits)
-            if do_sample:
-                scores = logprobs / temperature
-                if top_p < 1:
-                    scores = _top_p_filter(scores, top_p)
-                next_tokens = torch.multinomial(scores.softmax(dim=-1), 1, generator=generator).squeeze(-1)
-            else:
-                next_tokens = logprobs.argmax(dim=-1)
-            next_tokens = torch.where(unfinished, next_tokens, torch.full_like(next_tokens, pad_token_id))
-            # This step's token is part of the response (the EOS included) only for rows that had not ended yet.
-            log_weights += torch.where(unfinished, log_z.to(torch.float64), 0.0)
-            sequences = torch.cat([sequences, next_tokens[:, None]], dim=-1)
-            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)], dim=-1)
-            step_ids = next_tokens[:, None]
-            if eos is not None:
-                unfinished &= ~torch.isin(next_tokens, eos)
-                if not unfinished.any():
-                    break
-        if return_log_weights:
-            return MixtureSamples(sequences, log_weights)
-        return sequences
-
-
-# ----------------------------------------------------------------------------------------------------------------------
 # Mixture vs merge
 # ----------------------------------------------------------------------------------------------------------------------
 
@@ -731,7 +464,8 @@ def mixture_vs_merge_kl(
     position ``t`` the next-token distributions are compared with ``KL(mixture(. | x_<=t) || merged(. | x_<=t))``;
     the result is the mean over all positions of all texts. No tokens are generated. The value is 0 when the merged
     model is A at ``q = 0`` or B at ``q = 1``, and grows as the merge departs from the token-level mixture. It does not
-    measure the distance to the sequence-level mixture (see :class:`GeometricMixtureLM`).
+    measure the distance to the sequence-level mixture (see
+    :class:`~sacpo_lightning.models.mixture.GeometricMixtureLM`).
 
     Args:
         dir_a: The ``q = 0`` folder (step-1 model).
@@ -748,6 +482,8 @@ def mixture_vs_merge_kl(
     Returns:
         ``MixtureKL(mean_kl, num_tokens)``.
     """
+    from sacpo_lightning.models.mixture import GeometricMixtureLM
+
     q = _check_q(q)
     if not prompts:
         raise ValueError("prompts is empty; pass at least one text to score.")
@@ -779,3 +515,150 @@ def mixture_vs_merge_kl(
         total += float(kl.masked_fill(mask == 0, 0.0).double().sum())
         count += int(mask.sum())
     return MixtureKL(mean_kl=total / count if count else math.nan, num_tokens=count)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Merging with a report
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def read_kl_prompts(path: PathLike, max_prompts: int | None = None) -> list[str]:
+    """The first ``max_prompts`` prompts of a prompt set, for :func:`merge_with_report`.
+
+    The file is read by :func:`sacpo_lightning.evaluation.generation.load_prompts` (a JSON list or JSON lines of
+    ``{"prompt": ..., "category": ...}`` objects, the format of the shared evaluation sets).
+
+    Raises:
+        FileNotFoundError: The file does not exist.
+        ValueError: ``max_prompts < 1``, or a malformed or empty prompt set (the message names the file and row).
+    """
+    from sacpo_lightning.evaluation.generation import load_prompts
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Prompt file {path} does not exist.")
+    if max_prompts is not None and max_prompts < 1:
+        raise ValueError(f"max_prompts must be >= 1, got {max_prompts}")
+    prompts = [row["prompt"] for row in load_prompts(path)]
+    return prompts if max_prompts is None else prompts[:max_prompts]
+
+
+def _kl_texts(prompts: Sequence[str], tokenizer) -> list[str]:
+    """Each prompt as a user turn of the chat template with the assistant header (plain text without a template).
+
+    The KL is so measured where a response would start. A BOS written by the template is dropped when the tokenizer
+    adds one itself, so it is not doubled.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        return list(prompts)
+    from sacpo_lightning.data.tokenization import tokenizer_adds_bos
+    from sacpo_lightning.evaluation.generation import format_prompt
+
+    bos = tokenizer.bos_token if tokenizer_adds_bos(tokenizer) else None
+    texts = [format_prompt(tokenizer, prompt, "chat") for prompt in prompts]
+    return [text[len(bos) :] if bos and text.startswith(bos) else text for text in texts]
+
+
+def merge_with_report(
+    base: PathLike,
+    other: PathLike,
+    weights: Sequence[float],
+    *,
+    output_root: PathLike | None = None,
+    output_dirs: Sequence[PathLike] | None = None,
+    dtype: str | None = None,
+    prompts: Sequence[str] | None = None,
+    tokenizer=None,
+    batch_size: int = 8,
+    max_length: int | None = None,
+    device: str | torch.device | None = None,
+    lam: float | None = None,
+    report_file: PathLike | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Writes the merges ``(1 - q) * base + q * other`` and reports each one's distance to the token-level mixture.
+
+    The merges are written by :func:`merge_model_folders` (``output_root/merge_q{q:.2f}``, or one folder per weight
+    in ``output_dirs``); with ``prompts``, :func:`mixture_vs_merge_kl` then measures the mean per-token
+    ``KL(token-level mixture || merge)`` of each merge on the prompts, each rendered as a user turn of the tokenizer's
+    chat template with the assistant header.
+
+    Args:
+        base: The ``q = 0`` folder (the step-1 model).
+        other: The ``q = 1`` folder (a step-2 model).
+        weights: Merge weights, each in ``[0, 1]``.
+        output_root: Folder that receives ``merge_q{q:.2f}`` per weight. Exclusive with ``output_dirs``.
+        output_dirs: One output folder per weight.
+        dtype: Dtype the merges are loaded and saved in; ``None`` keeps the base's.
+        prompts: Prompts (plain, see :func:`read_kl_prompts`) on which to measure the KL; no KL when empty or ``None``.
+        tokenizer: Tokenizer for the KL texts; loaded from ``base`` when omitted.
+        batch_size: Texts per forward pass for the KL.
+        max_length: Truncate the texts to this many tokens for the KL.
+        device: Device for the KL forward passes (CPU when ``None``).
+        lam: The step-2 safety weight; each entry then also gets ``lam_effective = q * lam``.
+        report_file: Where to write the report (atomically); not written when ``None``.
+        extra: More top-level fields for the report (e.g. the prompt file, the training step).
+
+    Returns:
+        ``{"base", "other", "dtype", "num_prompts", "merges": [{"q", "path", "kl_mixture_vs_merge", "num_tokens"}],
+        **extra}``, the entries with ``lam_effective`` when ``lam`` is given; the KL fields are ``None`` without
+        prompts.
+
+    Raises:
+        MergeError: The models cannot be merged.
+        ValueError: A weight outside ``[0, 1]``, weights that name the same folder, or bad output arguments.
+    """
+    base, other = Path(base), Path(other)
+    paths = merge_model_folders(base, other, weights, output_dirs, output_root=output_root, dtype=dtype)
+    texts = None
+    if prompts:
+        if tokenizer is None:
+            from sacpo_lightning.models import load_tokenizer
+
+            tokenizer = load_tokenizer(str(base))
+        texts = _kl_texts(prompts, tokenizer)
+    entries = []
+    for q, path in zip(weights, paths, strict=True):
+        kl = num_tokens = None
+        if texts:
+            result = mixture_vs_merge_kl(
+                base, other, path, q, texts, tokenizer, batch_size=batch_size, max_length=max_length, device=device
+            )
+            kl, num_tokens = result.mean_kl, result.num_tokens
+        entry = {"q": float(q), "path": str(path), "kl_mixture_vs_merge": kl, "num_tokens": num_tokens}
+        if lam is not None:
+            entry["lam_effective"] = float(q) * float(lam)
+        entries.append(entry)
+    report = {
+        "base": str(base.resolve()),
+        "other": str(other.resolve()),
+        "dtype": dtype,
+        "num_prompts": len(prompts) if prompts else 0,
+        "merges": entries,
+        **(extra or {}),
+    }
+    if report_file is not None:
+        atomic_write_json(report_file, report)
+    return report
+
+
+def format_report(report: Mapping[str, Any]) -> str:
+    """A small text table of a report's merges (``lam_effective`` shown when the entries have it)."""
+    entries = report["merges"]
+    with_lam = any("lam_effective" in entry for entry in entries)
+    header = ["q"] + (["lam_eff"] if with_lam else []) + ["KL(mix||merge)", "tokens", "path"]
+    rows = []
+    for entry in entries:
+        kl = entry.get("kl_mixture_vs_merge")
+        row = [f"{entry['q']:.4g}"]
+        if with_lam:
+            lam = entry.get("lam_effective")
+            row.append("-" if lam is None else f"{lam:.4g}")
+        tokens = entry.get("num_tokens")
+        row += ["-" if kl is None else f"{kl:.6f}", "-" if tokens is None else str(tokens), entry["path"]]
+        rows.append(row)
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header) - 1)]
+    return "\n".join(
+        "  ".join([*(cell.ljust(width) for cell, width in zip(row[:-1], widths, strict=True)), row[-1]])
+        for row in [header, *rows]
+    )

@@ -14,6 +14,7 @@ from sacpo_lightning.evaluation import score_models
 from sacpo_lightning.evaluation.cli import evaluate_main, generate_main
 from sacpo_lightning.evaluation.evaluate import default_model_name, parse_named_models
 from sacpo_lightning.models.tiny import save_tiny_model
+from sacpo_lightning.modules import ScoreModelModule
 
 CONFIGS = sorted(Path(__file__).resolve().parents[1].joinpath("configs", "eval").glob("*.yaml"))
 
@@ -118,7 +119,7 @@ def test_configs_parse(config, monkeypatch):
     first = config.read_text().splitlines()[:4]
     assert first[0].startswith("# ") and any(f"--config configs/eval/{config.name}" in line for line in first)
     cli = lightning_cli(["--config", str(config)], run=False)
-    assert isinstance(cli.model, score_models.ScoreModelModule)
+    assert isinstance(cli.model, ScoreModelModule)
     assert cli.datamodule.hparams.kind == "pairs"
     assert cli.datamodule.hparams.tokenizer == cli.model.policy_settings.name_or_path
 

@@ -1,4 +1,4 @@
-"""Reward and cost score models: golden losses, a few training steps on the tiny model, export and scoring."""
+"""Reward and cost score models: the cost loss, a few training steps on the tiny model, export and scoring."""
 
 from __future__ import annotations
 
@@ -15,15 +15,9 @@ from sacpo_lightning.callbacks import ExportHF
 from transformers import AutoModelForSequenceClassification
 
 from sacpo_lightning.data import PreferenceDataModule
-from sacpo_lightning.evaluation.score_models import (
-    SCORE_MODEL_FILE,
-    CostModelModule,
-    RewardModelModule,
-    ScoreModel,
-    bradley_terry_loss,
-    cost_sign_loss,
-)
+from sacpo_lightning.evaluation.score_models import SCORE_MODEL_FILE, ScoreModel
 from sacpo_lightning.models.policy import LoraSettings, PolicySettings
+from sacpo_lightning.modules import CostModelModule, RewardModelModule
 from sacpo_lightning.modules.base import OptimSettings
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -47,15 +41,6 @@ def _datamodule(pair_file, tokenizer_dir) -> PreferenceDataModule:
                               max_length=128, max_prompt_length=64, batch_size=4, val_fraction=0.3, seed=0)
     dm.setup("fit")
     return dm
-
-
-def test_golden_losses():
-    """BT: margins (0, 2) give log(1 + e^-m) = (0.6931, 0.1269). Sign term: c = 1 unsafe and c = 1 safe give
-    log(1 + e^-1) = 0.3133 and log(1 + e^1) = 1.3133."""
-    bt = bradley_terry_loss(torch.tensor([1.0, 3.0]), torch.tensor([1.0, 1.0]))
-    assert torch.allclose(bt, torch.tensor([math.log(2), math.log1p(math.exp(-2))]), atol=1e-6)
-    sign = cost_sign_loss(torch.tensor([1.0, 1.0]), torch.tensor([True, False]))
-    assert torch.allclose(sign, torch.tensor([math.log1p(math.exp(-1)), math.log1p(math.exp(1))]), atol=1e-6)
 
 
 def test_cost_loss_uses_chosen_safe_labels():
@@ -111,6 +96,32 @@ def test_training_reduces_loss_and_exports(cls, finetune, pair_file, tiny_model_
     record_prompt = [r for r in PAIRS if r[0] in dm.get_tokenizer().decode(val_pair["prompt_ids"])][0]
     got = scorer.score([record_prompt[0]], [record_prompt[1]])
     assert got[0] == pytest.approx(float(expected[0]), abs=1e-4)
+
+
+def test_lora_score_model_trains_adapter_and_head_and_checkpoints_only_them(tiny_model_dir):
+    """Built through build_policy with peft's SEQ_CLS task: LoRA weights and the new score head train, the rest is
+    frozen; checkpoints (the hooks shared with the alignment steps) keep only those and the RNG states."""
+    policy = PolicySettings(name_or_path=tiny_model_dir, finetune="lora", lora=LoraSettings(r=4, alpha=8))
+    module = RewardModelModule(policy=policy)
+    module.configure_model()
+    trainable = module.trainable_parameter_names()
+    assert trainable and all(n.startswith("model.") for n in trainable)
+    assert all("lora_" in n or ".score." in n for n in trainable)
+    assert any(".score." in n for n in trainable)
+    checkpoint = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(checkpoint)
+    assert set(checkpoint["state_dict"]) == trainable and checkpoint["rng_states"]
+    module.on_load_checkpoint(checkpoint)
+    assert module.strict_loading is False
+
+
+def test_moved_names_still_resolve_from_score_models():
+    from sacpo_lightning import losses, modules
+    from sacpo_lightning.evaluation import score_models
+
+    assert score_models.RewardModelModule is modules.RewardModelModule
+    assert score_models.CostModelModule is modules.CostModelModule
+    assert score_models.bradley_terry_loss is losses.bradley_terry_loss
 
 
 def test_score_model_batches_match_single(tiny_model_dir):

@@ -8,6 +8,8 @@ import pytest
 import torch
 
 from sacpo_lightning.losses import (
+    bradley_terry_loss,
+    cost_sign_loss,
     dpo_loss,
     hinge_loss,
     ipo_loss,
@@ -287,3 +289,12 @@ def test_kto_kl_estimate_bad_inputs() -> None:
         kto_kl_estimate(torch.zeros(2), torch.zeros(3))
     with pytest.raises(ValueError, match="non-empty"):
         kto_kl_estimate(torch.zeros(0), torch.zeros(0))
+
+
+def test_score_model_golden_losses() -> None:
+    """BT: margins (0, 2) give log(1 + e^-m) = (0.6931, 0.1269). Sign term: c = 1 unsafe and c = 1 safe give
+    log(1 + e^-1) = 0.3133 and log(1 + e^1) = 1.3133."""
+    bt = bradley_terry_loss(torch.tensor([1.0, 3.0]), torch.tensor([1.0, 1.0]))
+    assert torch.allclose(bt, torch.tensor([math.log(2), math.log1p(math.exp(-2))]), atol=1e-6)
+    sign = cost_sign_loss(torch.tensor([1.0, 1.0]), torch.tensor([True, False]))
+    assert torch.allclose(sign, torch.tensor([math.log1p(math.exp(-1)), math.log1p(math.exp(1))]), atol=1e-6)

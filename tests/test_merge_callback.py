@@ -11,8 +11,7 @@ import torch
 from sacpo_lightning.callbacks import ExportHF, MergeOnFitEnd
 from torch.utils.data import DataLoader
 
-from sacpo_lightning.merging import linear_merge_state_dicts
-from sacpo_lightning.merging_cli import REPORT_FILE
+from sacpo_lightning.merging import REPORT_FILE, linear_merge_state_dicts
 from sacpo_lightning.models import load_tokenizer
 from sacpo_lightning.models.policy import LoraSettings, PolicySettings, load_causal_lm
 from sacpo_lightning.models.tiny import save_tiny_model
@@ -64,19 +63,23 @@ def _assert_linear_merge(merged_dir, base_dir, other_dir, q: float) -> None:
 
 
 @pytest.mark.parametrize("merge_first", [False, True], ids=["export-then-merge", "merge-then-export"])
-def test_merges_reference_and_export_in_either_callback_order(merge_first, step1_dir, tmp_path):
+def test_merges_reference_and_own_export_beside_export_callback(merge_first, step1_dir, tmp_path):
+    """MergeOnFitEnd exports the policy itself (to ``<dirpath>/policy``), whatever ExportHF does, in either order."""
     export = ExportHF(dirpath=str(tmp_path / "export"), merged=True)
     merge = MergeOnFitEnd(weights=[0.5], dirpath=str(tmp_path / "merges"))
     fit(step1_dir, tmp_path, [merge, export] if merge_first else [export, merge])
 
     merged_dir = tmp_path / "merges" / "merge_q0.50"
+    policy_dir = tmp_path / "merges" / "policy"
     assert (tmp_path / "export" / "model.safetensors").is_file()
     base, trained = _state(step1_dir), _state(tmp_path / "export")
     assert not all(torch.equal(base[k], trained[k]) for k in base)  # the step did train the policy
-    _assert_linear_merge(merged_dir, step1_dir, tmp_path / "export", 0.5)
+    own = _state(policy_dir)
+    assert all(torch.equal(own[k], trained[k]) for k in trained)  # the same policy as ExportHF's
+    _assert_linear_merge(merged_dir, step1_dir, policy_dir, 0.5)
 
     report = json.loads((tmp_path / "merges" / REPORT_FILE).read_text())
-    assert report["base"] == os.path.realpath(step1_dir) and report["other"] == os.path.realpath(tmp_path / "export")
+    assert report["base"] == os.path.realpath(step1_dir) and report["other"] == os.path.realpath(policy_dir)
     assert report["lam"] == 2.0 and report["global_step"] == 2
     (entry,) = report["merges"]
     assert entry["q"] == 0.5 and entry["lam_effective"] == 1.0 and entry["path"] == str(merged_dir)

@@ -10,8 +10,8 @@ from transformers import AutoModelForCausalLM
 
 from sacpo_lightning.cli import main as sacpo_main
 from sacpo_lightning.io import atomic_directory, is_complete_directory
-from sacpo_lightning.merging import linear_merge_state_dicts
-from sacpo_lightning.merging_cli import REPORT_FILE, load_prompts, main, render_prompts
+from sacpo_lightning.merging import REPORT_FILE, _kl_texts, linear_merge_state_dicts, read_kl_prompts
+from sacpo_lightning.merging_cli import main
 from sacpo_lightning.models import load_tokenizer
 from sacpo_lightning.models.tiny import build_tiny_llama, build_tiny_tokenizer, save_tiny_model
 
@@ -106,32 +106,36 @@ def test_weight_outside_unit_interval_is_a_usage_error(folders, tmp_path, capsys
     assert "weights must be in [0, 1], got 1.5" in capsys.readouterr().err
 
 
-def test_load_prompts_formats_and_errors(tmp_path):
-    jsonl = tmp_path / "p.jsonl"
-    jsonl.write_text('{"prompt": "a"}\n\n"b"\n{"prompt": "c"}\n')
-    assert load_prompts(jsonl) == ["a", "b", "c"]
-    assert load_prompts(jsonl, max_prompts=2) == ["a", "b"]
-    text = tmp_path / "p.txt"
-    text.write_text("first line\n\n  second\n")
-    assert load_prompts(text) == ["first line", "  second"]
+def test_config_file_dashed_aliases_and_print_config(folders, tmp_path, capsys):
+    out = tmp_path / "from_config"
+    config = tmp_path / "merge.yaml"
+    config.write_text(f"base: {folders[0]}\nother: {folders[1]}\nweights: [0.25, 0.75]\noutput: {out}\n")
+    assert main(["--config", str(config), "--print_config"]) == 0
+    printed = capsys.readouterr().out
+    assert "weights:" in printed and "kl_max_prompts: 16" in printed and "kl_max_length: 512" in printed
+    assert not out.exists()
 
+    assert main(["--config", str(config), "--weights", "[0.5]", "--kl-batch-size", "2"]) == 0  # the command line wins
+    report = json.loads((out / REPORT_FILE).read_text())
+    assert [e["q"] for e in report["merges"]] == [0.5] and report["kl_prompts"] is None
+
+
+def test_read_kl_prompts_uses_the_prompt_set_reader(tmp_path):
+    jsonl = tmp_path / "p.jsonl"
+    jsonl.write_text('{"prompt": "a"}\n\n{"prompt": "b", "category": "x"}\n{"prompt": "c"}\n')
+    assert read_kl_prompts(jsonl) == ["a", "b", "c"]
+    assert read_kl_prompts(jsonl, max_prompts=2) == ["a", "b"]
+    with pytest.raises(FileNotFoundError, match="Prompt file .* does not exist"):
+        read_kl_prompts(tmp_path / "missing.json")
+    with pytest.raises(ValueError, match="max_prompts must be >= 1"):
+        read_kl_prompts(jsonl, max_prompts=0)
     jsonl.write_text('{"prompt": "a"}\n{"question": "b"}\n')
-    with pytest.raises(ValueError, match=rf"{jsonl} line 2: the row has no 'prompt' field \(fields: question\)"):
-        load_prompts(jsonl)
-    jsonl.write_text('{"prompt": "a"}\n{not json\n')
-    with pytest.raises(ValueError, match=rf"{jsonl} line 2: not valid JSON"):
-        load_prompts(jsonl)
-    bad = tmp_path / "p.json"
-    bad.write_text('{"prompt": "a"}')
-    with pytest.raises(ValueError, match="expected a JSON list"):
-        load_prompts(bad)
-    bad.write_text('[{"prompt": ""}]')
-    with pytest.raises(ValueError, match=rf"{bad} item 0: the prompt is empty"):
-        load_prompts(bad)
+    with pytest.raises(ValueError, match=rf"{jsonl}:2: 'prompt' must be a non-empty string"):
+        read_kl_prompts(jsonl)
 
 
 def test_shared_safety_prompts_load_and_render(shared_data, folders):
-    prompts = load_prompts(f"{shared_data}/eval/safety_problem.json", max_prompts=3)
+    prompts = read_kl_prompts(f"{shared_data}/eval/safety_problem.json", max_prompts=3)
     assert len(prompts) == 3 and all(prompts)
-    rendered = render_prompts(prompts[:1], load_tokenizer(str(folders[0])))
+    rendered = _kl_texts(prompts[:1], load_tokenizer(str(folders[0])))
     assert rendered == [f"<|user|>\n{prompts[0]}<|end|>\n<|assistant|>\n"]

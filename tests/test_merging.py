@@ -18,7 +18,6 @@ from transformers import AutoModelForCausalLM
 from sacpo_lightning.io import atomic_directory, is_complete_directory
 from sacpo_lightning.merging import (
     MERGE_METADATA_FILE,
-    GeometricMixtureLM,
     MergeError,
     check_compatible,
     geometric_mixture_log_normalizer,
@@ -29,6 +28,7 @@ from sacpo_lightning.merging import (
     token_kl,
 )
 from sacpo_lightning.models import load_tokenizer
+from sacpo_lightning.models.mixture import GeometricMixtureLM
 from sacpo_lightning.models.tiny import build_tiny_llama, build_tiny_tokenizer, save_tiny_model
 
 PROMPTS = ["Hello there, how are you today?", "Hi", "Tell me a short story about a cat."]

@@ -1,7 +1,8 @@
 """Evaluation: generation, judges, win rates and reports.
 
 - :mod:`~sacpo_lightning.evaluation.generation`: batched, cached generation on prompt sets (folders and mixtures).
-- :mod:`~sacpo_lightning.evaluation.score_models`: reward/cost models (training modules, export, scoring).
+- :mod:`~sacpo_lightning.evaluation.score_models`: loading and scoring reward/cost models (their training modules are
+  :mod:`sacpo_lightning.modules.score`).
 - :mod:`~sacpo_lightning.evaluation.implicit`: implicit-reward preference accuracy on held-out pairs.
 - :mod:`~sacpo_lightning.evaluation.judge`: pairwise LLM judge (HTTP endpoint or local model), cached.
 - :mod:`~sacpo_lightning.evaluation.safety_judges`: per-answer safety judges (guard LM, classifier, refusal rules).
@@ -22,8 +23,6 @@ _EXPORTS = {
     "generate_to_file": "generation",
     "load_generation_model": "generation",
     "load_prompts": "generation",
-    "RewardModelModule": "score_models",
-    "CostModelModule": "score_models",
     "ScoreModel": "score_models",
     "implicit_accuracy": "implicit",
     "PairwiseJudge": "judge",

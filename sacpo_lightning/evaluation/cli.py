@@ -11,88 +11,251 @@
         'mix:outputs/step1/export+outputs/step2/export@0.5' --baseline sft --judge reward_cost \\
         --reward_model outputs/smollm2/reward_model/export --cost_model outputs/smollm2/cost_model/export \\
         --output outputs/eval
+
+Both parsers are built by jsonargparse from the typed dataclasses below (and
+:class:`~sacpo_lightning.evaluation.generation.GenerationSettings`), so ``--config FILE`` (a YAML of the options) and
+``--print_config`` work and the defaults are those of the dataclasses. The command-line spellings of the argparse
+version still work (:func:`flag_style_argv`): a bare boolean flag (``--do_sample``), several values after a list
+option (``--models a=b c=d``) and repeated list options (``--safety_judge refusal --safety_judge guard:DIR``).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
+import typing
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal
 
+from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
+
+from sacpo_lightning.evaluation.evaluate import EvaluationSettings
 from sacpo_lightning.evaluation.generation import GenerationSettings
 
-__all__ = ["evaluate_main", "generate_main"]
+__all__ = ["build_evaluate_parser", "evaluate_main", "flag_style_argv", "generate_main"]
 
 DEFAULT_SAFETY_PROMPTS = "../shared/data/eval/safety_problem.json"
 DEFAULT_HELPFUL_PROMPTS = "../shared/data/eval/helpful_problem.json"
+_DEFAULTS = EvaluationSettings  # its fields' defaults are class attributes
+PairSource = Literal["pku", "hh", "generic"]
 
 
-def _parse_bool(text: str) -> bool:
-    value = text.strip().lower()
-    if value in ("true", "1", "yes", "on"):
-        return True
-    if value in ("false", "0", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+@dataclass
+class GenerateOptions:
+    """Generate responses on a prompt set.
+
+    Attributes:
+        model: Model folder, named model, or mix:DIR_A+DIR_B@Q.
+        prompts: JSON list or JSON lines of {prompt, category?}.
+        output: Output .jsonl file ({prompt, category, response, model}; with --sequence_level true also samples
+            [{response, log_weight, weight}], ess and resampled_index).
+        name: Value of the 'model' field (default: the model spec).
+        force: Regenerate even when the cached output matches.
+    """
+
+    model: str
+    prompts: str
+    output: str
+    name: str | None = None
+    force: bool = False
 
 
-def _add_generation_args(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("generation")
-    g.add_argument("--max_new_tokens", type=int, default=256, help="Most generated tokens per response.")
-    g.add_argument("--do_sample", action="store_true", help="Sample instead of greedy decoding.")
-    g.add_argument("--temperature", type=float, default=1.0, help="Sampling temperature.")
-    g.add_argument("--top_p", type=float, default=1.0, help="Nucleus-sampling mass.")
-    g.add_argument("--seed", type=int, default=0, help="Seed of sampling (and of bootstrap/Elo for evaluate).")
-    g.add_argument("--batch_size", type=int, default=8, help="Prompts per generation batch.")
-    g.add_argument("--template", default="chat", help="chat, pku, raw, or a format string containing {input}.")
-    g.add_argument("--stop", nargs="*", default=[], help="Stop strings (the response is cut before them).")
-    g.add_argument("--max_prompt_tokens", type=int, default=None, help="Keep only the last N prompt tokens.")
-    g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                   help="Load dtype (default: the checkpoint's).")
-    g.add_argument("--device", default=None, help="Device (default: cuda when available, else cpu).")
-    g.add_argument("--sequence_level", type=_parse_bool, default=False, metavar="{true,false}",
-                   help="Estimate the sequence-level geometric mixture pi_A(y)^(1-q) pi_B(y)^q of mix:A+B@q specs "
-                        "(not the token-level one they decode): --samples_per_prompt samples per prompt with "
-                        "importance weights, their effective sample size and one resampled answer per prompt. "
-                        "Needs --do_sample, --temperature 1, --top_p 1. Other models are sampled the same way "
-                        "(exact, equal weights).")
-    g.add_argument("--samples_per_prompt", type=int, default=1,
-                   help="Samples per prompt with --sequence_level true (>= 2; more samples, better estimates).")
+@dataclass
+class EvaluateOptions:
+    """Judge models against a baseline: win rates with bootstrap intervals, Elo, report and plots.
+
+    Attributes:
+        models: Models as NAME=SPEC or SPEC (folder, named model, or mix:DIR_A+DIR_B@Q).
+        baseline: Name (or spec) of the baseline, usually the SFT model.
+        output: Output folder (report.json, report.md, pareto.png, caches).
+        judge: Judges to run ('none': only the per-answer --safety_judge judges).
+        prompts_safety: Safety prompt set ('none' to skip).
+        prompts_helpful: Helpfulness prompt set ('none' to skip).
+        training_logs: STAGE=metrics.csv for training_curves.png.
+        bootstrap_samples: Bootstrap resamples of the win-rate intervals.
+        confidence: Confidence level of the intervals.
+        elo_shuffles: Random match orders averaged by Elo.
+        tie_eps: Score differences within this are ties.
+        reward_model: Reward model folder (sequence classification) for the reward_cost judge.
+        cost_model: Cost model folder (sequence classification) for the reward_cost judge.
+        score_batch_size: Batch size of the score models.
+    """
+
+    models: list[str]
+    baseline: str
+    output: str
+    judge: list[Literal["reward_cost", "llm", "implicit", "none"]] = field(
+        default_factory=lambda: list(_DEFAULTS.judges))
+    prompts_safety: str = DEFAULT_SAFETY_PROMPTS
+    prompts_helpful: str = DEFAULT_HELPFUL_PROMPTS
+    training_logs: list[str] = field(default_factory=list)
+    bootstrap_samples: int = _DEFAULTS.bootstrap_samples
+    confidence: float = _DEFAULTS.confidence
+    elo_shuffles: int = _DEFAULTS.elo_shuffles
+    tie_eps: float = _DEFAULTS.tie_eps
+    reward_model: str | None = None
+    cost_model: str | None = None
+    score_batch_size: int = _DEFAULTS.score_batch_size
 
 
-def _generation_settings(ns: argparse.Namespace) -> GenerationSettings:
-    return GenerationSettings(
-        max_new_tokens=ns.max_new_tokens, do_sample=ns.do_sample, temperature=ns.temperature, top_p=ns.top_p,
-        seed=ns.seed, batch_size=ns.batch_size, template=ns.template, stop=ns.stop,
-        max_prompt_tokens=ns.max_prompt_tokens, dtype=ns.dtype, device=ns.device,
-        samples_per_prompt=ns.samples_per_prompt, sequence_level=ns.sequence_level,
-    )
+@dataclass
+class LLMJudgeOptions:
+    """The llm judge's backend.
+
+    Attributes:
+        judge_url: OpenAI-compatible endpoint (base URL or .../chat/completions).
+        judge_model: Model name sent to the endpoint.
+        judge_api_key_env: Environment variable with the API key.
+        judge_local: A local causal LM folder used as the judge (greedy).
+        judge_repeats: Judgements per answer order.
+        judge_single_order: Judge only with the model's answer first.
+        judge_max_tokens: Most generated tokens per judgement.
+        judge_temperature: Sampling temperature of the endpoint.
+    """
+
+    judge_url: str | None = None
+    judge_model: str | None = None
+    judge_api_key_env: str = "OPENAI_API_KEY"
+    judge_local: str | None = None
+    judge_repeats: int = 1
+    judge_single_order: bool = False
+    judge_max_tokens: int = 512
+    judge_temperature: float = 0.0
+
+
+@dataclass
+class ImplicitOptions:
+    """The implicit judge's held-out pairs.
+
+    Attributes:
+        implicit_reference: Reference model spec (default: the baseline).
+        implicit_helpful_pairs: Helpfulness pair files (HH-RLHF format).
+        implicit_helpful_source: Format of the helpfulness pair files.
+        implicit_safety_pairs: Safety pair files (PKU-SafeRLHF format).
+        implicit_safety_source: Format of the safety pair files.
+        implicit_split: val: the held-out split of training with the same val_fraction and data seed.
+        implicit_val_fraction: Held-out fraction of the pairs.
+        implicit_data_seed: Seed of the held-out split.
+        implicit_max_pairs: Most pairs per set.
+        implicit_template: Prompt template.
+        implicit_max_length: Most tokens of prompt and response.
+        implicit_max_prompt_length: Most prompt tokens.
+    """
+
+    implicit_reference: str | None = None
+    implicit_helpful_pairs: list[str] = field(default_factory=list)
+    implicit_helpful_source: PairSource = "hh"
+    implicit_safety_pairs: list[str] = field(default_factory=list)
+    implicit_safety_source: PairSource = "pku"
+    implicit_split: Literal["val", "all"] = "val"
+    implicit_val_fraction: float = 0.05
+    implicit_data_seed: int = 42
+    implicit_max_pairs: int | None = None
+    implicit_template: Literal["chat", "pku", "raw"] = "chat"
+    implicit_max_length: int = 512
+    implicit_max_prompt_length: int = 256
+
+    def pair_sets(self) -> dict[str, dict[str, Any]]:
+        """``{set name: pair_dataloader keyword arguments}`` of the given pair files."""
+        common = {"split": self.implicit_split, "val_fraction": self.implicit_val_fraction,
+                  "seed": self.implicit_data_seed, "max_pairs": self.implicit_max_pairs,
+                  "template": self.implicit_template, "max_length": self.implicit_max_length,
+                  "max_prompt_length": self.implicit_max_prompt_length}
+        sets = {}
+        if self.implicit_helpful_pairs:
+            sets["helpful"] = {"train_files": self.implicit_helpful_pairs, "source": self.implicit_helpful_source,
+                               "objective": "helpful", **common}
+        if self.implicit_safety_pairs:
+            sets["safety"] = {"train_files": self.implicit_safety_pairs, "source": self.implicit_safety_source,
+                              "objective": "safe", **common}
+        return sets
+
+
+@dataclass
+class SafetyJudgeOptions:
+    """Per-answer safety judges.
+
+    Attributes:
+        safety_judge: Repeatable: guard:MODEL_DIR (Llama Guard style causal LM), classifier:MODEL_DIR (cost model or
+            safety classifier), refusal (rule-based), or a JSON object with more settings.
+        safety_threshold: Check E[safety] >= B per model (safety = fraction of answers judged safe).
+        predicted_safety: Repeatable: NAME=budget.json, the budget solver's prediction (lambda_star,
+            predicted_safety) for model NAME.
+    """
+
+    safety_judge: list[str] = field(default_factory=list)
+    safety_threshold: float | None = None
+    predicted_safety: list[str] = field(default_factory=list)
+
+
+def flag_style_argv(argv: Sequence[str], option_types: Sequence[type]) -> list[str]:
+    """``argv`` in jsonargparse's syntax for the bool and list fields of ``option_types``: a bare ``--flag`` becomes
+    ``--flag=true``, and the values after every occurrence of a list option (``--models a b --models c``) become
+    one JSON list at its first occurrence."""
+    hints: dict[str, Any] = {}
+    for option_type in option_types:
+        hints.update(typing.get_type_hints(option_type))
+    flags = {name for name, hint in hints.items() if hint is bool}
+    lists = {name for name, hint in hints.items() if typing.get_origin(hint) is list}
+    out: list[str] = []
+    values: dict[str, list[str]] = {}
+    i = 0
+    while i < len(argv):
+        token, i = argv[i], i + 1
+        name = token[2:] if token.startswith("--") else None
+        if name in flags and (i == len(argv) or argv[i].startswith("--")):
+            out.append(f"--{name}=true")
+        elif name in lists:
+            if name not in values:
+                values[name] = []
+                out.append(name)  # placeholder, replaced below
+            while i < len(argv) and not argv[i].startswith("--"):
+                values[name].append(argv[i])
+                i += 1
+        else:
+            out.append(token)
+    return [f"--{token}={json.dumps(values[token])}" if token in values and not token.startswith("-") else token
+            for token in out]
+
+
+def _parser(prog: str, description: str, option_types: Sequence[type]) -> ArgumentParser:
+    parser = ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--config", action=ActionConfigFile, help="A YAML file of these options.")
+    for option_type in option_types:
+        parser.add_class_arguments(option_type, nested_key=None, as_group=True)
+    return parser
+
+
+def _options(option_type: type, ns: Namespace) -> Any:
+    return option_type(**{f.name: ns[f.name] for f in fields(option_type)})
+
+
+def _generation_settings(ns: Namespace, parser: ArgumentParser) -> GenerationSettings:
+    try:
+        return _options(GenerationSettings, ns)
+    except ValueError as err:
+        parser.error(str(err))
+
+
+GENERATE_OPTIONS = (GenerateOptions, GenerationSettings)
 
 
 def generate_main(argv: list[str]) -> int:
     """``sacpo generate``: responses of one model on one prompt set, as JSON lines (cached by settings hash)."""
     from sacpo_lightning.evaluation.generation import generate_to_file
 
-    parser = argparse.ArgumentParser(prog="sacpo generate", description="Generate responses on a prompt set.")
-    parser.add_argument("--model", required=True, help="Model folder, named model, or mix:DIR_A+DIR_B@Q.")
-    parser.add_argument("--prompts", required=True, help="JSON list or JSON lines of {prompt, category?}.")
-    parser.add_argument("--output", required=True,
-                        help="Output .jsonl file ({prompt, category, response, model}; with --sequence_level true "
-                             "also samples [{response, log_weight, weight}], ess and resampled_index).")
-    parser.add_argument("--name", default=None, help="Value of the 'model' field (default: the model spec).")
-    parser.add_argument("--force", action="store_true", help="Regenerate even when the cached output matches.")
-    _add_generation_args(parser)
-    ns = parser.parse_args(argv)
-    try:
-        settings = _generation_settings(ns)
-    except ValueError as err:
-        parser.error(str(err))
-    path = generate_to_file(ns.model, ns.prompts, ns.output, settings, name=ns.name, force=ns.force)
+    parser = _parser("sacpo generate", "Generate responses on a prompt set.", GENERATE_OPTIONS)
+    ns = parser.parse_args(flag_style_argv(argv, GENERATE_OPTIONS))
+    options = _options(GenerateOptions, ns)
+    settings = _generation_settings(ns, parser)
+    path = generate_to_file(options.model, options.prompts, options.output, settings, name=options.name,
+                            force=options.force)
     print(path)
     return 0
 
 
-def _parse_logs(items: list[str], parser: argparse.ArgumentParser) -> dict[str, str]:
+def _parse_logs(items: list[str], parser: ArgumentParser) -> dict[str, str]:
     logs = {}
     for item in items:
         stage, sep, path = item.partition("=")
@@ -102,16 +265,16 @@ def _parse_logs(items: list[str], parser: argparse.ArgumentParser) -> dict[str, 
     return logs
 
 
-def _parse_safety_options(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
+def _parse_safety_options(options: SafetyJudgeOptions, parser: ArgumentParser) -> dict[str, Any]:
     """``--safety_judge``, ``--safety_threshold`` and ``--predicted_safety`` as ``evaluate_models`` arguments."""
     from sacpo_lightning.evaluation.safety_judges import parse_safety_judge_arg
 
     try:
-        judges = [parse_safety_judge_arg(item) for item in ns.safety_judge]
+        judges = [parse_safety_judge_arg(item) for item in options.safety_judge]
     except ValueError as err:
         parser.error(str(err))
     predicted = {}
-    for item in ns.predicted_safety:
+    for item in options.predicted_safety:
         name, sep, path = item.partition("=")
         if not sep or not name or not path:
             parser.error(f"--predicted_safety takes MODEL_NAME=budget.json items, got {item!r}")
@@ -124,137 +287,75 @@ def _parse_safety_options(ns: argparse.Namespace, parser: argparse.ArgumentParse
             parser.error(f"--predicted_safety {item!r}: {path} must hold a JSON object with lambda_star and "
                          "predicted_safety")
         predicted[name] = values
-    return {"safety_judges": judges or None, "safety_threshold": ns.safety_threshold,
+    return {"safety_judges": judges or None, "safety_threshold": options.safety_threshold,
             "predicted_safety": predicted or None}
 
 
-def build_evaluate_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="sacpo evaluate",
-        description="Judge models against a baseline: win rates with bootstrap intervals, Elo, report and plots.",
-    )
-    parser.add_argument("--models", nargs="+", required=True,
-                        help="Models as NAME=SPEC or SPEC (folder, named model, or mix:DIR_A+DIR_B@Q).")
-    parser.add_argument("--baseline", required=True, help="Name (or spec) of the baseline, usually the SFT model.")
-    parser.add_argument("--judge", nargs="+", default=["reward_cost"],
-                        choices=["reward_cost", "llm", "implicit", "none"],
-                        help="Judges to run ('none': only the per-answer --safety_judge judges).")
-    parser.add_argument("--output", required=True, help="Output folder (report.json, report.md, pareto.png, caches).")
-    parser.add_argument("--prompts_safety", default=DEFAULT_SAFETY_PROMPTS,
-                        help="Safety prompt set ('none' to skip).")
-    parser.add_argument("--prompts_helpful", default=DEFAULT_HELPFUL_PROMPTS,
-                        help="Helpfulness prompt set ('none' to skip).")
-    parser.add_argument("--training_logs", nargs="*", default=[], help="STAGE=metrics.csv for training_curves.png.")
-    parser.add_argument("--bootstrap_samples", type=int, default=1000)
-    parser.add_argument("--confidence", type=float, default=0.95)
-    parser.add_argument("--elo_shuffles", type=int, default=100)
-    parser.add_argument("--tie_eps", type=float, default=1e-6, help="Score differences within this are ties.")
+EVALUATE_OPTIONS = (EvaluateOptions, LLMJudgeOptions, ImplicitOptions, SafetyJudgeOptions, GenerationSettings)
 
-    s = parser.add_argument_group("reward_cost judge")
-    s.add_argument("--reward_model", default=None, help="Reward model folder (sequence classification).")
-    s.add_argument("--cost_model", default=None, help="Cost model folder (sequence classification).")
-    s.add_argument("--score_batch_size", type=int, default=8)
 
-    j = parser.add_argument_group("llm judge")
-    j.add_argument("--judge_url", default=None, help="OpenAI-compatible endpoint (base URL or .../chat/completions).")
-    j.add_argument("--judge_model", default=None, help="Model name sent to the endpoint.")
-    j.add_argument("--judge_api_key_env", default="OPENAI_API_KEY", help="Environment variable with the API key.")
-    j.add_argument("--judge_local", default=None, help="A local causal LM folder used as the judge (greedy).")
-    j.add_argument("--judge_repeats", type=int, default=1, help="Judgements per answer order.")
-    j.add_argument("--judge_single_order", action="store_true", help="Judge only with the model's answer first.")
-    j.add_argument("--judge_max_tokens", type=int, default=512)
-    j.add_argument("--judge_temperature", type=float, default=0.0)
+def build_evaluate_parser() -> ArgumentParser:
+    """The ``sacpo evaluate`` parser (takes :func:`flag_style_argv` of the command line)."""
+    return _parser("sacpo evaluate", "Judge models against a baseline: win rates with bootstrap intervals, Elo, "
+                   "report and plots.", EVALUATE_OPTIONS)
 
-    i = parser.add_argument_group("implicit judge")
-    i.add_argument("--implicit_reference", default=None, help="Reference model spec (default: the baseline).")
-    i.add_argument("--implicit_helpful_pairs", nargs="*", default=[], help="Helpfulness pair files (HH-RLHF format).")
-    i.add_argument("--implicit_helpful_source", default="hh", choices=["pku", "hh", "generic"])
-    i.add_argument("--implicit_safety_pairs", nargs="*", default=[], help="Safety pair files (PKU-SafeRLHF format).")
-    i.add_argument("--implicit_safety_source", default="pku", choices=["pku", "hh", "generic"])
-    i.add_argument("--implicit_split", default="val", choices=["val", "all"],
-                   help="val: the held-out split of training with the same val_fraction and data seed.")
-    i.add_argument("--implicit_val_fraction", type=float, default=0.05)
-    i.add_argument("--implicit_data_seed", type=int, default=42)
-    i.add_argument("--implicit_max_pairs", type=int, default=None)
-    i.add_argument("--implicit_template", default="chat", choices=["chat", "pku", "raw"])
-    i.add_argument("--implicit_max_length", type=int, default=512)
-    i.add_argument("--implicit_max_prompt_length", type=int, default=256)
 
-    sj = parser.add_argument_group("per-answer safety judges")
-    sj.add_argument("--safety_judge", action="append", default=[], metavar="KIND[:MODEL]",
-                    help="Repeatable: guard:MODEL_DIR (Llama Guard style causal LM), classifier:MODEL_DIR (cost model "
-                         "or safety classifier), refusal (rule-based), or a JSON object with more settings.")
-    sj.add_argument("--safety_threshold", type=float, default=None, metavar="B",
-                    help="Check E[safety] >= B per model (safety = fraction of answers judged safe).")
-    sj.add_argument("--predicted_safety", action="append", default=[], metavar="NAME=budget.json",
-                    help="Repeatable: the budget solver's prediction (lambda_star, predicted_safety) for model NAME.")
-    _add_generation_args(parser)
-    return parser
+def _llm_judge(options: LLMJudgeOptions, output: str, device: str | None, parser: ArgumentParser) -> Any:
+    from sacpo_lightning.evaluation.judge import HFLocalBackend, OpenAIChatBackend, PairwiseJudge
+
+    if (options.judge_url is None) == (options.judge_local is None):
+        parser.error("--judge llm needs exactly one of --judge_url (with --judge_model) or --judge_local")
+    if options.judge_url is not None:
+        if not options.judge_model:
+            parser.error("--judge_url needs --judge_model")
+        backend = OpenAIChatBackend(options.judge_url, options.judge_model, api_key_env=options.judge_api_key_env,
+                                    temperature=options.judge_temperature, max_tokens=options.judge_max_tokens)
+    else:
+        backend = HFLocalBackend(options.judge_local, max_new_tokens=options.judge_max_tokens, device=device)
+    return PairwiseJudge(backend, cache_path=f"{output}/judgements.jsonl", repeats=options.judge_repeats,
+                         both_orders=not options.judge_single_order)
+
+
+def _evaluation_settings(ns: Namespace, parser: ArgumentParser) -> EvaluationSettings:
+    """The :class:`EvaluationSettings` of a parsed ``sacpo evaluate`` command line (errors exit with usage)."""
+    options = _options(EvaluateOptions, ns)
+    generation = _generation_settings(ns, parser)
+    judges = [j for j in options.judge if j != "none"]
+    llm_judge = _llm_judge(_options(LLMJudgeOptions, ns), options.output, generation.device, parser) if (
+        "llm" in judges) else None
+    implicit = _options(ImplicitOptions, ns)
+    none = ("", "none", "None")
+    try:
+        return EvaluationSettings(
+            prompts_safety=None if options.prompts_safety in none else options.prompts_safety,
+            prompts_helpful=None if options.prompts_helpful in none else options.prompts_helpful,
+            reward_model_dir=options.reward_model, cost_model_dir=options.cost_model, generation=generation,
+            judges=judges, llm_judge=llm_judge, implicit_sets=implicit.pair_sets() or None,
+            implicit_reference=implicit.implicit_reference, training_logs=_parse_logs(options.training_logs, parser),
+            score_batch_size=options.score_batch_size, bootstrap_samples=options.bootstrap_samples,
+            confidence=options.confidence, elo_shuffles=options.elo_shuffles, seed=generation.seed,
+            tie_eps=options.tie_eps, **_parse_safety_options(_options(SafetyJudgeOptions, ns), parser),
+        )
+    except ValueError as err:
+        parser.error(str(err))
 
 
 def evaluate_main(argv: list[str]) -> int:
     """``sacpo evaluate``: see :func:`sacpo_lightning.evaluation.evaluate.evaluate_models`."""
-    from sacpo_lightning.evaluation.evaluate import evaluate_models, parse_named_models
+    from sacpo_lightning.evaluation.evaluate import parse_named_models, run_evaluation
 
     parser = build_evaluate_parser()
-    ns = parser.parse_args(argv)
+    ns = parser.parse_args(flag_style_argv(argv, EVALUATE_OPTIONS))
+    options = _options(EvaluateOptions, ns)
     try:
-        settings = _generation_settings(ns)
-        models = parse_named_models(ns.models)
+        models = parse_named_models(options.models)
     except ValueError as err:
         parser.error(str(err))
-    judge = None
-    if "llm" in ns.judge:
-        from sacpo_lightning.evaluation.judge import HFLocalBackend, OpenAIChatBackend, PairwiseJudge
-
-        if (ns.judge_url is None) == (ns.judge_local is None):
-            parser.error("--judge llm needs exactly one of --judge_url (with --judge_model) or --judge_local")
-        if ns.judge_url is not None:
-            if not ns.judge_model:
-                parser.error("--judge_url needs --judge_model")
-            backend = OpenAIChatBackend(ns.judge_url, ns.judge_model, api_key_env=ns.judge_api_key_env,
-                                        temperature=ns.judge_temperature, max_tokens=ns.judge_max_tokens)
-        else:
-            backend = HFLocalBackend(ns.judge_local, max_new_tokens=ns.judge_max_tokens, device=ns.device)
-        judge = PairwiseJudge(backend, cache_path=f"{ns.output}/judgements.jsonl", repeats=ns.judge_repeats,
-                              both_orders=not ns.judge_single_order)
-    implicit_sets = {}
-    common = {"split": ns.implicit_split, "val_fraction": ns.implicit_val_fraction, "seed": ns.implicit_data_seed,
-              "max_pairs": ns.implicit_max_pairs, "template": ns.implicit_template,
-              "max_length": ns.implicit_max_length, "max_prompt_length": ns.implicit_max_prompt_length}
-    if ns.implicit_helpful_pairs:
-        implicit_sets["helpful"] = {"train_files": ns.implicit_helpful_pairs, "source": ns.implicit_helpful_source,
-                                    "objective": "helpful", **common}
-    if ns.implicit_safety_pairs:
-        implicit_sets["safety"] = {"train_files": ns.implicit_safety_pairs, "source": ns.implicit_safety_source,
-                                   "objective": "safe", **common}
-    none = ("", "none", "None")
-    report = evaluate_models(
-        models,
-        ns.baseline,
-        None if ns.prompts_safety in none else ns.prompts_safety,
-        None if ns.prompts_helpful in none else ns.prompts_helpful,
-        ns.reward_model,
-        ns.cost_model,
-        ns.output,
-        settings,
-        judges=[j for j in ns.judge if j != "none"],
-        llm_judge=judge,
-        implicit_sets=implicit_sets or None,
-        implicit_reference=ns.implicit_reference,
-        training_logs=_parse_logs(ns.training_logs, parser),
-        score_batch_size=ns.score_batch_size,
-        bootstrap_samples=ns.bootstrap_samples,
-        confidence=ns.confidence,
-        elo_shuffles=ns.elo_shuffles,
-        seed=ns.seed,
-        tie_eps=ns.tie_eps,
-        **_parse_safety_options(ns, parser),
-    )
+    report = run_evaluation(models, options.baseline, options.output, _evaluation_settings(ns, parser))
     summary = {name: {k: m[k]["win_rate"] for k in ("helpfulness", "harmlessness") if m.get(k)}
                for name, m in report["models"].items()}
     print(json.dumps(summary, indent=2))
-    print(f"{ns.output}/report.md")
+    print(f"{options.output}/report.md")
     return 0
 
 

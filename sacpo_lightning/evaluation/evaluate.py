@@ -38,6 +38,7 @@ import hashlib
 import json
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -60,10 +61,13 @@ from sacpo_lightning.evaluation.report import (
 )
 from sacpo_lightning.io import atomic_write_json, file_fingerprint
 
-__all__ = ["JUDGES", "default_model_name", "evaluate_models", "parse_named_models"]
+__all__ = [
+    "JUDGES", "EvaluationSettings", "default_model_name", "evaluate_models", "parse_named_models", "run_evaluation",
+]
 
 JUDGES = ("reward_cost", "llm", "implicit")
 SETS = ("helpful", "safety")
+CONSTRAINT_SCALES = ("verdicts", "probabilities")
 DIMENSION = {"helpful": "helpfulness", "safety": "harmlessness"}
 
 
@@ -231,35 +235,160 @@ def _outcome_summaries(
     return summary, by_category
 
 
-def _prepare_safety_judges(
-    configs: Sequence[Mapping[str, Any]] | None,
-    threshold: float | None,
-    predicted: Mapping[str, Mapping[str, Any]] | None,
-    device: str | None,
-    model_names: Sequence[str],
-) -> list[Any]:
+@dataclass
+class EvaluationSettings:
+    """What an evaluation runs: prompt sets, score models, decoding, judges and the statistics' settings.
+
+    Field names are the keyword arguments of :func:`evaluate_models`; error messages name the ``sacpo evaluate``
+    option of each field.
+
+    Attributes:
+        prompts_safety: Safety prompt set (harmlessness), e.g. ``eval/safety_problem.json``; None skips it.
+        prompts_helpful: Helpfulness prompt set, e.g. ``eval/helpful_problem.json``; None skips it.
+        reward_model_dir: Reward model folder for the ``reward_cost`` judge (None: no helpfulness scores).
+        cost_model_dir: Cost model folder for the ``reward_cost`` judge (None: no harmlessness scores).
+        generation: Decoding settings.
+        judges: Any of ``reward_cost``, ``llm``, ``implicit`` (see the module docstring).
+        llm_judge: A :class:`~sacpo_lightning.evaluation.judge.PairwiseJudge` for ``llm``.
+        implicit_sets: ``{name: pair_dataloader keyword arguments}`` for ``implicit``.
+        implicit_reference: Model spec of the implicit-reward reference (default: the baseline's spec).
+        training_logs: ``{stage: metrics.csv}`` for ``training_curves.png``.
+        score_batch_size: Batch size of the score models.
+        score_dtype: Load dtype of the score models (None: as saved).
+        bootstrap_samples: Bootstrap resamples of the win-rate intervals.
+        confidence: Confidence level of the intervals.
+        elo_shuffles: Random match orders averaged by Elo.
+        elo_k: Elo update size.
+        seed: Seed of the bootstrap and the Elo orders.
+        tie_eps: Score differences within this are ties.
+        safety_judges: Per-answer safety judge configs (``{"kind": "guard" | "classifier" | "refusal", "model": ...}``,
+            see :func:`~sacpo_lightning.evaluation.safety_judges.build_safety_judge`), run on every model's
+            generations of both prompt sets; their statistics form the report's ``safety`` section.
+        safety_threshold: ``b`` of the constraint ``E[safety] >= b`` (safety = fraction of safe answers by the first
+            unsafe judge); each model gets ``meets``, ``fails`` or ``undetermined``.
+        predicted_safety: ``{model name: {"lambda": ..., "safety": ...}}`` (or the budget solver's ``lambda_star`` and
+            ``predicted_safety``) shown next to the measured safety.
+        safety_constraint_on: ``verdicts`` or ``probabilities``: the scale of ``safety_threshold`` (see
+            :func:`~sacpo_lightning.evaluation.report.safety_section`).
+
+    Raises:
+        ValueError: An unknown judge, a judge without what it needs, or a setting out of range.
+    """
+
+    prompts_safety: str | os.PathLike | None = None
+    prompts_helpful: str | os.PathLike | None = None
+    reward_model_dir: str | None = None
+    cost_model_dir: str | None = None
+    generation: GenerationSettings = field(default_factory=GenerationSettings)
+    judges: Sequence[str] = ("reward_cost",)
+    llm_judge: Any | None = None
+    implicit_sets: Mapping[str, Mapping[str, Any]] | None = None
+    implicit_reference: str | None = None
+    training_logs: Mapping[str, str | os.PathLike] | None = None
+    score_batch_size: int = 8
+    score_dtype: str | None = None
+    bootstrap_samples: int = 1000
+    confidence: float = 0.95
+    elo_shuffles: int = 100
+    elo_k: float = 32.0
+    seed: int = 0
+    tie_eps: float = 1e-6
+    safety_judges: Sequence[Mapping[str, Any]] | None = None
+    safety_threshold: float | None = None
+    predicted_safety: Mapping[str, Mapping[str, Any]] | None = None
+    safety_constraint_on: str = "verdicts"
+
+    def __post_init__(self) -> None:
+        self.generation = self.generation or GenerationSettings()
+        self.judges = list(self.judges)
+        unknown = [j for j in self.judges if j not in JUDGES]
+        if unknown or not (self.judges or self.safety_judges):
+            raise ValueError(f"--judge must be one or more of {', '.join(JUDGES)} (or none with --safety_judge); "
+                             f"got {list(self.judges)}")
+        self._check_safety_options()
+        if "llm" in self.judges and self.llm_judge is None:
+            raise ValueError("--judge llm needs a judge backend (--judge_url or --judge_local)")
+        if "reward_cost" in self.judges and self.reward_model_dir is None and self.cost_model_dir is None:
+            raise ValueError("--judge reward_cost needs --reward_model and/or --cost_model")
+        if "implicit" in self.judges and not self.implicit_sets:
+            raise ValueError("--judge implicit needs pair files (--implicit_helpful_pairs / --implicit_safety_pairs)")
+        for name in ("score_batch_size", "bootstrap_samples", "elo_shuffles"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 < self.confidence < 1.0:
+            raise ValueError(f"--confidence must be in (0, 1), got {self.confidence}")
+        if self.tie_eps < 0:
+            raise ValueError(f"--tie_eps must be >= 0, got {self.tie_eps}")
+
+    def _check_safety_options(self) -> None:
+        if not self.safety_judges and (self.safety_threshold is not None or self.predicted_safety):
+            raise ValueError("--safety_threshold and --predicted_safety need per-answer safety judges: add "
+                             "--safety_judge guard:MODEL or classifier:MODEL")
+        if self.safety_threshold is not None and not 0.0 <= self.safety_threshold <= 1.0:
+            raise ValueError(f"--safety_threshold is a fraction of safe answers and must be in [0, 1], got "
+                             f"{self.safety_threshold}")
+        if self.safety_constraint_on not in CONSTRAINT_SCALES:
+            raise ValueError(f"safety_constraint_on must be one of {', '.join(CONSTRAINT_SCALES)}, got "
+                             f"{self.safety_constraint_on!r}")
+
+    @property
+    def prompt_files(self) -> dict[str, str | os.PathLike]:
+        """``{set name: prompt file}`` of the prompt sets that are evaluated."""
+        pairs = (("helpful", self.prompts_helpful), ("safety", self.prompts_safety))
+        return {k: v for k, v in pairs if v is not None}
+
+    @property
+    def needs_generation(self) -> bool:
+        return any(j in self.judges for j in ("reward_cost", "llm")) or bool(self.safety_judges)
+
+    @property
+    def bootstrap(self) -> dict[str, Any]:
+        """Keyword arguments of the win-rate summaries."""
+        return {"n_resamples": self.bootstrap_samples, "confidence": self.confidence, "seed": self.seed}
+
+    def keywords(self) -> dict[str, Any]:
+        """The settings as keyword arguments of :func:`evaluate_models`."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass
+class _Run:
+    """What the judges share: the models, the baseline, the generations and the report they fill."""
+
+    models: dict[str, str]
+    baseline: str
+    output_dir: Path
+    report: dict[str, Any]
+    gens: dict[str, dict[str, list[dict[str, Any]]]] = field(default_factory=dict)
+    gen_paths: dict[str, dict[str, Path]] = field(default_factory=dict)
+
+    @property
+    def entries(self) -> dict[str, dict[str, Any]]:
+        return self.report["models"]
+
+    def categories(self, set_name: str) -> list[str | None]:
+        return [r.get("category") for r in self.gens[set_name][self.baseline]]
+
+
+def _prepare_safety_judges(settings: EvaluationSettings, model_names: Sequence[str]) -> list[Any]:
     """Builds (without loading) the per-answer safety judges and checks the options that depend on them, so that a
     mistake is reported before any generation."""
     from sacpo_lightning.evaluation.safety_judges import build_safety_judges
 
-    if not configs:
-        if threshold is not None or predicted:
-            raise ValueError("--safety_threshold and --predicted_safety need per-answer safety judges: add "
-                             "--safety_judge guard:MODEL or classifier:MODEL")
+    if not settings.safety_judges:
         return []
+    device, predicted = settings.generation.device, settings.predicted_safety
     # The judges run where generation runs unless their config says otherwise.
     configs = [{"device": device, **c} if device is not None and isinstance(c, Mapping)
-               and c.get("kind") in ("guard", "classifier") else c for c in configs]
+               and c.get("kind") in ("guard", "classifier") else c for c in settings.safety_judges]
     judges = build_safety_judges(configs, where="--safety_judge")
-    if (threshold is not None or predicted) and not any(j.kind == "unsafe" for j in judges):
+    if (settings.safety_threshold is not None or predicted) and not any(j.kind == "unsafe" for j in judges):
         raise ValueError("--safety_threshold and --predicted_safety need an unsafe judge (--safety_judge "
                          "guard:MODEL or classifier:MODEL); a refusal judge does not measure safety")
     unknown = sorted(set(predicted or {}) - set(model_names))
     if unknown:
         raise ValueError(f"--predicted_safety names model(s) {', '.join(unknown)} that are not evaluated; evaluated: "
                          f"{', '.join(model_names)}")
-    if threshold is not None and not 0.0 <= threshold <= 1.0:
-        raise ValueError(f"--safety_threshold is a fraction of safe answers and must be in [0, 1], got {threshold}")
     return judges
 
 
@@ -278,40 +407,189 @@ def _judge_file(judge: Any, generation_path: Path, cache_path: Path) -> list[flo
     return probabilities
 
 
-def _safety_statistics(
-    judges: Sequence[Any],
-    models: Mapping[str, str],
-    baseline: str,
-    gens: Mapping[str, Mapping[str, list[dict[str, Any]]]],
-    gen_paths: Mapping[str, Mapping[str, Path]],
-    output_dir: Path,
-    *,
-    confidence: float,
-    threshold: float | None,
-    constraint_on: str = "verdicts",
-) -> dict[str, Any]:
-    """Runs every judge on every model's generations of both prompt sets (one judge model loaded at a time) and
-    returns the report's ``safety`` section (:func:`~sacpo_lightning.evaluation.report.safety_section`)."""
+def _run_safety_judges(settings: EvaluationSettings, run: _Run, judges: Sequence[Any]) -> dict[str, Any]:
+    """Runs every per-answer judge on every model's generations of both prompt sets (one judge model loaded at a
+    time) and returns the report's ``safety`` section (:func:`~sacpo_lightning.evaluation.report.safety_section`)."""
     from sacpo_lightning.evaluation.report import safety_section
     from sacpo_lightning.models import load_tokenizer
 
-    probabilities: dict[str, dict[str, dict[str, list[float]]]] = {name: {} for name in models}
+    probabilities: dict[str, dict[str, dict[str, list[float]]]] = {name: {} for name in run.models}
     for judge in judges:
-        for set_name in gens:
-            for name in models:
-                cache = output_dir / "scores" / set_name / f"{name}.judge.{judge.name}.json"
+        for set_name in run.gens:
+            for name in run.models:
+                cache = run.output_dir / "scores" / set_name / f"{name}.judge.{judge.name}.json"
                 probabilities[name].setdefault(judge.name, {})[set_name] = _judge_file(
-                    judge, gen_paths[set_name][name], cache)
+                    judge, run.gen_paths[set_name][name], cache)
         judge.close()
         _free()
-    categories = {set_name: [r.get("category") for r in gens[set_name][baseline]] for set_name in gens}
-    responses = {name: {set_name: [r["response"] for r in gens[set_name][name]] for set_name in gens}
-                 for name in models}
+    categories = {set_name: run.categories(set_name) for set_name in run.gens}
+    responses = {name: {set_name: [r["response"] for r in run.gens[set_name][name]] for set_name in run.gens}
+                 for name in run.models}
     # One tokenizer (the baseline's) for every model, so that lengths are comparable.
-    tokenizer = load_tokenizer(parse_model_spec(models[baseline]).paths[0])
+    tokenizer = load_tokenizer(parse_model_spec(run.models[run.baseline]).paths[0])
     return safety_section(probabilities, {j.name: j.describe() for j in judges}, categories, responses=responses,
-                          tokenizer=tokenizer, confidence=confidence, threshold=threshold,
-                          constraint_on=constraint_on)
+                          tokenizer=tokenizer, confidence=settings.confidence, threshold=settings.safety_threshold,
+                          constraint_on=settings.safety_constraint_on)
+
+
+def _generate(settings: EvaluationSettings, run: _Run) -> None:
+    """Generations of every model on every prompt set (cached), one model loaded at a time."""
+    for set_name, prompts in settings.prompt_files.items():
+        run.gen_paths[set_name] = {}
+        for name, spec in run.models.items():
+            path = run.output_dir / "generations" / set_name / f"{name}.jsonl"
+            generate_to_file(spec, prompts, path, settings.generation, name=name)
+            run.gen_paths[set_name][name] = path
+            _free()
+        run.gens[set_name] = {name: read_generations(p) for name, p in run.gen_paths[set_name].items()}
+        _check_aligned(run.gens[set_name], run.baseline, set_name)
+        for name in run.models:
+            run.entries[name].setdefault("generations", {})[set_name] = str(run.gen_paths[set_name][name])
+
+
+def _reward_cost_scores(settings: EvaluationSettings, run: _Run) -> dict[str, dict[str, dict[str, list[float]]]]:
+    """``{reward|cost: {set name: {model name: scores}}}`` (cached), one score model loaded at a time; the means
+    go to each model's ``scores`` entry."""
+    score_kwargs = {"batch_size": settings.score_batch_size, "dtype": settings.score_dtype}
+    scores: dict[str, dict[str, dict[str, list[float]]]] = {"reward": {}, "cost": {}}
+    for kind, scorer_dir in (("reward", settings.reward_model_dir), ("cost", settings.cost_model_dir)):
+        if scorer_dir is None:
+            continue
+        state: dict[str, Any] = {}
+        for set_name in run.gens:
+            scores[kind][set_name] = {
+                name: _score_file(str(scorer_dir), run.gen_paths[set_name][name],
+                                  run.output_dir / "scores" / set_name / f"{name}.{kind}.json", state, score_kwargs)
+                for name in run.models
+            }
+        state.clear()
+        _free()
+    for set_name in run.gens:
+        for name in run.models:
+            summary = run.entries[name].setdefault("scores", {}).setdefault(set_name, {})
+            for kind in ("reward", "cost"):
+                if set_name in scores[kind]:
+                    summary.update(_score_summary(kind, scores[kind][set_name][name]))
+    return scores
+
+
+def _run_reward_cost(settings: EvaluationSettings, run: _Run) -> None:
+    """The ``reward_cost`` judge: helpfulness by reward on the helpful prompts, harmlessness by -cost on the safety
+    prompts; win rates against the baseline and round-robin Elo over all models."""
+    scores = _reward_cost_scores(settings, run)
+    eps, names, baseline = settings.tie_eps, list(run.models), run.baseline
+    for set_name, kind, sign in (("helpful", "reward", 1.0), ("safety", "cost", -1.0)):
+        if set_name not in scores[kind]:
+            continue
+        values = {name: [sign * s for s in v] for name, v in scores[kind][set_name].items()}
+        categories = run.categories(set_name)
+        dimension = DIMENSION[set_name]
+        for name in names:
+            outcomes = [outcome(s, b, eps=eps) for s, b in zip(values[name], values[baseline], strict=True)]
+            summary, by_category = _outcome_summaries(outcomes, categories, settings.bootstrap)
+            run.entries[name][dimension] = summary
+            if by_category is not None and set_name == "safety":
+                run.entries[name]["harmlessness_by_category"] = by_category
+        matches = [(a, b, outcome(values[a][i], values[b][i], eps=eps))
+                   for i in range(len(values[baseline])) for j, a in enumerate(names) for b in names[j + 1 :]]
+        run.report["elo"][dimension] = elo_ratings(matches, k=settings.elo_k, n_shuffles=settings.elo_shuffles,
+                                                   seed=settings.seed, players=names)
+
+
+def _llm_judge_set(settings: EvaluationSettings, run: _Run, set_name: str, rubric: str,
+                   primary: bool) -> list[tuple[str, str, float]]:
+    """LLM-judge win rates of every model against the baseline on one prompt set; returns the Elo matches."""
+    base_rows = run.gens[set_name][run.baseline]
+    categories = run.categories(set_name)
+    matches = []
+    for name in run.models:
+        rows = run.gens[set_name][name]
+        verdicts = settings.llm_judge.judge(rubric, [r["prompt"] for r in base_rows], [r["response"] for r in rows],
+                                            [r["response"] for r in base_rows])
+        kept = [(v.outcome, c) for v, c in zip(verdicts, categories, strict=True) if v.outcome is not None]
+        target = run.entries[name] if primary else run.entries[name].setdefault("llm_judge", {})
+        if not kept:
+            target[rubric] = None
+            continue
+        summary, by_category = _outcome_summaries([o for o, _ in kept], [c for _, c in kept], settings.bootstrap)
+        summary["unparseable"] = sum(v.invalid for v in verdicts)
+        summary["no_valid_judgement"] = sum(1 for v in verdicts if v.outcome is None)
+        target[rubric] = summary
+        if by_category is not None and set_name == "safety":
+            target["harmlessness_by_category"] = by_category
+        if name != run.baseline:
+            matches += [(name, run.baseline, o) for o, _ in kept]
+    return matches
+
+
+def _run_llm_judge(settings: EvaluationSettings, run: _Run) -> None:
+    """The ``llm`` judge: pairwise verdicts against the baseline (the primary win rates without ``reward_cost``,
+    else under ``llm_judge``) and Elo over these model-versus-baseline matches."""
+    primary = "reward_cost" not in settings.judges
+    for set_name, rubric in (("helpful", "helpfulness"), ("safety", "harmlessness")):
+        if set_name not in run.gens:
+            continue
+        matches = _llm_judge_set(settings, run, set_name, rubric, primary)
+        key = rubric if primary else f"llm_{rubric}"
+        run.report["elo"][key] = elo_ratings(matches, k=settings.elo_k, n_shuffles=settings.elo_shuffles,
+                                             seed=settings.seed, players=list(run.models))
+    run.report["llm_judge"] = {"identity": settings.llm_judge.backend.identity, **settings.llm_judge.report_stats()}
+
+
+def _run_implicit(settings: EvaluationSettings, run: _Run) -> None:
+    """The ``implicit`` judge: implicit-reward preference accuracy on held-out pairs against the reference."""
+    from sacpo_lightning.evaluation.implicit import implicit_accuracies
+
+    reference = settings.implicit_reference or run.models[run.baseline]
+    run.report["implicit_reference"] = reference
+    scored = {name: spec for name, spec in run.models.items() if spec != reference}
+    for name, result in implicit_accuracies(scored, reference, settings.implicit_sets,
+                                            device=settings.generation.device).items():
+        run.entries[name]["implicit"] = result
+    _free()
+
+
+def _with_baseline(models: Mapping[str, str], baseline: str) -> tuple[dict[str, str], str]:
+    """The models with the baseline among them (a spec not among them is added under its default name)."""
+    models = dict(models)
+    if baseline not in models:
+        name = default_model_name(baseline)
+        if name not in models:
+            models = {name: baseline, **models}
+        baseline = name
+    return models, baseline
+
+
+def run_evaluation(
+    models: Mapping[str, str], baseline: str, output_dir: str | os.PathLike, settings: EvaluationSettings
+) -> dict[str, Any]:
+    """Generates (cached), runs each selected judge, and writes the report; see :func:`evaluate_models`."""
+    if settings.needs_generation and not settings.prompt_files:
+        raise ValueError("The reward_cost and llm judges need --prompts_safety and/or --prompts_helpful")
+    models, baseline = _with_baseline(models, baseline)
+    safety_judges = _prepare_safety_judges(settings, list(models))
+    generation = settings.generation
+    report: dict[str, Any] = {
+        "baseline": baseline,
+        "judges": list(settings.judges),
+        "confidence": settings.confidence,
+        "models": {name: {"spec": spec} for name, spec in models.items()},
+        "elo": {},
+        "settings": {"max_new_tokens": generation.max_new_tokens, "do_sample": generation.do_sample,
+                     "template": generation.template, "seed": settings.seed},
+    }
+    run = _Run(models, baseline, Path(output_dir), report)
+    if settings.needs_generation:
+        _generate(settings, run)
+    for judge, run_judge in (("reward_cost", _run_reward_cost), ("llm", _run_llm_judge), ("implicit", _run_implicit)):
+        if judge in settings.judges:
+            run_judge(settings, run)
+    safety = _run_safety_judges(settings, run, safety_judges) if safety_judges else None
+    write_report(report, run.output_dir, training_logs=settings.training_logs, safety=safety,
+                 predicted_safety=settings.predicted_safety)
+    rank_zero_info(f"Evaluation report written to {run.output_dir / 'report.md'}")
+    return report
+
 
 def evaluate_models(
     models: Mapping[str, str],
@@ -347,179 +625,25 @@ def evaluate_models(
         models: ``{name: model spec}`` (folders or ``mix:A+B@q``), the baseline included.
         baseline: Name of the baseline in ``models`` (usually the SFT model), or a spec that is added under its
             default name.
-        prompts_safety: Safety prompt set (harmlessness), e.g. ``eval/safety_problem.json``; None skips it.
-        prompts_helpful: Helpfulness prompt set, e.g. ``eval/helpful_problem.json``; None skips it.
-        reward_model_dir: Reward model folder for the ``reward_cost`` judge (None: no helpfulness scores).
-        cost_model_dir: Cost model folder for the ``reward_cost`` judge (None: no harmlessness scores).
         output_dir: Where generations, caches and the report go.
-        generation: Decoding settings.
-        judges: Any of ``reward_cost``, ``llm``, ``implicit`` (see the module docstring).
-        llm_judge: A :class:`~sacpo_lightning.evaluation.judge.PairwiseJudge` for ``llm``.
-        implicit_sets: ``{name: pair_dataloader keyword arguments}`` for ``implicit``.
-        implicit_reference: Model spec of the implicit-reward reference (default: the baseline's spec).
-        training_logs: ``{stage: metrics.csv}`` for ``training_curves.png``.
-        score_batch_size: Batch size of the score models.
-        score_dtype: Load dtype of the score models (None: as saved).
-        bootstrap_samples: Bootstrap resamples of the win-rate intervals.
-        confidence: Confidence level of the intervals.
-        elo_shuffles: Random match orders averaged by Elo.
-        elo_k: Elo update size.
-        seed: Seed of the bootstrap and the Elo orders.
-        tie_eps: Score differences within this are ties.
-        safety_judges: Per-answer safety judge configs (``{"kind": "guard" | "classifier" | "refusal", "model": ...}``,
-            see :func:`~sacpo_lightning.evaluation.safety_judges.build_safety_judge`), run on every model's
-            generations of both prompt sets; their statistics form the report's ``safety`` section.
-        safety_threshold: ``b`` of the constraint ``E[safety] >= b`` (safety = fraction of safe answers by the first
-            unsafe judge); each model gets ``meets``, ``fails`` or ``undetermined``.
-        safety_constraint_on: ``verdicts`` or ``probabilities``: the scale of ``safety_threshold`` (see
-            :func:`~sacpo_lightning.evaluation.report.safety_section`).
-        predicted_safety: ``{model name: {"lambda": ..., "safety": ...}}`` (or the budget solver's ``lambda_star`` and
-            ``predicted_safety``) shown next to the measured safety.
+        prompts_safety, prompts_helpful, reward_model_dir, cost_model_dir, generation, judges, llm_judge,
+            implicit_sets, implicit_reference, training_logs, score_batch_size, score_dtype, bootstrap_samples,
+            confidence, elo_shuffles, elo_k, seed, tie_eps, safety_judges, safety_threshold, predicted_safety,
+            safety_constraint_on: The fields of :class:`EvaluationSettings`.
 
     Returns:
         The report dict (also written to ``report.json``; see :func:`sacpo_lightning.evaluation.report.write_report`).
+
+    Raises:
+        ValueError: Invalid settings (see :class:`EvaluationSettings`), or invalid safety judges.
     """
-    unknown = [j for j in judges if j not in JUDGES]
-    if unknown or not (judges or safety_judges):
-        raise ValueError(f"--judge must be one or more of {', '.join(JUDGES)} (or none with --safety_judge); "
-                         f"got {list(judges)}")
-    models = dict(models)
-    if baseline not in models:
-        name = default_model_name(baseline)
-        if name not in models:
-            models = {name: baseline, **models}
-        baseline = name
-    output_dir = Path(output_dir)
-    generation = generation or GenerationSettings()
-    stats = {"n_resamples": bootstrap_samples, "confidence": confidence, "seed": seed}
-    prompt_files = {k: v for k, v in (("helpful", prompts_helpful), ("safety", prompts_safety)) if v is not None}
-    safety_judge_list = _prepare_safety_judges(safety_judges, safety_threshold, predicted_safety, generation.device,
-                                               list(models))
-    needs_generation = any(j in judges for j in ("reward_cost", "llm")) or bool(safety_judge_list)
-    if needs_generation and not prompt_files:
-        raise ValueError("The reward_cost and llm judges need --prompts_safety and/or --prompts_helpful")
-    if "llm" in judges and llm_judge is None:
-        raise ValueError("--judge llm needs a judge backend (--judge_url or --judge_local)")
-    if "reward_cost" in judges and reward_model_dir is None and cost_model_dir is None:
-        raise ValueError("--judge reward_cost needs --reward_model and/or --cost_model")
-
-    report: dict[str, Any] = {
-        "baseline": baseline,
-        "judges": list(judges),
-        "confidence": confidence,
-        "models": {name: {"spec": spec} for name, spec in models.items()},
-        "elo": {},
-        "settings": {"max_new_tokens": generation.max_new_tokens, "do_sample": generation.do_sample,
-                     "template": generation.template, "seed": seed},
-    }
-    entries = report["models"]
-
-    # Generations, one model loaded at a time.
-    gens: dict[str, dict[str, list[dict[str, Any]]]] = {}
-    gen_paths: dict[str, dict[str, Path]] = {}
-    if needs_generation:
-        for set_name, prompts in prompt_files.items():
-            gen_paths[set_name] = {}
-            for name, spec in models.items():
-                path = output_dir / "generations" / set_name / f"{name}.jsonl"
-                generate_to_file(spec, prompts, path, generation, name=name)
-                gen_paths[set_name][name] = path
-                _free()
-            gens[set_name] = {name: read_generations(p) for name, p in gen_paths[set_name].items()}
-            _check_aligned(gens[set_name], baseline, set_name)
-            for name in models:
-                entries[name].setdefault("generations", {})[set_name] = str(gen_paths[set_name][name])
-
-    # Reward and cost scores.
-    if "reward_cost" in judges:
-        score_kwargs = {"batch_size": score_batch_size, "dtype": score_dtype}
-        scores: dict[str, dict[str, dict[str, list[float]]]] = {"reward": {}, "cost": {}}
-        for kind, scorer_dir in (("reward", reward_model_dir), ("cost", cost_model_dir)):
-            if scorer_dir is None:
-                continue
-            state: dict[str, Any] = {}
-            for set_name in gens:
-                scores[kind][set_name] = {
-                    name: _score_file(str(scorer_dir), gen_paths[set_name][name],
-                                      output_dir / "scores" / set_name / f"{name}.{kind}.json", state, score_kwargs)
-                    for name in models
-                }
-            state.clear()
-            _free()
-        for set_name in gens:
-            for name in models:
-                summary = entries[name].setdefault("scores", {}).setdefault(set_name, {})
-                for kind in ("reward", "cost"):
-                    if set_name in scores[kind]:
-                        summary.update(_score_summary(kind, scores[kind][set_name][name]))
-        # Helpfulness by reward on the helpful prompts, harmlessness by -cost on the safety prompts.
-        for set_name, kind, sign in (("helpful", "reward", 1.0), ("safety", "cost", -1.0)):
-            if set_name not in scores[kind]:
-                continue
-            values = {name: [sign * s for s in v] for name, v in scores[kind][set_name].items()}
-            categories = [r.get("category") for r in gens[set_name][baseline]]
-            dimension = DIMENSION[set_name]
-            for name in models:
-                outcomes = [outcome(s, b, eps=tie_eps) for s, b in zip(values[name], values[baseline], strict=True)]
-                summary, by_category = _outcome_summaries(outcomes, categories, stats)
-                entries[name][dimension] = summary
-                if by_category is not None and set_name == "safety":
-                    entries[name]["harmlessness_by_category"] = by_category
-            names = list(models)
-            matches = [(a, b, outcome(values[a][i], values[b][i], eps=tie_eps))
-                       for i in range(len(values[baseline])) for j, a in enumerate(names) for b in names[j + 1 :]]
-            report["elo"][dimension] = elo_ratings(matches, k=elo_k, n_shuffles=elo_shuffles, seed=seed,
-                                                   players=names)
-
-    # LLM judge against the baseline.
-    if "llm" in judges:
-        primary = "reward_cost" not in judges
-        for set_name, rubric in (("helpful", "helpfulness"), ("safety", "harmlessness")):
-            if set_name not in gens:
-                continue
-            base_rows = gens[set_name][baseline]
-            categories = [r.get("category") for r in base_rows]
-            matches = []
-            for name in models:
-                rows = gens[set_name][name]
-                verdicts = llm_judge.judge(rubric, [r["prompt"] for r in base_rows], [r["response"] for r in rows],
-                                           [r["response"] for r in base_rows])
-                kept = [(v.outcome, c) for v, c in zip(verdicts, categories, strict=True) if v.outcome is not None]
-                target = entries[name] if primary else entries[name].setdefault("llm_judge", {})
-                if not kept:
-                    target[rubric] = None
-                    continue
-                summary, by_category = _outcome_summaries([o for o, _ in kept], [c for _, c in kept], stats)
-                summary["unparseable"] = sum(v.invalid for v in verdicts)
-                summary["no_valid_judgement"] = sum(1 for v in verdicts if v.outcome is None)
-                target[rubric] = summary
-                if by_category is not None and set_name == "safety":
-                    target["harmlessness_by_category"] = by_category
-                if name != baseline:
-                    matches += [(name, baseline, o) for o, _ in kept]
-            key = rubric if primary else f"llm_{rubric}"
-            report["elo"][key] = elo_ratings(matches, k=elo_k, n_shuffles=elo_shuffles, seed=seed,
-                                             players=list(models))
-        report["llm_judge"] = {"identity": llm_judge.backend.identity, **llm_judge.report_stats()}
-
-    # Implicit-reward accuracy on held-out pairs.
-    if "implicit" in judges:
-        from sacpo_lightning.evaluation.implicit import implicit_accuracies
-
-        if not implicit_sets:
-            raise ValueError("--judge implicit needs pair files (--implicit_helpful_pairs / --implicit_safety_pairs)")
-        reference = implicit_reference or models[baseline]
-        report["implicit_reference"] = reference
-        scored = {name: spec for name, spec in models.items() if spec != reference}
-        for name, result in implicit_accuracies(scored, reference, implicit_sets, device=generation.device).items():
-            entries[name]["implicit"] = result
-        _free()
-
-    safety = None
-    if safety_judge_list:
-        safety = _safety_statistics(safety_judge_list, models, baseline, gens, gen_paths, output_dir,
-                                    confidence=confidence, threshold=safety_threshold,
-                                    constraint_on=safety_constraint_on)
-    write_report(report, output_dir, training_logs=training_logs, safety=safety, predicted_safety=predicted_safety)
-    rank_zero_info(f"Evaluation report written to {output_dir / 'report.md'}")
-    return report
+    settings = EvaluationSettings(
+        prompts_safety=prompts_safety, prompts_helpful=prompts_helpful, reward_model_dir=reward_model_dir,
+        cost_model_dir=cost_model_dir, generation=generation or GenerationSettings(), judges=judges,
+        llm_judge=llm_judge, implicit_sets=implicit_sets, implicit_reference=implicit_reference,
+        training_logs=training_logs, score_batch_size=score_batch_size, score_dtype=score_dtype,
+        bootstrap_samples=bootstrap_samples, confidence=confidence, elo_shuffles=elo_shuffles, elo_k=elo_k,
+        seed=seed, tie_eps=tie_eps, safety_judges=safety_judges, safety_threshold=safety_threshold,
+        predicted_safety=predicted_safety, safety_constraint_on=safety_constraint_on,
+    )
+    return run_evaluation(models, baseline, output_dir, settings)

@@ -10,7 +10,7 @@ A model is named by a *model spec*:
 
 - a folder (or a named local model such as ``tiny-random-llama``), loaded with ``AutoModelForCausalLM``;
 - ``mix:DIR_A+DIR_B@Q``: the token-level geometric mixture ``pi_A ** (1 - Q) * pi_B ** Q``, renormalised at every
-  token (:class:`sacpo_lightning.merging.GeometricMixtureLM`); the folders themselves must not contain ``+``. It
+  token (:class:`sacpo_lightning.models.mixture.GeometricMixtureLM`); the folders themselves must not contain ``+``. It
   approximates the sequence-level mixture ``pi*(y) ~ pi_A(y) ** (1 - Q) * pi_B(y) ** Q`` (the SACPO optimum for
   ``Q * lambda`` when A and B are the step-1 and step-2 models), but is not equal to it.
 
@@ -20,7 +20,7 @@ call with the same hash finds the finished file and does no work.
 
 Sequence-level estimates (``sequence_level=True``, ``samples_per_prompt=N``): every prompt gets N samples of the
 token-level mixture with their importance log-weights ``log W = sum_t log Z_t`` for the sequence-level mixture
-(:meth:`~sacpo_lightning.merging.GeometricMixtureLM.generate`); a row then also holds ``samples`` (a list of
+(:meth:`~sacpo_lightning.models.mixture.GeometricMixtureLM.generate`); a row then also holds ``samples`` (a list of
 ``{response, log_weight, weight}``, ``weight`` self-normalised over the prompt's N samples), ``ess`` (their effective
 sample size, in ``[1, N]``) and ``resampled_index``; its ``response`` is that sample, drawn with probability
 ``weight`` (sampling-importance-resampling), so a judge that takes one answer per prompt sees an approximate ``pi*``
@@ -138,7 +138,7 @@ class GenerationSettings:
         if self.samples_per_prompt < 1:
             raise ValueError(f"--samples_per_prompt must be >= 1, got {self.samples_per_prompt}")
         if self.sequence_level:
-            from sacpo_lightning.merging import check_unmodified_sampling
+            from sacpo_lightning.models.mixture import check_unmodified_sampling
 
             check_unmodified_sampling(self.do_sample, self.temperature, self.top_p)
             if self.samples_per_prompt < 2:
@@ -249,7 +249,7 @@ def load_generation_model(spec: str | ModelSpec, *, dtype: str | None = None, de
     paths = [_resolve(p) for p in spec.paths]
     target = _pick_device(device)
     if spec.is_mixture:
-        from sacpo_lightning.merging import GeometricMixtureLM
+        from sacpo_lightning.models.mixture import GeometricMixtureLM
 
         model = GeometricMixtureLM.from_folders(paths[0], paths[1], spec.q, dtype=dtype, device=target)
     else:
@@ -405,7 +405,7 @@ def _generate_batch(
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     eos = _eos_ids(model, tokenizer)
     width = input_ids.shape[1]
-    from sacpo_lightning.merging import GeometricMixtureLM
+    from sacpo_lightning.models.mixture import GeometricMixtureLM
 
     log_weights: list[float] | None = None
     if isinstance(model, GeometricMixtureLM):

@@ -8,14 +8,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from sacpo_lightning.evaluation.evaluate import EvaluationSettings
 from sacpo_lightning.evaluation.generation import GenerationSettings
 from sacpo_lightning.io import atomic_write_json
 
-EVALUATE_KEYS = {
-    "reward_model", "cost_model", "prompts_safety", "prompts_helpful", "max_prompts", "generation", "implicit",
-    "judges", "score_batch_size", "bootstrap_samples", "elo_shuffles", "safety_judges", "safety_threshold",
-    "safety_constraint_on",
+# ``evaluate:`` keys that are EvaluationSettings fields (key -> field); the others the stage reads itself.
+SETTINGS_KEYS = {
+    "reward_model": "reward_model_dir", "cost_model": "cost_model_dir", "judges": "judges",
+    "score_batch_size": "score_batch_size", "score_dtype": "score_dtype", "bootstrap_samples": "bootstrap_samples",
+    "confidence": "confidence", "elo_shuffles": "elo_shuffles", "elo_k": "elo_k", "tie_eps": "tie_eps",
+    "safety_threshold": "safety_threshold", "safety_constraint_on": "safety_constraint_on",
 }
+STAGE_KEYS = {"prompts_safety", "prompts_helpful", "max_prompts", "generation", "implicit", "safety_judges"}
+EVALUATE_KEYS = set(SETTINGS_KEYS) | STAGE_KEYS
 # A classifier safety judge may name the stage's own score model instead of a folder.
 SCORE_MODEL_REFERENCES = ("cost_model", "reward_model")
 
@@ -65,6 +70,53 @@ def subset_prompts(path: str, max_prompts: int | None, out_dir: Path) -> str:
     return str(out)
 
 
+def _scalar(key: str, value: Any, kind: type) -> Any:
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"evaluate.{key} must be a {kind.__name__}, got {value!r}") from None
+
+
+def evaluation_settings(
+    config: dict[str, Any], models: dict[str, str], stage_dir: Path, *,
+    predicted_safety: dict[str, dict[str, Any]] | None = None,
+) -> EvaluationSettings:
+    """The :class:`~sacpo_lightning.evaluation.evaluate.EvaluationSettings` of the pipeline's ``evaluate`` mapping.
+
+    Args:
+        config: The ``evaluate`` mapping with model references already resolved to folders.
+        models: ``{name: resolved folder}``; ``sft`` is the implicit-reward reference and tokenizer.
+        stage_dir: Output folder of the stage (prompt subsets of ``max_prompts`` go there).
+        predicted_safety: The budget solver's predictions, per model name.
+
+    Raises:
+        ValueError: A value of the wrong type or out of range.
+    """
+    prompts = {
+        key: subset_prompts(os.path.expanduser(os.path.expandvars(config[key])), config.get("max_prompts"), stage_dir)
+        if config.get(key) else None
+        for key in ("prompts_safety", "prompts_helpful")
+    }
+    judges = list(config.get("judges") or ["reward_cost", "implicit"])
+    implicit_sets = None
+    if "implicit" in judges:
+        implicit_sets = {name: dict(spec) for name, spec in (config.get("implicit") or {}).items()}
+        for spec in implicit_sets.values():
+            spec.setdefault("tokenizer", models["sft"])
+        if not implicit_sets:
+            judges.remove("implicit")
+    kinds = {"score_batch_size": int, "bootstrap_samples": int, "elo_shuffles": int, "confidence": float,
+             "elo_k": float, "tie_eps": float, "safety_threshold": float}
+    values = {SETTINGS_KEYS[key]: _scalar(key, value, kinds[key]) if key in kinds else value
+              for key, value in config.items() if key in SETTINGS_KEYS and value is not None}
+    values["judges"] = judges
+    return EvaluationSettings(
+        **prompts, generation=GenerationSettings(**(config.get("generation") or {})), implicit_sets=implicit_sets,
+        implicit_reference=models["sft"], safety_judges=safety_judge_configs(config),
+        predicted_safety=predicted_safety, **values,
+    )
+
+
 def run_evaluation_stage(
     config: dict[str, Any], models: dict[str, str], stage_dir: Path, *, log: Callable[[str], None] = print,
     predicted_safety: dict[str, dict[str, Any]] | None = None,
@@ -78,43 +130,20 @@ def run_evaluation_stage(
         models: ``{name: folder or Hub id}``; must contain ``sft`` (the baseline and implicit-reward reference).
         stage_dir: Output folder of the stage.
     """
-    from sacpo_lightning.evaluation.evaluate import evaluate_models
+    from sacpo_lightning.evaluation import evaluate
+    from sacpo_lightning.models import resolve_model_path
 
     stage_dir.mkdir(parents=True, exist_ok=True)
     sft = models["sft"]
-    from sacpo_lightning.models import resolve_model_path
-
     models = {name: resolve_model_path(spec) for name, spec in models.items()}
-    generation = GenerationSettings(**(config.get("generation") or {}))
-    prompts = {
-        key: subset_prompts(os.path.expanduser(os.path.expandvars(config[key])), config.get("max_prompts"), stage_dir)
-        if config.get(key) else None
-        for key in ("prompts_safety", "prompts_helpful")
-    }
-    safety_judges = safety_judge_configs(config)
-    judges = list(config.get("judges") or ["reward_cost", "implicit"])
-    implicit_sets = None
-    if "implicit" in judges:
-        implicit_sets = {name: dict(spec) for name, spec in (config.get("implicit") or {}).items()}
-        for spec in implicit_sets.values():
-            spec.setdefault("tokenizer", models["sft"])
-        if not implicit_sets:
-            judges.remove("implicit")
+    settings = evaluation_settings(config, models, stage_dir, predicted_safety=predicted_safety)
     training_logs = {}
     for name, folder in models.items():
         logs = sorted(Path(folder).parent.glob("logs/version_*/metrics.csv"))
         if logs:
             training_logs[name] = str(logs[-1])
-    log(f"  evaluating {len(models)} models ({', '.join(models)}) against sft={sft} with judges {judges}")
-    report = evaluate_models(
-        models, "sft", prompts["prompts_safety"], prompts["prompts_helpful"],
-        config.get("reward_model"), config.get("cost_model"), stage_dir, generation,
-        judges=judges, implicit_sets=implicit_sets, implicit_reference=models["sft"], training_logs=training_logs,
-        score_batch_size=int(config.get("score_batch_size", 8)),
-        bootstrap_samples=int(config.get("bootstrap_samples", 1000)), elo_shuffles=int(config.get("elo_shuffles", 100)),
-        safety_judges=safety_judges,
-        safety_threshold=None if config.get("safety_threshold") is None else float(config["safety_threshold"]),
-        safety_constraint_on=config.get("safety_constraint_on", "verdicts"), predicted_safety=predicted_safety,
-    )
+    settings.training_logs = training_logs
+    log(f"  evaluating {len(models)} models ({', '.join(models)}) against sft={sft} with judges {settings.judges}")
+    report = evaluate.evaluate_models(models, "sft", output_dir=stage_dir, **settings.keywords())
     log(f"  report: {stage_dir / 'report.md'}")
     return {"report": str(stage_dir / "report.json"), "models": sorted(report.get("models", {}))}

@@ -223,15 +223,56 @@ def disable_dropout(model: torch.nn.Module) -> None:
                 setattr(config, name, 0.0)
 
 
-def lora_config(settings: PolicySettings):
+PolicyTask = Literal["causal_lm", "seq_cls"]
+# The peft task type of each policy task: ``SEQ_CLS`` keeps the new score head trainable in full (modules_to_save).
+PEFT_TASK_TYPES = {"causal_lm": "CAUSAL_LM", "seq_cls": "SEQ_CLS"}
+
+
+def lora_config(settings: PolicySettings, task: PolicyTask = "causal_lm"):
     from peft import LoraConfig
 
     lora = settings.lora
     return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
-                      bias="none", task_type="CAUSAL_LM")
+                      bias="none", task_type=PEFT_TASK_TYPES[task])
 
 
-def build_policy(settings: PolicySettings, *, device: torch.device | None = None) -> PreTrainedModel:
+def load_score_backbone(
+    settings: PolicySettings,
+    *,
+    dtype: DtypeName | None = None,
+    num_labels: int = 1,
+    pad_token_id: int | None = None,
+    quantization_config=None,
+    device_map=None,
+) -> PreTrainedModel:
+    """A sequence classifier with ``num_labels`` outputs on the backbone of ``settings.name_or_path`` (a causal LM
+    or a score model; a missing head is newly initialised, every backbone weight must load; see
+    :func:`sacpo_lightning.evaluation.score_models.load_sequence_classifier`)."""
+    from sacpo_lightning.evaluation.score_models import load_sequence_classifier
+
+    return load_sequence_classifier(
+        settings.name_or_path,
+        dtype=dtype or settings.dtype,
+        num_labels=num_labels,
+        pad_token_id=pad_token_id,
+        trust_remote_code=settings.trust_remote_code,
+        revision=settings.revision,
+        gguf_file=settings.gguf_file,
+        attn_implementation=settings.attn_implementation,
+        quantization_config=quantization_config,
+        device_map=device_map,
+        new_head=True,  # from a causal LM the head is new; backbone weights must still all load
+    )
+
+
+def build_policy(
+    settings: PolicySettings,
+    *,
+    device: torch.device | None = None,
+    task: PolicyTask = "causal_lm",
+    num_labels: int = 1,
+    pad_token_id: int | None = None,
+) -> PreTrainedModel:
     """Loads the base model and applies LoRA or QLoRA as configured.
 
     QLoRA quantizes while loading onto ``device`` (4-bit layers quantize when they reach their device), so the full
@@ -241,27 +282,43 @@ def build_policy(settings: PolicySettings, *, device: torch.device | None = None
     quantized for QLoRA) and its adapters are attached frozen; a new adapter is trained on top. The frozen adapters'
     names are kept in ``model.sacpo_frozen_adapters`` so that the reference (:func:`chain.reference_adapters`) is
     exactly the upstream policy. Full fine-tuning merges the chain into the base weights instead.
+
+    Args:
+        settings: What to load and how to train it.
+        device: Where QLoRA quantizes (default: the CPU).
+        task: ``causal_lm`` (a policy) or ``seq_cls`` (a score model: a sequence classifier with ``num_labels``
+            outputs on the backbone, see :func:`load_score_backbone`; LoRA uses peft's ``SEQ_CLS`` task, which
+            trains the new head in full). A ``seq_cls`` model loads from full weights only (no adapter chain) and
+            keeps its dropout, whatever ``settings.disable_dropout`` says.
+        num_labels: Outputs of the ``seq_cls`` head.
+        pad_token_id: Set on a ``seq_cls`` model's config: it pools at the last token that is not padding.
     """
+    if task not in PEFT_TASK_TYPES:
+        raise ValueError(f"task must be one of {', '.join(PEFT_TASK_TYPES)}, got {task!r}")
     check_model_source(settings.name_or_path)
     local = os.path.expanduser(os.path.expandvars(settings.name_or_path))
-    chain = read_chain(local) if os.path.isdir(local) else None
+    chain = read_chain(local) if task == "causal_lm" and os.path.isdir(local) else None
     quantization_config = None
     device_map = None
     if settings.finetune == "qlora":
         quantization_config = bnb_4bit_config(settings)
         device_map = {"": device if device is not None else torch.device("cpu")}
-    model = load_causal_lm(
-        chain.base if chain else settings.name_or_path,
-        dtype=settings.dtype,
-        gguf_file=chain.base_gguf_file if chain else settings.gguf_file,
-        trust_remote_code=settings.trust_remote_code,
-        revision=chain.base_revision if chain else settings.revision,
-        attn_implementation=settings.attn_implementation,
-        quantization_config=quantization_config,
-        device_map=device_map,
-    )
+    if task == "seq_cls":
+        model = load_score_backbone(settings, num_labels=num_labels, pad_token_id=pad_token_id,
+                                    quantization_config=quantization_config, device_map=device_map)
+    else:
+        model = load_causal_lm(
+            chain.base if chain else settings.name_or_path,
+            dtype=settings.dtype,
+            gguf_file=chain.base_gguf_file if chain else settings.gguf_file,
+            trust_remote_code=settings.trust_remote_code,
+            revision=chain.base_revision if chain else settings.revision,
+            attn_implementation=settings.attn_implementation,
+            quantization_config=quantization_config,
+            device_map=device_map,
+        )
     model.config.use_cache = False
-    if settings.disable_dropout:
+    if settings.disable_dropout and task == "causal_lm":
         disable_dropout(model)
     if settings.finetune == "full":
         if chain is not None:
@@ -281,7 +338,7 @@ def build_policy(settings: PolicySettings, *, device: torch.device | None = None
     elif settings.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    config = lora_config(settings)
+    config = lora_config(settings, task)
     try:
         if chain is None:
             model = get_peft_model(model, config)

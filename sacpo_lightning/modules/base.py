@@ -126,7 +126,142 @@ class SafetyCoefficients:
         return {"beta": self.beta, "lam": self.lam, "kl_coef": self.kl_coef}
 
 
-class AlignmentModule(L.LightningModule):
+class TrainableModuleMixin:
+    """What every trainable module of this library shares (the alignment steps and the score models), one level deep.
+
+    Mixed in before ``L.LightningModule``. The host sets ``network_attr`` (the attribute holding the trained network),
+    ``metric_names``, ``frozen_prefixes`` (state-dict prefixes of frozen copies never checkpointed, e.g. the full
+    fine-tuning reference) and ``progress_metric`` (a training metric also shown as ``train/acc``), and implements
+    ``compute_loss``. It provides: the settings and hyper-parameters, the optimizer, training and validation steps
+    with the aggregation of validation metrics, and checkpoints that hold only the trainable weights of adapter runs
+    plus the random number generator states of every process.
+    """
+
+    network_attr: ClassVar[str] = "policy"
+    metric_names: ClassVar[tuple[str, ...]] = ("loss",)
+    frozen_prefixes: ClassVar[tuple[str, ...]] = ()
+    progress_metric: ClassVar[str | None] = None
+
+    def init_training_settings(self, policy: PolicySettings | None, optim: OptimSettings | None) -> None:
+        """Stores the settings (as plain dicts in ``hparams``) and the validation metrics; call after
+        ``save_hyperparameters(ignore=["policy", "optim"])``."""
+        self.policy_settings = policy if policy is not None else PolicySettings()
+        self.optim_settings = optim if optim is not None else OptimSettings()
+        self.hparams["policy"] = asdict(self.policy_settings)
+        self.hparams["optim"] = asdict(self.optim_settings)
+        self.val_metrics = torch.nn.ModuleDict({name.replace("/", "_"): MeanMetric() for name in self.metric_names})
+
+    def trained_network(self) -> torch.nn.Module:
+        return getattr(self, self.network_attr)
+
+    def compute_loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        """Returns the scalar loss and a dict of detached scalar metrics (names from ``metric_names``)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def batch_size_of(batch: dict[str, Tensor]) -> int:
+        return int(batch["index"].shape[0])
+
+    # ----------------------------------------------------------------------------------------------- steps
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        loss, metrics = self.compute_loss(batch)
+        size = self.batch_size_of(batch)
+        self.log_dict({f"train/{k}": v for k, v in metrics.items()}, batch_size=size)
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=size)
+        if self.progress_metric is not None and self.progress_metric in metrics:
+            self.log("train/acc", metrics[self.progress_metric], prog_bar=True, batch_size=size)
+        return loss
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        loss, metrics = self.compute_loss(batch)
+        size = self.batch_size_of(batch)
+        metrics = {"loss": loss.detach(), **metrics}
+        for name in self.metric_names:
+            if name in metrics:
+                self.val_metrics[name.replace("/", "_")].update(metrics[name], weight=size)
+
+    def collect_validation_metrics(self) -> dict[str, Tensor]:
+        """``val/<name>`` means of the epoch's validation batches (batch-size weighted); resets the metrics."""
+        values = {}
+        for name in self.metric_names:
+            metric = self.val_metrics[name.replace("/", "_")]
+            if metric.update_count > 0:
+                values[f"val/{name}"] = metric.compute()
+            metric.reset()
+        return values
+
+    # ------------------------------------------------------------------------------------------- optimisation
+    def configure_optimizers(self) -> dict[str, Any]:
+        trainable = (p for p in self.trained_network().parameters() if p.requires_grad)
+        return configure_optimization(trainable, self.optim_settings, self.trainer.estimated_stepping_batches)
+
+    # ------------------------------------------------------------------------------------------- checkpoints
+    def trainable_parameter_names(self) -> set[str]:
+        network = self.trained_network()
+        return {f"{self.network_attr}.{n}" for n, p in network.named_parameters() if p.requires_grad}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Adapter runs checkpoint only the trainable weights; the frozen base is reloaded from its source. Frozen
+        copies (``frozen_prefixes``) are never checkpointed.
+
+        Every checkpoint also holds the random number generator states (torch, CUDA, numpy, Python) of each process
+        under ``rng_states``, so that a resumed run draws the same dropout masks as an uninterrupted one. Lightning
+        calls this hook on every process of a distributed run, which lets the states be gathered here.
+        """
+        if self.policy_settings.uses_adapter:
+            keep = self.trainable_parameter_names()
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        else:
+            state_dict = checkpoint["state_dict"]
+            checkpoint["state_dict"] = {k: v for k, v in state_dict.items() if not k.startswith(self.frozen_prefixes)}
+        import random
+
+        import numpy as np
+
+        kind, keys, pos, has_gauss, gauss = np.random.get_state()
+        # plain Python values and tensors only, so the checkpoint loads with torch.load(weights_only=True)
+        state = {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": (kind, keys.tolist(), int(pos), int(has_gauss), float(gauss)),
+            "python": random.getstate(),
+        }
+        states = [state]
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            states = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(states, state)
+        checkpoint["rng_states"] = states
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Loads the trainable weights (see :meth:`on_save_checkpoint`) and restores this process's RNG states.
+
+        Loading is strict only when the checkpoint holds every weight (full fine-tuning without frozen copies).
+        """
+        self.strict_loading = not (self.policy_settings.uses_adapter or self.frozen_prefixes)
+        states = checkpoint.get("rng_states")
+        if states:
+            import random
+
+            import numpy as np
+
+            rank = self.global_rank if self._trainer is not None else 0
+            state = states[rank] if rank < len(states) else states[0]
+            torch.set_rng_state(state["torch"].cpu())
+            if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+                torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+            kind, keys, pos, has_gauss, gauss = state["numpy"]
+            np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
+            version, internal, gauss_next = state["python"]
+            random.setstate((version, tuple(internal), gauss_next))
+        missing = self.trainable_parameter_names() - set(checkpoint["state_dict"])
+        if missing:
+            raise ValueError(
+                f"The checkpoint lacks {len(missing)} trainable weights of this policy (e.g. {sorted(missing)[0]}); "
+                "it was written with other --model.policy settings."
+            )
+
+
+class AlignmentModule(TrainableModuleMixin, L.LightningModule):
     """Base of the step modules: subclasses set ``data_kind``, ``metric_names`` and implement :meth:`compute_loss`.
 
     The reference policy is the same network with its adapter disabled under LoRA/QLoRA, and a frozen copy under full
@@ -142,6 +277,9 @@ class AlignmentModule(L.LightningModule):
     data_kind: ClassVar[DataKind] = "pairs"
     step_kind: ClassVar[str] = "base"
     metric_names: ClassVar[tuple[str, ...]] = ("loss",)
+    network_attr: ClassVar[str] = "policy"
+    frozen_prefixes: ClassVar[tuple[str, ...]] = ("ref_model.",)
+    progress_metric: ClassVar[str | None] = "rewards/accuracy"
 
     def __init__(
         self,
@@ -150,15 +288,11 @@ class AlignmentModule(L.LightningModule):
         average_log_prob: bool = False,
     ) -> None:
         super().__init__()
-        self.policy_settings = policy if policy is not None else PolicySettings()
-        self.optim_settings = optim if optim is not None else OptimSettings()
         self.average_log_prob = average_log_prob
         self.save_hyperparameters(ignore=["policy", "optim"])
-        self.hparams["policy"] = asdict(self.policy_settings)
-        self.hparams["optim"] = asdict(self.optim_settings)
+        self.init_training_settings(policy, optim)
         self.policy: torch.nn.Module | None = None
         self.ref_model: torch.nn.Module | None = None
-        self.val_metrics = torch.nn.ModuleDict({name.replace("/", "_"): MeanMetric() for name in self.metric_names})
         self._batch_start: float | None = None
 
     # ----------------------------------------------------------------------------------------------- model setup
@@ -249,25 +383,8 @@ class AlignmentModule(L.LightningModule):
             self.policy.train(was_training)
 
     # ----------------------------------------------------------------------------------------------- steps
-    def compute_loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-        """Returns the scalar loss and a dict of detached scalar metrics (names from ``metric_names``)."""
-        raise NotImplementedError
-
-    @staticmethod
-    def batch_size_of(batch: dict[str, Tensor]) -> int:
-        return int(batch["index"].shape[0])
-
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self._batch_start = time.perf_counter()
-
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        loss, metrics = self.compute_loss(batch)
-        size = self.batch_size_of(batch)
-        self.log_dict({f"train/{k}": v for k, v in metrics.items()}, batch_size=size)
-        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=size)
-        if "rewards/accuracy" in metrics:
-            self.log("train/acc", metrics["rewards/accuracy"], prog_bar=True, batch_size=size)
-        return loss
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self._batch_start is not None:
@@ -280,90 +397,12 @@ class AlignmentModule(L.LightningModule):
         if "grad_2.0_norm_total" in norms:
             self.log("train/grad_norm", norms["grad_2.0_norm_total"], batch_size=1)
 
-    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        loss, metrics = self.compute_loss(batch)
-        size = self.batch_size_of(batch)
-        metrics = {"loss": loss.detach(), **metrics}
-        for name in self.metric_names:
-            if name in metrics:
-                self.val_metrics[name.replace("/", "_")].update(metrics[name], weight=size)
-
     def on_validation_epoch_end(self) -> None:
-        values = {}
-        for name in self.metric_names:
-            metric = self.val_metrics[name.replace("/", "_")]
-            if metric.update_count > 0:
-                values[f"val/{name}"] = metric.compute()
-            metric.reset()
+        values = self.collect_validation_metrics()
         if values:
             self.log_dict(values, prog_bar=False)
             if "val/rewards/accuracy" in values:
                 self.log("val/acc", values["val/rewards/accuracy"], prog_bar=True)
-
-    # ------------------------------------------------------------------------------------------- optimisation
-    def configure_optimizers(self) -> dict[str, Any]:
-        trainable = (p for p in self.policy.parameters() if p.requires_grad)
-        return configure_optimization(trainable, self.optim_settings, self.trainer.estimated_stepping_batches)
-
-    # ------------------------------------------------------------------------------------------- checkpoints
-    def trainable_parameter_names(self) -> set[str]:
-        return {f"policy.{n}" for n, p in self.policy.named_parameters() if p.requires_grad}
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Adapter runs checkpoint only the trainable weights; the frozen base is reloaded from its source.
-
-        Every checkpoint also holds the random number generator states (torch, CUDA, numpy, Python) of each process
-        under ``rng_states``, so that a resumed run draws the same dropout masks as an uninterrupted one. Lightning
-        calls this hook on every process of a distributed run, which lets the states be gathered here.
-        """
-        if self.policy_settings.uses_adapter:
-            keep = self.trainable_parameter_names()
-            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
-        else:
-            state_dict = checkpoint["state_dict"]
-            checkpoint["state_dict"] = {k: v for k, v in state_dict.items() if not k.startswith("ref_model.")}
-        import random
-
-        import numpy as np
-
-        kind, keys, pos, has_gauss, gauss = np.random.get_state()
-        # plain Python values and tensors only, so the checkpoint loads with torch.load(weights_only=True)
-        state = {
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": (kind, keys.tolist(), int(pos), int(has_gauss), float(gauss)),
-            "python": random.getstate(),
-        }
-        states = [state]
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            states = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(states, state)
-        checkpoint["rng_states"] = states
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Loads the trainable weights (see :meth:`on_save_checkpoint`) and restores this process's RNG states."""
-        self.strict_loading = False
-        states = checkpoint.get("rng_states")
-        if states:
-            import random
-
-            import numpy as np
-
-            rank = self.global_rank if self._trainer is not None else 0
-            state = states[rank] if rank < len(states) else states[0]
-            torch.set_rng_state(state["torch"].cpu())
-            if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-                torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
-            kind, keys, pos, has_gauss, gauss = state["numpy"]
-            np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
-            version, internal, gauss_next = state["python"]
-            random.setstate((version, tuple(internal), gauss_next))
-        missing = self.trainable_parameter_names() - set(checkpoint["state_dict"])
-        if missing:
-            raise ValueError(
-                f"The checkpoint lacks {len(missing)} trainable weights of this policy (e.g. {sorted(missing)[0]}); "
-                "it was written with other --model.policy settings."
-            )
 
     # ----------------------------------------------------------------------------------------------- export
     def coefficients(self) -> dict[str, float]:

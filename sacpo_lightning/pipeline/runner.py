@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import json
@@ -273,25 +272,21 @@ class PipelineRunner:
             raise StageFailed(f"`{' '.join(cmd)}` exited with {code}; log: {log_path}\n" + "\n".join(tail))
 
     def _run_merge(self, stage: Stage, inputs: dict[str, Any], digest: str) -> dict[str, Any]:
-        from sacpo_lightning.merging import merge_model_folders
+        from sacpo_lightning.merging import merge_with_report, read_kl_prompts
 
         config = inputs["config"]
         out = self.export_dir(stage.name)
-        merge_model_folders(config["base"], config["other"], [config["q"]], output_dirs=[out], dtype=config["dtype"])
+        prompts = read_kl_prompts(config["kl_prompts"], config["kl_max_prompts"]) if config.get("kl_prompts") else None
+        report = merge_with_report(config["base"], config["other"], [config["q"]], output_dirs=[out],
+                                   dtype=config["dtype"], prompts=prompts)
         metrics: dict[str, Any] = {"q": config["q"], "lam": config["lam"]}
         if "lam_effective" in config:
             metrics["lam_effective"] = config["lam_effective"]
-        if config.get("kl_prompts"):
-            from sacpo_lightning.merging import mixture_vs_merge_kl
-            from sacpo_lightning.merging_cli import load_prompts, render_prompts
-            from sacpo_lightning.models import load_tokenizer
-
-            tokenizer = load_tokenizer(config["base"])
-            prompts = render_prompts(load_prompts(config["kl_prompts"], config["kl_max_prompts"]), tokenizer)
-            kl = mixture_vs_merge_kl(config["base"], config["other"], out, config["q"], prompts, tokenizer)
-            metrics.update(kl_mixture_vs_merge=kl.mean_kl, kl_num_tokens=kl.num_tokens)
-            self.log(f"  mean KL(token-level mixture || weight merge) per token: {kl.mean_kl:.5f} "
-                     f"over {kl.num_tokens} tokens")
+        if prompts:
+            (entry,) = report["merges"]
+            metrics.update(kl_mixture_vs_merge=entry["kl_mixture_vs_merge"], kl_num_tokens=entry["num_tokens"])
+            self.log(f"  mean KL(token-level mixture || weight merge) per token: {entry['kl_mixture_vs_merge']:.5f} "
+                     f"over {entry['num_tokens']} tokens")
         atomic_write_json(self.stage_dir(stage.name) / "merge_metrics.json", metrics)
         return metrics
 
@@ -404,11 +399,25 @@ class PipelineRunner:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="sacpo pipeline", description="Run a SACPO pipeline (see configs/pipelines).")
-    parser.add_argument("--config", required=True, help="Pipeline YAML file.")
-    parser.add_argument("--output", required=True, help="Output folder (manifest.json, stages/<name>/...).")
-    parser.add_argument("--plan", action="store_true", help="Print which stages would run or be skipped, then exit.")
-    ns = parser.parse_args(argv)
+    """``sacpo pipeline``, parsed by jsonargparse from the signature of ``pipeline`` below (``--cli_config FILE`` reads
+    these options from YAML and ``--print_config`` prints them; ``--config`` is the pipeline YAML)."""
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    from sacpo_lightning.evaluation.cli import flag_style_argv
+
+    def pipeline(config: str, output: str, plan: bool = False) -> None:
+        """Run a SACPO pipeline (see configs/pipelines).
+
+        Args:
+            config: Pipeline YAML file.
+            output: Output folder (manifest.json, stages/<name>/...).
+            plan: Print which stages would run or be skipped, then exit.
+        """
+
+    parser = ArgumentParser(prog="sacpo pipeline", description="Run a SACPO pipeline (see configs/pipelines).")
+    parser.add_argument("--cli_config", action=ActionConfigFile, help="A YAML file of these options.")
+    parser.add_function_arguments(pipeline)
+    ns = parser.parse_args(flag_style_argv(list(sys.argv[1:] if argv is None else argv), [pipeline]))
     try:
         runner = PipelineRunner(load_pipeline_config(ns.config), ns.output)
         return runner.run(only_plan=ns.plan)
