@@ -66,7 +66,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -74,6 +74,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from sacpo_lightning.checks import check_positive
 from sacpo_lightning.importance import normalized_weights, snis_mean
 from sacpo_lightning.io import atomic_write_file, atomic_write_json
 
@@ -130,8 +131,8 @@ def _number(value: Any) -> float | None:
 
 def _check_beta(beta: float) -> float:
     v = _number(beta)
-    if v is None or not (math.isfinite(v) and v > 0):
-        raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
+    # a value float() cannot read fails on its own repr, so that the message shows the value passed
+    check_positive("beta", beta if v is None else v)
     return v
 
 
@@ -360,6 +361,31 @@ class BudgetSolution:
         return {**asdict(self), "step2_beta": self.step2_beta, "feasible": self.feasible}
 
 
+def _find_root(
+    deriv: Callable[[float], float], start: float, lam_max: float, rtol: float, max_iter: int
+) -> tuple[float, str, int]:
+    """``(lam, status, iterations)``: the root of the non-decreasing ``deriv`` (negative at 0) below ``lam_max``.
+
+    Brackets the root by doubling from ``start`` (a tilt of one nat across the widest prompt), then bisects until the
+    bracket is narrower than ``rtol * upper end`` or ``max_iter`` steps; ``"at_max"`` with ``lam_max`` when the
+    derivative is still negative there.
+    """
+    lo, hi = 0.0, start
+    while deriv(hi) < 0:
+        if hi >= lam_max:
+            return float(lam_max), "at_max", 0
+        lo, hi = hi, min(2.0 * hi, lam_max)
+    iterations = 0
+    while hi - lo > rtol * hi and iterations < max_iter:
+        mid = 0.5 * (lo + hi)
+        if deriv(mid) < 0:
+            lo = mid
+        else:
+            hi = mid
+        iterations += 1
+    return 0.5 * (lo + hi), "interior", iterations
+
+
 def solve_lambda(
     rewards: Any | None,
     safety: Any,
@@ -406,25 +432,7 @@ def solve_lambda(
     elif b >= safety_max:
         lam, status = float(lam_max), "infeasible"
     else:
-        # Bracket the root by doubling from a tilt of one nat across the widest prompt, then bisect.
-        lo, hi = 0.0, min(beta / spread, lam_max)
-        status = "interior"
-        while deriv(hi) < 0:
-            if hi >= lam_max:
-                status = "at_max"
-                break
-            lo, hi = hi, min(2.0 * hi, lam_max)
-        if status == "at_max":
-            lam = float(lam_max)
-        else:
-            while hi - lo > rtol * hi and iterations < max_iter:
-                mid = 0.5 * (lo + hi)
-                if deriv(mid) < 0:
-                    lo = mid
-                else:
-                    hi = mid
-                iterations += 1
-            lam = 0.5 * (lo + hi)
+        lam, status, iterations = _find_root(deriv, min(beta / spread, lam_max), lam_max, rtol, max_iter)
 
     at = _predict(r, g, tilt, torch.tensor([lam, 0.0], dtype=torch.float64), beta)
     pred = {k: (float(v[0]) if v is not None else None) for k, v in at.items()}

@@ -169,6 +169,80 @@ def _sample_reference(
     return rows, spec, samples_path, [s["prompt"] for s in samples], [s["response"] for s in samples]
 
 
+def _check_budget_arguments(
+    samples_per_prompt: int,
+    beta: float,
+    b: float,
+    safety_transform: str,
+    reward_in_tilt: bool,
+    reward_scorer: str | os.PathLike | ScoreModel | None,
+) -> tuple[float, float]:
+    """Checks the arguments of :func:`estimate_budget` that need no file; returns ``(beta, b)`` as floats."""
+    if not isinstance(samples_per_prompt, int) or samples_per_prompt < 2:
+        raise ValueError(f"samples_per_prompt must be an integer >= 2 (one sample cannot be reweighted), "
+                         f"got {samples_per_prompt!r}")
+    beta, b = _check_beta(beta), _check_b(b)
+    if safety_transform not in SAFETY_TRANSFORMS:
+        raise ValueError(f"safety_transform must be one of {SAFETY_TRANSFORMS}, got {safety_transform!r}")
+    if reward_in_tilt and reward_scorer is None:
+        raise ValueError("reward_in_tilt=True needs a reward_scorer")
+    return beta, b
+
+
+def _score_tensors(
+    raw: dict[str, list[float] | None], num_prompts: int, k: int, safety_transform: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``(costs, safety, rewards or None)`` as float64 (P, K) tensors from the raw scores of the P * K samples."""
+    costs = torch.tensor(raw["cost"], dtype=torch.float64).reshape(num_prompts, k)
+    safety = safety_from_cost(costs, safety_transform)
+    rewards = None
+    if raw["reward"] is not None:
+        rewards = torch.tensor(raw["reward"], dtype=torch.float64).reshape(num_prompts, k)
+    return costs, safety, rewards
+
+
+def _budget_inputs(
+    spec: Any,
+    prompts_file: str | os.PathLike,
+    num_prompts: int,
+    k: int,
+    beta: float,
+    b: float,
+    safety_scorer: str | os.PathLike | ScoreModel,
+    reward_scorer: str | os.PathLike | ScoreModel | None,
+    safety_transform: str,
+    reward_in_tilt: bool,
+    lam_max: float | None,
+    settings: GenerationSettings,
+) -> dict[str, Any]:
+    """The ``inputs`` section of ``budget.json``: what was sampled and scored, with the files' fingerprints."""
+    return {
+        "reference_model": str(spec),
+        "reference_fingerprint": model_fingerprint(spec),
+        "prompts_file": str(prompts_file),
+        "prompts_fingerprint": file_fingerprint(prompts_file),
+        "num_prompts": num_prompts,
+        "samples_per_prompt": k,
+        "beta": beta,
+        "b": b,
+        "safety_scorer": _scorer_name(safety_scorer),
+        "reward_scorer": _scorer_name(reward_scorer),
+        "safety_transform": safety_transform,
+        "reward_in_tilt": reward_in_tilt,
+        "lam_max": lam_max,
+        "generation": asdict(settings),
+    }
+
+
+def _write_budget(report: dict[str, Any], solution, curve, output_dir: Path, b: float) -> dict[str, Any]:
+    """Plots the curve, writes ``budget.json`` and returns its content as read back."""
+    lam_star = solution.lam if solution.status in ("interior", "at_max") else None
+    plot_curve(curve, output_dir / CURVE_FILE, b=b, lam_star=lam_star)
+    path = write_budget_json(output_dir / BUDGET_FILE, report)
+    rank_zero_info(f"Budget: {solution.message} Wrote {path}")
+    return json.loads(path.read_text())
+
+
 def estimate_budget(
     reference_model: str,
     prompts_file: str | os.PathLike,
@@ -217,14 +291,7 @@ def estimate_budget(
         :class:`~sacpo_lightning.budget.BudgetSolution`), ``curve``, ``inputs`` (reference model and fingerprint,
         prompts file and fingerprint, K, beta, b, scorer folders, transform, generation settings) and ``files``.
     """
-    if not isinstance(samples_per_prompt, int) or samples_per_prompt < 2:
-        raise ValueError(f"samples_per_prompt must be an integer >= 2 (one sample cannot be reweighted), "
-                         f"got {samples_per_prompt!r}")
-    beta, b = _check_beta(beta), _check_b(b)
-    if safety_transform not in SAFETY_TRANSFORMS:
-        raise ValueError(f"safety_transform must be one of {SAFETY_TRANSFORMS}, got {safety_transform!r}")
-    if reward_in_tilt and reward_scorer is None:
-        raise ValueError("reward_in_tilt=True needs a reward_scorer")
+    beta, b = _check_budget_arguments(samples_per_prompt, beta, b, safety_transform, reward_in_tilt, reward_scorer)
     settings = sampling_settings(generation)
     k = samples_per_prompt
     output_dir = Path(output_dir)
@@ -235,44 +302,22 @@ def estimate_budget(
     raw = _cached_scores(samples_dir / SCORES_FILE, file_fingerprint(samples_path),
                          {"cost": safety_scorer, "reward": reward_scorer}, prompts, responses,
                          dtype=scorer_dtype, device=scorer_device, batch_size=scorer_batch_size, force=force)
-    costs = torch.tensor(raw["cost"], dtype=torch.float64).reshape(num_prompts, k)
-    safety = safety_from_cost(costs, safety_transform)
-    rewards = None
-    if raw["reward"] is not None:
-        rewards = torch.tensor(raw["reward"], dtype=torch.float64).reshape(num_prompts, k)
+    costs, safety, rewards = _score_tensors(raw, num_prompts, k, safety_transform)
 
     solution = solve_lambda(rewards, safety, beta, b, reward_in_tilt=reward_in_tilt, lam_max=lam_max)
     if lambdas is None:
         lambdas = default_lambdas(beta, solution.lam if solution.status in ("interior", "at_max") else None)
     curve = predicted_curve(rewards, safety, beta, lambdas, reward_in_tilt=reward_in_tilt)
 
-    inputs = {
-        "reference_model": str(spec),
-        "reference_fingerprint": model_fingerprint(spec),
-        "prompts_file": str(prompts_file),
-        "prompts_fingerprint": file_fingerprint(prompts_file),
-        "num_prompts": num_prompts,
-        "samples_per_prompt": k,
-        "beta": beta,
-        "b": b,
-        "safety_scorer": _scorer_name(safety_scorer),
-        "reward_scorer": _scorer_name(reward_scorer),
-        "safety_transform": safety_transform,
-        "reward_in_tilt": reward_in_tilt,
-        "lam_max": lam_max,
-        "generation": asdict(settings),
-    }
+    inputs = _budget_inputs(spec, prompts_file, num_prompts, k, beta, b, safety_scorer, reward_scorer,
+                            safety_transform, reward_in_tilt, lam_max, settings)
     report = budget_report(solution, curve, inputs)
     report["samples"] = {
         "cost_mean": float(costs.mean()),
         "empty_responses": sum(1 for r in responses if not r),
     }
     report["files"] = {"samples": str(samples_path), "scores": str(samples_dir / SCORES_FILE), "plot": CURVE_FILE}
-    lam_star = solution.lam if solution.status in ("interior", "at_max") else None
-    plot_curve(curve, output_dir / CURVE_FILE, b=b, lam_star=lam_star)
-    path = write_budget_json(output_dir / BUDGET_FILE, report)
-    rank_zero_info(f"Budget: {solution.message} Wrote {path}")
-    return json.loads(path.read_text())
+    return _write_budget(report, solution, curve, output_dir, b)
 
 
 def _scorer_name(scorer: str | os.PathLike | ScoreModel | None) -> str | None:

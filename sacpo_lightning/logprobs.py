@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-__all__ = ["label_token_counts", "sequence_logprobs", "token_logprobs"]
+__all__ = ["label_token_counts", "model_sequence_logps", "sequence_logprobs", "token_logprobs"]
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -167,6 +167,58 @@ def sequence_logprobs(
     if average:
         total = total / mask.sum(dim=-1).clamp(min=1).to(total.dtype)
     return total
+
+
+def model_sequence_logps(
+    model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, labels: Tensor, *, average: bool = False
+) -> Tensor:
+    """(B,) summed (or per-token averaged) log-probs of the labelled tokens of each row under a causal LM.
+
+    Only the positions that predict a labelled token go through the LM head (``logits_to_keep`` as a boolean
+    mask, which Hugging Face models built on ``slice_logits_to_keep`` accept): prompt and padding positions skip
+    the vocabulary projection and the log-softmax. Other models with ``logits_to_keep`` keep the last positions
+    from the batch's first labelled one; the rest compute all logits. The result is the same in each case.
+
+    Args:
+        model: A causal LM (or a PEFT model around one) whose forward returns ``.logits``.
+        input_ids: (B, S) token ids.
+        attention_mask: (B, S) attention mask.
+        labels: (B, S) token ids, -100 on prompt and padding tokens.
+        average: If True, divide by the number of scored tokens (as :func:`sequence_logprobs`).
+
+    Returns:
+        (B,) log-probs, differentiable with respect to the model's parameters.
+    """
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    forward = inspect.unwrap(type(base).forward)
+    scored = labels[:, 1:] != -100  # position t predicts the labelled token t + 1
+    n_scored = int(scored.sum())
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
+    if n_scored and "slice_logits_to_keep" in forward.__globals__:
+        keep = torch.zeros_like(labels, dtype=torch.bool)
+        keep[:, :-1] = scored
+        # One unused position last, so that the flattened logits (T + 1, V) score targets shifted by one, the
+        # layout token_logprobs expects.
+        keep[-1, -1] = True
+        logits = model(**inputs, logits_to_keep=keep).logits
+        targets = torch.full((1, n_scored + 1), -100, dtype=labels.dtype, device=labels.device)
+        targets[0, 1:] = labels[:, 1:][scored]
+        logps, _ = token_logprobs(logits.unsqueeze(0), targets)
+        rows = scored.nonzero()[:, 0]
+        total = torch.zeros(labels.shape[0], dtype=logps.dtype, device=logps.device).index_add(0, rows, logps[0])
+        if average:
+            total = total / scored.sum(dim=-1).clamp(min=1).to(total.dtype)
+        return total
+    labelled = scored.any(dim=0).nonzero()
+    keep_last = labels.shape[1] - int(labelled[0]) if labelled.numel() else 0
+    if 0 < keep_last < labels.shape[1] and "logits_to_keep" in inspect.signature(forward).parameters:
+        logits = model(**inputs, logits_to_keep=keep_last).logits
+        labels = labels[:, -keep_last:]
+    else:
+        logits = model(**inputs).logits
+    return sequence_logprobs(logits, labels, average=average)
 
 
 def label_token_counts(labels: Tensor, *, ignore_index: int = -100) -> Tensor:

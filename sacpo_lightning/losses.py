@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from sacpo_lightning.checks import check_positive
+
 __all__ = [
     "bradley_terry_loss",
     "cost_sign_loss",
@@ -38,11 +40,6 @@ def _check_beta(beta: float) -> None:
         raise ValueError(f"beta must be > 0, got {beta}")
     if not math.isfinite(beta):
         raise ValueError(f"beta must be finite, got {beta}")
-
-
-def _check_positive(name: str, value: float) -> None:
-    if not value > 0 or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number > 0, got {value}")
 
 
 def _check_same_shape(**tensors: Tensor) -> None:
@@ -237,8 +234,8 @@ def kto_loss(
             shapes differ.
     """
     _check_beta(beta)
-    _check_positive("desirable_weight", desirable_weight)
-    _check_positive("undesirable_weight", undesirable_weight)
+    check_positive("desirable_weight", desirable_weight)
+    check_positive("undesirable_weight", undesirable_weight)
     _check_same_shape(policy_logps=policy_logps, ref_logps=ref_logps, desirable=desirable)
     if desirable.dtype != torch.bool:
         raise ValueError(f"desirable must be a bool tensor, got dtype {desirable.dtype}")
@@ -322,7 +319,7 @@ def kto_class_weights(
             "KTO needs both desirable and undesirable examples, got "
             f"num_desirable={num_desirable}, num_undesirable={num_undesirable}"
         )
-    _check_positive("desirable_weight", desirable_weight)
+    check_positive("desirable_weight", desirable_weight)
     return desirable_weight * num_undesirable / num_desirable, 1.0
 
 

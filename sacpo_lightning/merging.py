@@ -342,6 +342,60 @@ def _merge_output_dirs(
     return dirs
 
 
+def _merge_chain_folders(dir_a: Path, dir_b: Path, q_values: Sequence[float], dirs: Sequence[Path]) -> None:
+    """Adapter exports on one base: each merge is a chain with scaled adapters, no full weights written."""
+    for q, out_dir in zip(q_values, dirs, strict=True):
+        with atomic_directory(out_dir) as tmp:
+            links = merge_chains(dir_a, dir_b, q, tmp)
+            atomic_write_json(tmp / MERGE_METADATA_FILE, {
+                "kind": "adapter_merge", "base": str(dir_a.resolve()), "other": str(dir_b.resolve()), "q": q,
+                "formula": "(1 - q) * base + q * other, as adapter scales on one base model", "links": links})
+
+
+def _original_tensors(target: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """A copy of each tensor of ``target``; tied parameters (several keys, one storage) share one copy."""
+    originals: dict[tuple[int, int, tuple[int, ...]], Tensor] = {}
+    state = {}
+    for key, tensor in target.items():
+        ident = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if ident not in originals:
+            originals[ident] = tensor.detach().clone()
+        state[key] = originals[ident]
+    return state
+
+
+@torch.no_grad()
+def _merge_full_weights(
+    dir_a: Path, dir_b: Path, q_values: Sequence[float], dirs: Sequence[Path], dtype: str | torch.dtype | None
+) -> None:
+    """Full-weight folders: each merge is written into A's module and saved with A's config and tokenizer."""
+    model_a = _load_causal_lm(dir_a, dtype)
+    model_b = _load_causal_lm(dir_b, model_a.dtype)
+    target = model_a.state_dict()
+    state_b = model_b.state_dict()
+    del model_b
+    _check_mergeable(target, state_b)
+    # Tied parameters appear under several keys with one storage: keep one copy of A's original values for them.
+    state_a = _original_tensors(target)
+    tokenizer = _load_raw_tokenizer(dir_a)
+    saved_dtype = str(model_a.dtype).removeprefix("torch.")
+    for q, out_dir in zip(q_values, dirs, strict=True):
+        for key, tensor in target.items():
+            tensor.copy_(_merge_tensor(state_a[key], state_b[key], q))
+        with atomic_directory(out_dir) as tmp:
+            model_a.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            metadata = {
+                "kind": "linear_merge",
+                "base": str(dir_a.resolve()),
+                "other": str(dir_b.resolve()),
+                "q": q,
+                "formula": "(1 - q) * base + q * other, float32 arithmetic",
+                "dtype": saved_dtype,
+            }
+            atomic_write_json(tmp / MERGE_METADATA_FILE, metadata)
+
+
 @torch.no_grad()
 def merge_model_folders(
     dir_a: PathLike,
@@ -387,45 +441,9 @@ def merge_model_folders(
     if check:
         check_compatible(dir_a, dir_b)
     if is_chain_folder(dir_a) and is_chain_folder(dir_b):
-        # Adapter exports on one base: the merge is a chain with scaled adapters, no full weights written.
-        for q, out_dir in zip(q_values, dirs, strict=True):
-            with atomic_directory(out_dir) as tmp:
-                links = merge_chains(dir_a, dir_b, q, tmp)
-                atomic_write_json(tmp / MERGE_METADATA_FILE, {
-                    "kind": "adapter_merge", "base": str(dir_a.resolve()), "other": str(dir_b.resolve()), "q": q,
-                    "formula": "(1 - q) * base + q * other, as adapter scales on one base model", "links": links})
-        return dirs
-    model_a = _load_causal_lm(dir_a, dtype)
-    model_b = _load_causal_lm(dir_b, model_a.dtype)
-    target = model_a.state_dict()
-    state_b = model_b.state_dict()
-    del model_b
-    _check_mergeable(target, state_b)
-    # Tied parameters appear under several keys with one storage: keep one copy of A's original values for them.
-    originals: dict[tuple[int, int, tuple[int, ...]], Tensor] = {}
-    state_a = {}
-    for key, tensor in target.items():
-        ident = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
-        if ident not in originals:
-            originals[ident] = tensor.detach().clone()
-        state_a[key] = originals[ident]
-    tokenizer = _load_raw_tokenizer(dir_a)
-    saved_dtype = str(model_a.dtype).removeprefix("torch.")
-    for q, out_dir in zip(q_values, dirs, strict=True):
-        for key, tensor in target.items():
-            tensor.copy_(_merge_tensor(state_a[key], state_b[key], q))
-        with atomic_directory(out_dir) as tmp:
-            model_a.save_pretrained(tmp, safe_serialization=True)
-            tokenizer.save_pretrained(tmp)
-            metadata = {
-                "kind": "linear_merge",
-                "base": str(dir_a.resolve()),
-                "other": str(dir_b.resolve()),
-                "q": q,
-                "formula": "(1 - q) * base + q * other, float32 arithmetic",
-                "dtype": saved_dtype,
-            }
-            atomic_write_json(tmp / MERGE_METADATA_FILE, metadata)
+        _merge_chain_folders(dir_a, dir_b, q_values, dirs)
+    else:
+        _merge_full_weights(dir_a, dir_b, q_values, dirs, dtype)
     return dirs
 
 
@@ -559,6 +577,41 @@ def _kl_texts(prompts: Sequence[str], tokenizer) -> list[str]:
     return [text[len(bos) :] if bos and text.startswith(bos) else text for text in texts]
 
 
+def _report_texts(base: Path, prompts: Sequence[str], tokenizer) -> tuple[Any, list[str]]:
+    """``(tokenizer, KL texts)``: the tokenizer loaded from ``base`` when None, and the prompts as chat turns."""
+    if tokenizer is None:
+        from sacpo_lightning.models import load_tokenizer
+
+        tokenizer = load_tokenizer(str(base))
+    return tokenizer, _kl_texts(prompts, tokenizer)
+
+
+def _report_entry(
+    base: Path,
+    other: Path,
+    q: float,
+    path: Path,
+    texts: list[str] | None,
+    tokenizer,
+    *,
+    batch_size: int,
+    max_length: int | None,
+    device: str | torch.device | None,
+    lam: float | None,
+) -> dict[str, Any]:
+    """One merge's report entry: its KL to the token-level mixture on ``texts`` (None without texts)."""
+    kl = num_tokens = None
+    if texts:
+        result = mixture_vs_merge_kl(
+            base, other, path, q, texts, tokenizer, batch_size=batch_size, max_length=max_length, device=device
+        )
+        kl, num_tokens = result.mean_kl, result.num_tokens
+    entry = {"q": float(q), "path": str(path), "kl_mixture_vs_merge": kl, "num_tokens": num_tokens}
+    if lam is not None:
+        entry["lam_effective"] = float(q) * float(lam)
+    return entry
+
+
 def merge_with_report(
     base: PathLike,
     other: PathLike,
@@ -612,23 +665,12 @@ def merge_with_report(
     paths = merge_model_folders(base, other, weights, output_dirs, output_root=output_root, dtype=dtype)
     texts = None
     if prompts:
-        if tokenizer is None:
-            from sacpo_lightning.models import load_tokenizer
-
-            tokenizer = load_tokenizer(str(base))
-        texts = _kl_texts(prompts, tokenizer)
-    entries = []
-    for q, path in zip(weights, paths, strict=True):
-        kl = num_tokens = None
-        if texts:
-            result = mixture_vs_merge_kl(
-                base, other, path, q, texts, tokenizer, batch_size=batch_size, max_length=max_length, device=device
-            )
-            kl, num_tokens = result.mean_kl, result.num_tokens
-        entry = {"q": float(q), "path": str(path), "kl_mixture_vs_merge": kl, "num_tokens": num_tokens}
-        if lam is not None:
-            entry["lam_effective"] = float(q) * float(lam)
-        entries.append(entry)
+        tokenizer, texts = _report_texts(base, prompts, tokenizer)
+    entries = [
+        _report_entry(base, other, q, path, texts, tokenizer, batch_size=batch_size, max_length=max_length,
+                      device=device, lam=lam)
+        for q, path in zip(weights, paths, strict=True)
+    ]
     report = {
         "base": str(base.resolve()),
         "other": str(other.resolve()),

@@ -44,6 +44,12 @@ def shared_data() -> str:
     return SHARED_DATA
 
 
+@pytest.fixture
+def pku_fixtures(shared_data) -> str:
+    """The PKU-SafeRLHF safety-pair fixtures (a small JSON-lines file of the shared data)."""
+    return os.path.join(shared_data, "pku_saferlhf", "safety_pairs.fixtures.jsonl")
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny matrices run fastest on one thread; several threads on a busy machine are many times slower."""

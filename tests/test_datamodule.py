@@ -19,11 +19,6 @@ from sacpo_lightning.data import (
 
 
 @pytest.fixture
-def pku_fixtures(shared_data) -> str:
-    return os.path.join(shared_data, "pku_saferlhf", "safety_pairs.fixtures.jsonl")
-
-
-@pytest.fixture
 def pku_train(shared_data) -> str:
     return os.path.join(shared_data, "pku_saferlhf", "safety_pairs.train.jsonl")
 

@@ -115,15 +115,6 @@ def test_lora_score_model_trains_adapter_and_head_and_checkpoints_only_them(tiny
     assert module.strict_loading is False
 
 
-def test_moved_names_still_resolve_from_score_models():
-    from sacpo_lightning import losses, modules
-    from sacpo_lightning.evaluation import score_models
-
-    assert score_models.RewardModelModule is modules.RewardModelModule
-    assert score_models.CostModelModule is modules.CostModelModule
-    assert score_models.bradley_terry_loss is losses.bradley_terry_loss
-
-
 def test_score_model_batches_match_single(tiny_model_dir):
     from sacpo_lightning.evaluation.score_models import load_sequence_classifier
     from sacpo_lightning.models import load_tokenizer

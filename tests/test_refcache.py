@@ -23,11 +23,6 @@ from sacpo_lightning.refcache import (
 )
 
 
-@pytest.fixture
-def pku_fixtures(shared_data) -> str:
-    return os.path.join(shared_data, "pku_saferlhf", "safety_pairs.fixtures.jsonl")
-
-
 class Recorder(Callback):
     """Records each training loss, and counts reference forward passes before and after training starts."""
 

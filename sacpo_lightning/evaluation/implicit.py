@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from sacpo_lightning.logprobs import sequence_logprobs
+from sacpo_lightning.logprobs import model_sequence_logps
 
 __all__ = [
     "ImplicitAccuracy",
@@ -80,9 +80,9 @@ def pair_logps(model: torch.nn.Module, batches: Iterable[Mapping[str, Tensor]], 
     device = next(model.parameters()).device
     out = []
     for batch in batches:
-        logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                       use_cache=False).logits
-        out.append(sequence_logprobs(logits, batch["labels"].to(device), average=average).float().cpu())
+        logps = model_sequence_logps(model, batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                                     batch["labels"].to(device), average=average)
+        out.append(logps.float().cpu())
     if not out:
         raise ValueError("no pair batches to score")
     return torch.cat(out)

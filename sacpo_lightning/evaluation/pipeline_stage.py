@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from sacpo_lightning.evaluation.evaluate import EvaluationSettings
-from sacpo_lightning.evaluation.generation import GenerationSettings
+from sacpo_lightning.evaluation.generation import GenerationSettings, load_prompts
 from sacpo_lightning.io import atomic_write_json
 
 # ``evaluate:`` keys that are EvaluationSettings fields (key -> field); the others the stage reads itself.
@@ -53,14 +52,14 @@ def safety_judge_configs(config: dict[str, Any]) -> list[dict[str, Any]] | None:
 
 
 def subset_prompts(path: str, max_prompts: int | None, out_dir: Path) -> str:
-    """A deterministic, evenly spaced subset of a prompt file (keeps every category represented), or the file."""
+    """A deterministic, evenly spaced subset of a prompt file (keeps every category represented), or the file.
+
+    Raises:
+        ValueError: From :func:`~sacpo_lightning.evaluation.generation.load_prompts`, naming a malformed row.
+    """
     if not max_prompts:
         return path
-    text = Path(path).read_text(encoding="utf-8")
-    if text.lstrip().startswith("["):
-        rows = json.loads(text)
-    else:
-        rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    rows = load_prompts(path)
     if len(rows) <= max_prompts:
         return path
     step = len(rows) / max_prompts

@@ -119,16 +119,22 @@ def win_rate_summary(
     }
 
 
+def _group_by_category(values: Sequence[Any], categories: Sequence[str | None], noun: str) -> dict[str, list[Any]]:
+    """``{category: values in input order}`` in sorted category order; uncategorised values go under ``"(none)"``."""
+    if len(values) != len(categories):
+        raise ValueError(f"{len(values)} {noun} but {len(categories)} categories")
+    groups: dict[str, list[Any]] = defaultdict(list)
+    for value, category in zip(values, categories, strict=True):
+        groups[category if category is not None else "(none)"].append(value)
+    return {c: groups[c] for c in sorted(groups)}
+
+
 def category_win_rates(
     outcomes: Sequence[float], categories: Sequence[str | None], **summary_kwargs: Any
 ) -> dict[str, dict[str, Any]]:
     """Win-rate summaries per category (prompts without a category are grouped under ``"(none)"``)."""
-    if len(outcomes) != len(categories):
-        raise ValueError(f"{len(outcomes)} outcomes but {len(categories)} categories")
-    groups: dict[str, list[float]] = defaultdict(list)
-    for o, c in zip(outcomes, categories, strict=True):
-        groups[c if c is not None else "(none)"].append(o)
-    return {c: win_rate_summary(groups[c], **summary_kwargs) for c in sorted(groups)}
+    groups = _group_by_category(outcomes, categories, "outcomes")
+    return {c: win_rate_summary(values, **summary_kwargs) for c, values in groups.items()}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -182,12 +188,8 @@ def category_rates(
     flags: Sequence[bool], categories: Sequence[str | None], *, confidence: float = 0.95
 ) -> dict[str, dict[str, Any]]:
     """:func:`rate_summary` per category (answers without a category are grouped under ``"(none)"``)."""
-    if len(flags) != len(categories):
-        raise ValueError(f"{len(flags)} verdicts but {len(categories)} categories")
-    groups: dict[str, list[bool]] = defaultdict(list)
-    for f, c in zip(flags, categories, strict=True):
-        groups[c if c is not None else "(none)"].append(f)
-    return {c: rate_summary(groups[c], confidence=confidence) for c in sorted(groups)}
+    groups = _group_by_category(flags, categories, "verdicts")
+    return {c: rate_summary(values, confidence=confidence) for c, values in groups.items()}
 
 
 def constraint_verdict(low: float, high: float, b: float) -> str:
@@ -636,6 +638,15 @@ def _pyplot():
     return plt
 
 
+def _save_figure(fig, path: str | os.PathLike, *, dpi: int) -> Path:
+    """Lays out ``fig`` and writes it to ``path`` (parent folders created); the caller closes the figure."""
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    return path
+
+
 def plot_pareto(
     points: Mapping[str, tuple[float, float]],
     path: str | os.PathLike,
@@ -664,13 +675,9 @@ def plot_pareto(
         ax.set_ylabel(ylabel)
         ax.set_title(title)
         ax.grid(True, alpha=0.3)
-        fig.tight_layout()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=120)
+        return _save_figure(fig, path, dpi=120)
     finally:
         plt.close(fig)
-    return path
 
 
 def read_metrics_csv(path: str | os.PathLike) -> dict[str, list[tuple[float, float]]]:
@@ -731,13 +738,9 @@ def plot_training_curves(stages: Mapping[str, str | os.PathLike], path: str | os
                 if ax.lines:
                     ax.legend(fontsize=7)
                 ax.grid(True, alpha=0.3)
-        fig.tight_layout()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=110)
+        return _save_figure(fig, path, dpi=110)
     finally:
         plt.close(fig)
-    return path
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -14,7 +14,6 @@ the EOS), so training and scoring see the same inputs.
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 from collections.abc import Sequence
@@ -24,6 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from sacpo_lightning.models.chain import OWN_ADAPTER
 from sacpo_lightning.models.policy import DTYPES
 
 __all__ = [
@@ -34,23 +34,7 @@ __all__ = [
 ]
 
 SCORE_MODEL_FILE = "score_model.json"
-ADAPTER_DIR = "adapter"
-
-# The training modules and their losses moved; these names still resolve here (lazily, so that this module does not
-# import the training side), so configs and checkpoints that name ``sacpo_lightning.evaluation.score_models.*`` load.
-_MOVED = {
-    "ScoreModelModule": "sacpo_lightning.modules.score",
-    "RewardModelModule": "sacpo_lightning.modules.score",
-    "CostModelModule": "sacpo_lightning.modules.score",
-    "bradley_terry_loss": "sacpo_lightning.losses",
-    "cost_sign_loss": "sacpo_lightning.losses",
-}
-
-
-def __getattr__(name: str) -> Any:
-    if name in _MOVED:
-        return getattr(importlib.import_module(_MOVED[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+ADAPTER_DIR = OWN_ADAPTER
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -160,6 +144,89 @@ def _map_safe_rlhf_head(model, path: str, missing: set[str], unexpected: set[str
     unexpected.discard(bias_keys[0])
 
 
+def _from_pretrained_kwargs(
+    path: str,
+    *,
+    dtype: str | None,
+    num_labels: int | None,
+    trust_remote_code: bool,
+    revision: str | None,
+    gguf_file: str | None,
+    attn_implementation: str | None,
+    quantization_config,
+    device_map,
+) -> tuple[dict[str, Any], bool]:
+    """``(from_pretrained keyword arguments, whether the config is a Safe-RLHF score model's)``.
+
+    A GGUF file is loaded de-quantized; a Safe-RLHF config (with ``score_dim``) gives ``num_labels`` when not set.
+    """
+    from transformers import AutoConfig
+
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, "dtype": DTYPES[dtype] if dtype else "auto"}
+    if num_labels is not None:
+        kwargs["num_labels"] = num_labels
+    for key, value in (("revision", revision), ("attn_implementation", attn_implementation),
+                       ("quantization_config", quantization_config), ("device_map", device_map)):
+        if value is not None:
+            kwargs[key] = value
+    safe_rlhf = False
+    if gguf_file is not None:
+        from transformers import GgufConfig
+
+        kwargs["gguf_file"] = gguf_file
+        kwargs["quantization_config"] = GgufConfig(dequantize=True)
+    else:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, revision=revision)
+        safe_rlhf = getattr(config, "score_dim", None) is not None
+        if safe_rlhf and num_labels is None:
+            # Without num_labels in its config.json the HF config defaults to 2 labels; the head has score_dim rows.
+            kwargs["num_labels"] = int(config.score_dim)
+    return kwargs, safe_rlhf
+
+
+def _load_with_info(name_or_path: str, path: str, kwargs: dict[str, Any]):
+    """``(model, loading info)`` from ``from_pretrained``; weights of other shapes: :class:`ScoreModelLoadError`."""
+    from transformers import AutoModelForSequenceClassification
+
+    try:
+        return AutoModelForSequenceClassification.from_pretrained(path, output_loading_info=True, **kwargs)
+    except RuntimeError as err:
+        if "ignore_mismatched_sizes" not in str(err):
+            raise
+        raise ScoreModelLoadError(
+            f"{name_or_path}: some checkpoint weights have other shapes than the model built from its config "
+            f"(num_labels {kwargs.get('num_labels', 'from config.json')}; the load report above lists them). A "
+            "reward or cost model has one output: point at a checkpoint with a one-output head, or fix num_labels in "
+            "its config.json."
+        ) from err
+
+
+def _check_fit(name_or_path: str, model, missing: set[str], unexpected: set[str], info: dict[str, Any]) -> None:
+    """Raises :class:`ScoreModelLoadError` naming the weights that did not load (missing, unexpected, mismatched)."""
+    mismatched = [str(m) for m in info.get("mismatched_keys") or []]
+    errors = [str(e) for e in info.get("error_msgs") or []]
+    if missing or unexpected or mismatched or errors:
+        parts = []
+        if missing:
+            parts.append(f"missing from the checkpoint (they would be randomly initialised): {_names(missing)}")
+        if unexpected:
+            parts.append(f"in the checkpoint but not in the model (they would be ignored): {_names(unexpected)}")
+        if mismatched:
+            parts.append(f"with other shapes: {', '.join(mismatched)}")
+        if errors:
+            parts.append(f"errors: {'; '.join(errors)}")
+        hint = ""
+        if "score.weight" in missing and any(k.startswith("lm_head.") for k in unexpected):
+            hint = (" It looks like a causal LM, not a score model: train one first (RewardModelModule or "
+                    "CostModelModule, e.g. configs/eval/reward_model_tiny.yaml) and point at its export.")
+        raise ScoreModelLoadError(
+            f"{name_or_path} does not fit {type(model).__name__}; weights {'; weights '.join(parts)}.{hint} A score "
+            "model must load every weight of its backbone and head: point at a sequence-classification (reward or "
+            "cost) model saved with save_pretrained, or rename its weights to the names the model expects "
+            f"(a Safe-RLHF {_SAFE_RLHF_HEAD}* head is mapped to {_HF_HEAD}* automatically)."
+        )
+
+
 def load_sequence_classifier(
     name_or_path: str,
     *,
@@ -197,41 +264,15 @@ def load_sequence_classifier(
         ScoreModelLoadError: naming the missing and unexpected weights and what to do, when the checkpoint does not
             fit the model, or when shapes differ (e.g. a head with another number of outputs than ``num_labels``).
     """
-    from transformers import AutoConfig, AutoModelForSequenceClassification
-
     from sacpo_lightning.models import resolve_model_path
 
     path = resolve_model_path(name_or_path)
-    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, "dtype": DTYPES[dtype] if dtype else "auto"}
-    if num_labels is not None:
-        kwargs["num_labels"] = num_labels
-    for key, value in (("revision", revision), ("attn_implementation", attn_implementation),
-                       ("quantization_config", quantization_config), ("device_map", device_map)):
-        if value is not None:
-            kwargs[key] = value
-    safe_rlhf = False
-    if gguf_file is not None:
-        from transformers import GgufConfig
-
-        kwargs["gguf_file"] = gguf_file
-        kwargs["quantization_config"] = GgufConfig(dequantize=True)
-    else:
-        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, revision=revision)
-        safe_rlhf = getattr(config, "score_dim", None) is not None
-        if safe_rlhf and num_labels is None:
-            # Without num_labels in its config.json the HF config defaults to 2 labels; the head has score_dim rows.
-            kwargs["num_labels"] = int(config.score_dim)
-    try:
-        model, info = AutoModelForSequenceClassification.from_pretrained(path, output_loading_info=True, **kwargs)
-    except RuntimeError as err:
-        if "ignore_mismatched_sizes" not in str(err):
-            raise
-        raise ScoreModelLoadError(
-            f"{name_or_path}: some checkpoint weights have other shapes than the model built from its config "
-            f"(num_labels {kwargs.get('num_labels', 'from config.json')}; the load report above lists them). A "
-            "reward or cost model has one output: point at a checkpoint with a one-output head, or fix num_labels in "
-            "its config.json."
-        ) from err
+    kwargs, safe_rlhf = _from_pretrained_kwargs(
+        path, dtype=dtype, num_labels=num_labels, trust_remote_code=trust_remote_code, revision=revision,
+        gguf_file=gguf_file, attn_implementation=attn_implementation, quantization_config=quantization_config,
+        device_map=device_map,
+    )
+    model, info = _load_with_info(name_or_path, path, kwargs)
     missing, unexpected = set(info["missing_keys"]), set(info["unexpected_keys"])
     _map_safe_rlhf_head(model, path, missing, unexpected, revision)
     if (safe_rlhf or "score_head.weight" in info["unexpected_keys"]) and not getattr(model.config, "do_normalize",
@@ -241,28 +282,7 @@ def load_sequence_classifier(
         backbone = model.base_model_prefix + "."
         missing = {k for k in missing if k.startswith(backbone)}
         unexpected = {k for k in unexpected if k.startswith(backbone)}
-    mismatched = [str(m) for m in info.get("mismatched_keys") or []]
-    errors = [str(e) for e in info.get("error_msgs") or []]
-    if missing or unexpected or mismatched or errors:
-        parts = []
-        if missing:
-            parts.append(f"missing from the checkpoint (they would be randomly initialised): {_names(missing)}")
-        if unexpected:
-            parts.append(f"in the checkpoint but not in the model (they would be ignored): {_names(unexpected)}")
-        if mismatched:
-            parts.append(f"with other shapes: {', '.join(mismatched)}")
-        if errors:
-            parts.append(f"errors: {'; '.join(errors)}")
-        hint = ""
-        if "score.weight" in missing and any(k.startswith("lm_head.") for k in unexpected):
-            hint = (" It looks like a causal LM, not a score model: train one first (RewardModelModule or "
-                    "CostModelModule, e.g. configs/eval/reward_model_tiny.yaml) and point at its export.")
-        raise ScoreModelLoadError(
-            f"{name_or_path} does not fit {type(model).__name__}; weights {'; weights '.join(parts)}.{hint} A score "
-            "model must load every weight of its backbone and head: point at a sequence-classification (reward or "
-            "cost) model saved with save_pretrained, or rename its weights to the names the model expects "
-            f"(a Safe-RLHF {_SAFE_RLHF_HEAD}* head is mapped to {_HF_HEAD}* automatically)."
-        )
+    _check_fit(name_or_path, model, missing, unexpected, info)
     if pad_token_id is not None:
         model.config.pad_token_id = pad_token_id
     return model

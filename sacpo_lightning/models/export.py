@@ -10,12 +10,12 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from sacpo_lightning.io import atomic_directory, atomic_write_json
-from sacpo_lightning.models.chain import TRAINABLE_ADAPTER, copy_links, read_chain, write_chain_file
+from sacpo_lightning.models.chain import OWN_ADAPTER, TRAINABLE_ADAPTER, copy_links, read_chain, write_chain_file
 from sacpo_lightning.models.policy import DTYPES, DtypeName, PolicySettings, load_causal_lm
 from sacpo_lightning.models.registry import resolve_model_path
 
 STEP_METADATA = "sacpo_step.json"
-ADAPTER_DIR = "adapter"
+ADAPTER_DIR = OWN_ADAPTER
 
 
 def export_policy(

@@ -44,6 +44,70 @@ def _top_p_filter(logits: Tensor, top_p: float) -> Tensor:
     return logits.masked_fill(remove, float("-inf"))
 
 
+def _check_decoding(do_sample: bool, temperature: float, top_p: float, return_log_weights: bool) -> None:
+    """Refuses bad sampling settings, and settings under which ``log W`` would not be the importance weight."""
+    if do_sample and not temperature > 0:
+        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if return_log_weights:
+        check_unmodified_sampling(do_sample, temperature, top_p)
+
+
+def _long_mask(input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:
+    """The attention mask as long on ``input_ids``' device; all ones when omitted."""
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    return attention_mask.to(device=input_ids.device, dtype=torch.long)
+
+
+def _step_logits(
+    models: list[torch.nn.Module], cache_args: list[str], caches: list[Any], step_ids: Tensor, attention_mask: Tensor
+) -> list[Tensor]:
+    """Runs each model on this step's ids with its KV cache (updated in ``caches``); last-position logits of each."""
+    position_ids = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
+    position_ids = position_ids[:, -step_ids.shape[1] :]
+    logits = []
+    for i, model in enumerate(models):
+        out = model(
+            input_ids=step_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=True,
+            logits_to_keep=1,
+            **{cache_args[i]: caches[i]},
+        )
+        caches[i] = getattr(out, cache_args[i])
+        logits.append(out.logits[:, -1, :])
+    return logits
+
+
+def _next_tokens(
+    logprobs: Tensor,
+    unfinished: Tensor,
+    pad_token_id: int,
+    do_sample: bool,
+    temperature: float,
+    top_p: float,
+    generator: torch.Generator | None,
+) -> Tensor:
+    """The next token of each row: sampled (tempered, nucleus-filtered) or the arg-max; ``pad_token_id`` once ended."""
+    if do_sample:
+        scores = logprobs / temperature
+        if top_p < 1:
+            scores = _top_p_filter(scores, top_p)
+        next_tokens = torch.multinomial(scores.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+    else:
+        next_tokens = logprobs.argmax(dim=-1)
+    return torch.where(unfinished, next_tokens, torch.full_like(next_tokens, pad_token_id))
+
+
+def _accumulate_log_weights(log_weights: Tensor, log_z: Tensor, unfinished: Tensor) -> None:
+    """Adds this step's ``log Z_t`` to ``log_weights`` in place, for the rows that had not ended yet."""
+    # This step's token is part of the response (the EOS included) only for rows that had not ended yet.
+    log_weights += torch.where(unfinished, log_z.to(torch.float64), 0.0)
+
+
 class MixtureSamples(NamedTuple):
     """Result of ``GeometricMixtureLM.generate(..., return_log_weights=True)``."""
 
@@ -152,6 +216,17 @@ class GeometricMixtureLM(torch.nn.Module):
             return logp, logp.new_zeros(logp.shape[:-1])
         return _geometric_mixture(logits[0], logits[1], self.q)
 
+    def _special_ids(
+        self, eos_token_id: int | Sequence[int] | None, pad_token_id: int | None, device: torch.device
+    ) -> tuple[Tensor | None, int]:
+        """``(EOS ids or None, pad id)``: EOS defaults to model A's config, padding to the first EOS id (or 0)."""
+        if eos_token_id is None:
+            eos_token_id = getattr(self.config, "eos_token_id", None)
+        eos = _eos_tensor(eos_token_id, device)
+        if pad_token_id is None:
+            pad_token_id = int(eos[0]) if eos is not None else 0
+        return eos, pad_token_id
+
     def forward(
         self,
         input_ids: Tensor,
@@ -231,21 +306,10 @@ class GeometricMixtureLM(torch.nn.Module):
         Raises:
             ValueError: Bad sampling settings, or ``return_log_weights`` with greedy, tempered or nucleus decoding.
         """
-        if do_sample and not temperature > 0:
-            raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
-        if not 0 < top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-        if return_log_weights:
-            check_unmodified_sampling(do_sample, temperature, top_p)
+        _check_decoding(do_sample, temperature, top_p, return_log_weights)
         device = input_ids.device
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        attention_mask = attention_mask.to(device=device, dtype=torch.long)
-        if eos_token_id is None:
-            eos_token_id = getattr(self.config, "eos_token_id", None)
-        eos = _eos_tensor(eos_token_id, device)
-        if pad_token_id is None:
-            pad_token_id = int(eos[0]) if eos is not None else 0
+        attention_mask = _long_mask(input_ids, attention_mask)
+        eos, pad_token_id = self._special_ids(eos_token_id, pad_token_id, device)
 
         models = self._active()
         cache_args = [_cache_argument(model) for model in models]
@@ -256,31 +320,9 @@ class GeometricMixtureLM(torch.nn.Module):
         # float64: a long response sums hundreds of per-token terms.
         log_weights = torch.zeros(input_ids.shape[0], dtype=torch.float64, device=device)
         for _ in range(max_new_tokens):
-            position_ids = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
-            position_ids = position_ids[:, -step_ids.shape[1] :]
-            logits = []
-            for i, model in enumerate(models):
-                out = model(
-                    input_ids=step_ids,
-                    attention_mask=attention_mask,
-                    position_ids=position_ids,
-                    use_cache=True,
-                    logits_to_keep=1,
-                    **{cache_args[i]: caches[i]},
-                )
-                caches[i] = getattr(out, cache_args[i])
-                logits.append(out.logits[:, -1, :])
-            logprobs, log_z = self._combine(logits)
-            if do_sample:
-                scores = logprobs / temperature
-                if top_p < 1:
-                    scores = _top_p_filter(scores, top_p)
-                next_tokens = torch.multinomial(scores.softmax(dim=-1), 1, generator=generator).squeeze(-1)
-            else:
-                next_tokens = logprobs.argmax(dim=-1)
-            next_tokens = torch.where(unfinished, next_tokens, torch.full_like(next_tokens, pad_token_id))
-            # This step's token is part of the response (the EOS included) only for rows that had not ended yet.
-            log_weights += torch.where(unfinished, log_z.to(torch.float64), 0.0)
+            logprobs, log_z = self._combine(_step_logits(models, cache_args, caches, step_ids, attention_mask))
+            next_tokens = _next_tokens(logprobs, unfinished, pad_token_id, do_sample, temperature, top_p, generator)
+            _accumulate_log_weights(log_weights, log_z, unfinished)
             sequences = torch.cat([sequences, next_tokens[:, None]], dim=-1)
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)], dim=-1)
             step_ids = next_tokens[:, None]

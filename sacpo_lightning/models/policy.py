@@ -265,6 +265,108 @@ def load_score_backbone(
     )
 
 
+def _load_base_model(
+    settings: PolicySettings,
+    chain,
+    *,
+    device: torch.device | None,
+    task: PolicyTask,
+    num_labels: int,
+    pad_token_id: int | None,
+) -> PreTrainedModel:
+    """The base network of :func:`build_policy`: the chain's base (or ``settings.name_or_path``) as a causal LM, or a
+    sequence classifier for ``seq_cls``; quantized to 4-bit NF4 onto ``device`` (default: the CPU) for QLoRA."""
+    quantization_config = None
+    device_map = None
+    if settings.finetune == "qlora":
+        quantization_config = bnb_4bit_config(settings)
+        device_map = {"": device if device is not None else torch.device("cpu")}
+    if task == "seq_cls":
+        return load_score_backbone(settings, num_labels=num_labels, pad_token_id=pad_token_id,
+                                   quantization_config=quantization_config, device_map=device_map)
+    return load_causal_lm(
+        chain.base if chain else settings.name_or_path,
+        dtype=settings.dtype,
+        gguf_file=chain.base_gguf_file if chain else settings.gguf_file,
+        trust_remote_code=settings.trust_remote_code,
+        revision=chain.base_revision if chain else settings.revision,
+        attn_implementation=settings.attn_implementation,
+        quantization_config=quantization_config,
+        device_map=device_map,
+    )
+
+
+def _prepare_full_finetuning(model: PreTrainedModel, settings: PolicySettings, chain) -> PreTrainedModel:
+    """Full fine-tuning: the chain (if any) merged into the base weights, gradient checkpointing as configured."""
+    if chain is not None:
+        model = merge_links(model, chain.links)
+    if settings.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def _prepare_adapter_training(model: PreTrainedModel, settings: PolicySettings) -> PreTrainedModel:
+    """Readies the base for adapter training: k-bit preparation for QLoRA, else gradient checkpointing if asked."""
+    from peft import prepare_model_for_kbit_training
+
+    if settings.finetune == "qlora":
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=settings.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    elif settings.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    return model
+
+
+def _attach_fresh_adapter(model: PreTrainedModel, config):
+    """A peft model with one new trainable adapter and no frozen ones."""
+    from peft import get_peft_model
+
+    model = get_peft_model(model, config)
+    model.sacpo_frozen_adapters = []
+    return model
+
+
+def _add_trainable_adapter(peft_model, config, num_links: int):
+    """Adds the trainable adapter on top of the ``num_links`` frozen chain adapters ``link0``, ``link1``, ..."""
+    peft_model.add_adapter(TRAINABLE_ADAPTER, config)
+    frozen = [f"link{i}" for i in range(num_links)]
+    activate(peft_model, frozen, TRAINABLE_ADAPTER)
+    peft_model.sacpo_frozen_adapters = frozen
+    return peft_model
+
+
+def _attach_adapters(model: PreTrainedModel, settings: PolicySettings, chain, config):
+    """A fresh adapter (no chain), or the chain's adapters frozen with a new trainable one on top.
+
+    Raises:
+        ValueError: ``settings.lora.target_modules`` matches no module; the message lists the model's linear layers.
+    """
+    try:
+        if chain is None:
+            return _attach_fresh_adapter(model, config)
+        model = attach_frozen_links(model, chain.links)
+        return _add_trainable_adapter(model, config, len(chain.links))
+    except ValueError as err:
+        names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise ValueError(
+            f"--model.policy.lora.target_modules={settings.lora.target_modules!r} does not match modules of "
+            f"{settings.name_or_path!r} ({err}). Linear layers of this model: {', '.join(names)}; or use 'all-linear'."
+        ) from err
+
+
+def _log_trainable(model, settings: PolicySettings, chain) -> None:
+    """Logs how many parameters train (and on top of how many frozen adapters)."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    share = 100 * trainable / total
+    on_top = f" on top of {len(chain.links)} frozen adapter(s)" if chain is not None else ""
+    rank_zero_info(f"{settings.finetune}: {trainable:,} trainable of {total:,} parameters ({share:.2f}%){on_top}")
+
+
 def build_policy(
     settings: PolicySettings,
     *,
@@ -298,71 +400,19 @@ def build_policy(
     check_model_source(settings.name_or_path)
     local = os.path.expanduser(os.path.expandvars(settings.name_or_path))
     chain = read_chain(local) if task == "causal_lm" and os.path.isdir(local) else None
-    quantization_config = None
-    device_map = None
-    if settings.finetune == "qlora":
-        quantization_config = bnb_4bit_config(settings)
-        device_map = {"": device if device is not None else torch.device("cpu")}
-    if task == "seq_cls":
-        model = load_score_backbone(settings, num_labels=num_labels, pad_token_id=pad_token_id,
-                                    quantization_config=quantization_config, device_map=device_map)
-    else:
-        model = load_causal_lm(
-            chain.base if chain else settings.name_or_path,
-            dtype=settings.dtype,
-            gguf_file=chain.base_gguf_file if chain else settings.gguf_file,
-            trust_remote_code=settings.trust_remote_code,
-            revision=chain.base_revision if chain else settings.revision,
-            attn_implementation=settings.attn_implementation,
-            quantization_config=quantization_config,
-            device_map=device_map,
-        )
+    model = _load_base_model(settings, chain, device=device, task=task, num_labels=num_labels,
+                             pad_token_id=pad_token_id)
     model.config.use_cache = False
     if settings.disable_dropout and task == "causal_lm":
         disable_dropout(model)
     if settings.finetune == "full":
-        if chain is not None:
-            model = merge_links(model, chain.links)
-        if settings.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        return model
-
-    from peft import get_peft_model, prepare_model_for_kbit_training
-
-    if settings.finetune == "qlora":
-        model = prepare_model_for_kbit_training(
-            model,
-            use_gradient_checkpointing=settings.gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False},
-        )
-    elif settings.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
-    config = lora_config(settings, task)
-    try:
-        if chain is None:
-            model = get_peft_model(model, config)
-            model.sacpo_frozen_adapters = []
-        else:
-            model = attach_frozen_links(model, chain.links)
-            model.add_adapter(TRAINABLE_ADAPTER, config)
-            frozen = [f"link{i}" for i in range(len(chain.links))]
-            activate(model, frozen, TRAINABLE_ADAPTER)
-            model.sacpo_frozen_adapters = frozen
-    except ValueError as err:
-        names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
-        raise ValueError(
-            f"--model.policy.lora.target_modules={settings.lora.target_modules!r} does not match modules of "
-            f"{settings.name_or_path!r} ({err}). Linear layers of this model: {', '.join(names)}; or use 'all-linear'."
-        ) from err
+        return _prepare_full_finetuning(model, settings, chain)
+    model = _prepare_adapter_training(model, settings)
+    model = _attach_adapters(model, settings, chain, lora_config(settings, task))
     for p in model.parameters():
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    share = 100 * trainable / total
-    on_top = f" on top of {len(chain.links)} frozen adapter(s)" if chain is not None else ""
-    rank_zero_info(f"{settings.finetune}: {trainable:,} trainable of {total:,} parameters ({share:.2f}%){on_top}")
+    _log_trainable(model, settings, chain)
     return model
 
 

@@ -14,18 +14,13 @@ from lightning.pytorch.utilities import grad_norm, rank_zero_info
 from torch import Tensor
 from torchmetrics import MeanMetric
 
-from sacpo_lightning.logprobs import sequence_logprobs
+from sacpo_lightning.checks import check_positive
+from sacpo_lightning.logprobs import model_sequence_logps
 from sacpo_lightning.models.chain import reference_adapters
 from sacpo_lightning.models.policy import PolicySettings, build_policy, frozen_copy
 from sacpo_lightning.optim import OptimSettings, configure_optimization
 
 DataKind = Literal["pairs", "kto"]
-
-
-def check_positive(option: str, value: float) -> None:
-    """Raises a ValueError naming ``option`` unless ``value`` is a finite number > 0."""
-    if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
-        raise ValueError(f"{option} must be a finite number > 0, got {value!r}")
 
 
 REWARD_KINDS = ("reward_dpo", "reward_kto")
@@ -324,48 +319,19 @@ class AlignmentModule(TrainableModuleMixin, L.LightningModule):
     def sequence_logps(
         self, model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, labels: Tensor
     ) -> Tensor:
-        """(N,) summed (or averaged) log-probs of the labelled tokens of each row.
-
-        Only the positions that predict a labelled token go through the LM head (``logits_to_keep`` as a boolean
-        mask, which Hugging Face models built on ``slice_logits_to_keep`` accept): prompt and padding positions skip
-        the vocabulary projection and the log-softmax. Other models with ``logits_to_keep`` keep the last positions
-        from the batch's first labelled one; the rest compute all logits. The result is the same in each case.
-        """
-        import inspect
-
-        from sacpo_lightning.logprobs import token_logprobs
-
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        forward = inspect.unwrap(type(base).forward)
-        scored = labels[:, 1:] != -100  # position t predicts the labelled token t + 1
-        n_scored = int(scored.sum())
-        inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
-        if n_scored and "slice_logits_to_keep" in forward.__globals__:
-            keep = torch.zeros_like(labels, dtype=torch.bool)
-            keep[:, :-1] = scored
-            # One unused position last, so that the flattened logits (T + 1, V) score targets shifted by one, the
-            # layout token_logprobs expects.
-            keep[-1, -1] = True
-            logits = model(**inputs, logits_to_keep=keep).logits
-            targets = torch.full((1, n_scored + 1), -100, dtype=labels.dtype, device=labels.device)
-            targets[0, 1:] = labels[:, 1:][scored]
-            logps, _ = token_logprobs(logits.unsqueeze(0), targets)
-            rows = scored.nonzero()[:, 0]
-            total = torch.zeros(labels.shape[0], dtype=logps.dtype, device=logps.device).index_add(0, rows, logps[0])
-            if self.average_log_prob:
-                total = total / scored.sum(dim=-1).clamp(min=1).to(total.dtype)
-            return total
-        labelled = scored.any(dim=0).nonzero()
-        keep_last = labels.shape[1] - int(labelled[0]) if labelled.numel() else 0
-        if 0 < keep_last < labels.shape[1] and "logits_to_keep" in inspect.signature(forward).parameters:
-            logits = model(**inputs, logits_to_keep=keep_last).logits
-            labels = labels[:, -keep_last:]
-        else:
-            logits = model(**inputs).logits
-        return sequence_logprobs(logits, labels, average=self.average_log_prob)
+        """(N,) summed (or, with ``average_log_prob``, averaged) log-probs of the labelled tokens of each row; see
+        :func:`~sacpo_lightning.logprobs.model_sequence_logps`."""
+        return model_sequence_logps(model, input_ids, attention_mask, labels, average=self.average_log_prob)
 
     def policy_logps(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> Tensor:
         return self.sequence_logps(self.policy, input_ids, attention_mask, labels)
+
+    def cached_reference_logps(
+        self, batch: dict[str, Tensor], key: str, input_ids: Tensor, attention_mask: Tensor, labels: Tensor
+    ) -> Tensor:
+        """The reference log-probs the reference cache put in ``batch[key]``, or, without a cache, computed now."""
+        cached = batch.get(key)
+        return cached if cached is not None else self.reference_logps(input_ids, attention_mask, labels)
 
     @torch.no_grad()
     def reference_logps(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> Tensor:

@@ -67,9 +67,7 @@ class PairwiseModule(AlignmentModule):
         ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
         n = self.batch_size_of(batch)
         policy = self.policy_logps(ids, mask, labels)
-        reference = batch.get("ref_logps")
-        if reference is None:
-            reference = self.reference_logps(ids, mask, labels)
+        reference = self.cached_reference_logps(batch, "ref_logps", ids, mask, labels)
         losses, chosen_rewards, rejected_rewards = self.pair_losses(
             policy[:n], policy[n:], reference[:n], reference[n:]
         )

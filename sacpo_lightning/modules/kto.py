@@ -8,6 +8,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
+from sacpo_lightning.checks import check_positive
 from sacpo_lightning.losses import kto_class_weights, kto_kl_estimate, kto_loss
 from sacpo_lightning.models.policy import PolicySettings
 from sacpo_lightning.modules.base import (
@@ -17,7 +18,6 @@ from sacpo_lightning.modules.base import (
     RewardReference,
     SafetyCoefficients,
     SafetyReference,
-    check_positive,
 )
 
 
@@ -82,14 +82,10 @@ class KTOModule(AlignmentModule):
         kl_ids, kl_mask, kl_labels = batch["kl_input_ids"], batch["kl_attention_mask"], batch["kl_labels"]
         desirable = batch["desirable"].bool()
         policy = self.policy_logps(ids, mask, labels)
-        reference = batch.get("ref_logps")
-        if reference is None:
-            reference = self.reference_logps(ids, mask, labels)
+        reference = self.cached_reference_logps(batch, "ref_logps", ids, mask, labels)
         with torch.no_grad():
             policy_kl = self.policy_logps(kl_ids, kl_mask, kl_labels)
-        reference_kl = batch.get("ref_kl_logps")
-        if reference_kl is None:
-            reference_kl = self.reference_logps(kl_ids, kl_mask, kl_labels)
+        reference_kl = self.cached_reference_logps(batch, "ref_kl_logps", kl_ids, kl_mask, kl_labels)
         kl = kto_kl_estimate(policy_kl, reference_kl, all_reduce=self._global_mean)
         losses, rewards = kto_loss(
             policy, reference, desirable, kl, beta=self.kl_coef,

@@ -21,7 +21,9 @@ import yaml
 from filelock import FileLock, Timeout
 
 from sacpo_lightning.budget_sampling import BUDGET_FILE
+from sacpo_lightning.evaluation.score_models import SCORE_MODEL_FILE
 from sacpo_lightning.io import atomic_write_json, atomic_write_text, file_fingerprint, is_complete_directory
+from sacpo_lightning.models.export import STEP_METADATA
 from sacpo_lightning.pipeline.config import (
     BUDGET_LAMBDA,
     PipelineConfig,
@@ -33,6 +35,15 @@ from sacpo_lightning.pipeline.config import (
 )
 
 MANIFEST = "manifest.json"
+# What a stage folder holds (stages/<name>/...): every path of the pipeline's outputs is built from these.
+STAGE_MARKER = "stage.json"
+STAGE_CONFIG = "config.yaml"
+TRAIN_LOG = "train.log"
+CHECKPOINT_DIR = "checkpoints"
+LAST_CHECKPOINT = "last.ckpt"
+EXPORT_DIR = "export"
+MERGE_METRICS = "merge_metrics.json"
+MERGE_PICK = "merge_pick.json"
 
 
 def _now() -> str:
@@ -96,7 +107,10 @@ class PipelineRunner:
         return self.output_dir / "stages" / name
 
     def export_dir(self, name: str) -> Path:
-        return self.stage_dir(name) / "export"
+        return self.stage_dir(name) / EXPORT_DIR
+
+    def checkpoint_dir(self, name: str) -> Path:
+        return self.stage_dir(name) / CHECKPOINT_DIR
 
     # ------------------------------------------------------------------------------------------------ resolving
     def budget_result(self) -> dict[str, Any] | None:
@@ -128,7 +142,7 @@ class PipelineRunner:
         root = self.stage_dir(stage.name)
         config.setdefault("trainer", {})["default_root_dir"] = str(root)
         config.setdefault("export", {})["dirpath"] = str(self.export_dir(stage.name))
-        config.setdefault("checkpoint", {})["dirpath"] = str(root / "checkpoints")
+        config.setdefault("checkpoint", {})["dirpath"] = str(self.checkpoint_dir(stage.name))
         # The pipeline streams plain-text progress lines instead of a progress bar.
         config["trainer"]["enable_progress_bar"] = False
         config.setdefault("progress", {}).setdefault("every_n_steps", 5)
@@ -228,25 +242,25 @@ class PipelineRunner:
 
     def _run_train(self, stage: Stage, inputs: dict[str, Any], digest: str) -> dict[str, Any]:
         root = self.stage_dir(stage.name)
-        marker = root / "stage.json"
+        marker = root / STAGE_MARKER
         if marker.is_file() and json.loads(marker.read_text()).get("config_hash") != digest:
             self.log(f"  inputs of {stage.name} changed: discarding its old checkpoints and export")
             shutil.rmtree(root)
         root.mkdir(parents=True, exist_ok=True)
         atomic_write_json(marker, {"config_hash": digest})
-        config_path = root / "config.yaml"
+        config_path = root / STAGE_CONFIG
         atomic_write_text(config_path, f"# written by sacpo pipeline for stage {stage.name}\n"
                           + yaml.safe_dump(inputs["config"], sort_keys=False))
         cmd = [sys.executable, "-m", "sacpo_lightning", "fit", "--config", str(config_path)]
-        last = root / "checkpoints" / "last.ckpt"
+        last = self.checkpoint_dir(stage.name) / LAST_CHECKPOINT
         if last.is_file():
             self.log(f"  resuming {stage.name} from {last}")
             cmd += ["--ckpt_path", str(last)]
-        self._stream(cmd, root / "train.log")
+        self._stream(cmd, root / TRAIN_LOG)
         export = self.export_dir(stage.name)
         if not is_complete_directory(export):
             raise StageFailed(f"training finished but {export} is missing or incomplete")
-        for meta_name in ("sacpo_step.json", "score_model.json"):
+        for meta_name in (STEP_METADATA, SCORE_MODEL_FILE):
             meta_path = export / meta_name
             if meta_path.is_file():
                 meta = json.loads(meta_path.read_text())
@@ -287,7 +301,7 @@ class PipelineRunner:
             metrics.update(kl_mixture_vs_merge=entry["kl_mixture_vs_merge"], kl_num_tokens=entry["num_tokens"])
             self.log(f"  mean KL(token-level mixture || weight merge) per token: {entry['kl_mixture_vs_merge']:.5f} "
                      f"over {entry['num_tokens']} tokens")
-        atomic_write_json(self.stage_dir(stage.name) / "merge_metrics.json", metrics)
+        atomic_write_json(self.stage_dir(stage.name) / MERGE_METRICS, metrics)
         return metrics
 
     def _skip_reason(self, stage: Stage) -> str | None:
@@ -376,7 +390,7 @@ class PipelineRunner:
                           if s.kind == "merge" and s.config.get("lam") == BUDGET_LAMBDA and s.name in models}
             candidates["safety_budget"] = 1.0
             pick = pick_merge_weight(report, candidates, self.cfg.safety_budget.b)
-            atomic_write_json(self.stage_dir(stage.name) / "merge_pick.json", pick)
+            atomic_write_json(self.stage_dir(stage.name) / MERGE_PICK, pick)
             self.log(f"  P-SACPO pick for b={self.cfg.safety_budget.b:g}: {pick['message']}")
             metrics["merge_pick"] = pick
         return metrics
