@@ -63,3 +63,17 @@ def resolve_precision(precision: str | int | None, accelerator: str | None = "au
     if flags:
         return "bf16-mixed", f"precision auto -> bf16-mixed (CPU with native bf16: {', '.join(flags)})"
     return "32-true", "precision auto -> 32-true (CPU without AVX512_BF16/AMX, where bf16 is emulated and slower)"
+
+
+def native_bf16() -> bool:
+    """Whether this machine computes in bf16 natively: a CUDA GPU with bf16, or a CPU with AVX512_BF16/AMX."""
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    return bool(cpu_bf16_flags())
+
+
+def resolve_dtype(dtype: str) -> str:
+    """``auto`` -> ``bfloat16`` where bf16 is native (:func:`native_bf16`), else ``float32``; others pass through."""
+    if dtype != AUTO:
+        return dtype
+    return "bfloat16" if native_bf16() else "float32"

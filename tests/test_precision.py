@@ -68,3 +68,17 @@ def test_trainer_takes_auto_and_records_the_choice(cpu_flags):
                            enable_progress_bar=False, enable_model_summary=False)
     assert str(trainer.precision) == "32-true"
     assert trainer.precision_choice["requested"] == "auto" and trainer.precision_choice["resolved"] == "32-true"
+
+
+def test_auto_dtypes_of_the_policy_follow_native_bf16(cpu_flags):
+    from sacpo_lightning.models.policy import PolicySettings
+
+    cpu_flags(())
+    settings = PolicySettings(finetune="qlora", dtype="auto", qlora_compute_dtype="auto")
+    assert (settings.dtype, settings.qlora_compute_dtype) == ("float32", "float32")
+    cpu_flags(("amx_bf16",))
+    settings = PolicySettings(finetune="qlora", dtype="auto", qlora_compute_dtype="auto")
+    assert (settings.dtype, settings.qlora_compute_dtype) == ("bfloat16", "bfloat16")
+    assert PolicySettings(qlora_compute_dtype="float16").qlora_compute_dtype == "float16"
+    with pytest.raises(ValueError, match="qlora_compute_dtype must be one of"):
+        PolicySettings(qlora_compute_dtype="int8")

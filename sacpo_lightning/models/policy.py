@@ -65,7 +65,9 @@ class PolicySettings:
         gradient_checkpointing: Trade compute for activation memory.
         attn_implementation: Passed to ``from_pretrained`` (``sdpa``, ``eager``, ``flash_attention_2``).
         lora: Adapter settings for ``lora``/``qlora``.
-        qlora_compute_dtype: Compute dtype of the 4-bit layers.
+        qlora_compute_dtype: Compute dtype of the 4-bit layers. ``auto`` (for this and ``dtype``) is ``bfloat16`` where
+            bf16 is native (a GPU with bf16, a CPU with AVX512_BF16/AMX) and ``float32`` elsewhere, resolved when the
+            settings are built.
         qlora_double_quant: Quantize the quantization constants too (saves ~0.4 bit per weight).
         disable_dropout: Set every dropout probability of the base model to 0 (the adapter's own dropout is
             ``lora.dropout``). With dropout on, the policy's log-probs in training are noisy while the reference's
@@ -74,14 +76,14 @@ class PolicySettings:
 
     name_or_path: str = "tiny-random-llama"
     finetune: FinetuneMode = "lora"
-    dtype: DtypeName = "float32"
+    dtype: DtypeName | Literal["auto"] = "float32"
     gguf_file: str | None = None
     trust_remote_code: bool = False
     revision: str | None = None
     gradient_checkpointing: bool = False
     attn_implementation: str | None = "sdpa"
     lora: LoraSettings = field(default_factory=LoraSettings)
-    qlora_compute_dtype: DtypeName = "bfloat16"
+    qlora_compute_dtype: DtypeName | Literal["auto"] = "bfloat16"
     qlora_double_quant: bool = True
     disable_dropout: bool = True
 
@@ -90,6 +92,13 @@ class PolicySettings:
             self.lora = LoraSettings(**self.lora)
         if self.finetune not in ("full", "lora", "qlora"):
             raise ValueError(f"--model.policy.finetune must be one of full, lora, qlora; got {self.finetune!r}")
+        from sacpo_lightning.precision import resolve_dtype
+
+        self.dtype = resolve_dtype(self.dtype)
+        self.qlora_compute_dtype = resolve_dtype(self.qlora_compute_dtype)
+        if self.qlora_compute_dtype not in DTYPES:
+            raise ValueError(f"--model.policy.qlora_compute_dtype must be one of {', '.join(DTYPES)} or auto; "
+                             f"got {self.qlora_compute_dtype!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"--model.policy.dtype must be one of {', '.join(DTYPES)}; got {self.dtype!r}")
 
@@ -134,7 +143,7 @@ def check_model_source(name_or_path: str, option: str | None = "--model.policy.n
 def load_causal_lm(
     name_or_path: str,
     *,
-    dtype: DtypeName = "float32",
+    dtype: DtypeName | Literal["auto"] = "float32",
     gguf_file: str | None = None,
     trust_remote_code: bool = False,
     revision: str | None = None,
