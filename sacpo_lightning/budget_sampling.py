@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -254,6 +255,7 @@ def estimate_budget(
     output_dir: str | os.PathLike,
     *,
     lambdas: list[float] | None = None,
+    lambda_fractions: Sequence[float] = (),
     safety_transform: str = "prob_safe",
     reward_in_tilt: bool = False,
     lam_max: float | None = None,
@@ -275,6 +277,8 @@ def estimate_budget(
         reward_scorer: Reward model, or None. With ``reward_in_tilt=False`` it only reports E[r] along the curve.
         output_dir: Where the samples, ``budget.json`` and ``lambda_curve.png`` go.
         lambdas: Grid of the curve; None: :func:`sacpo_lightning.budget.default_lambdas` around lambda*.
+        lambda_fractions: Fractions q whose q * lambda* join the curve's grid once lambda* is known (predictions for
+            P-SACPO merges at q, which approximate lambda = q * lambda*).
         safety_transform: ``"prob_safe"`` (g = sigmoid(-cost), b a target probability of being safe) or
             ``"neg_cost"`` (g = -cost).
         reward_in_tilt: True only when ``reference_model`` is the SFT model and the reward is the one being aligned
@@ -305,8 +309,11 @@ def estimate_budget(
     costs, safety, rewards = _score_tensors(raw, num_prompts, k, safety_transform)
 
     solution = solve_lambda(rewards, safety, beta, b, reward_in_tilt=reward_in_tilt, lam_max=lam_max)
+    lam_star = solution.lam if solution.status in ("interior", "at_max") else None
     if lambdas is None:
-        lambdas = default_lambdas(beta, solution.lam if solution.status in ("interior", "at_max") else None)
+        lambdas = default_lambdas(beta, lam_star)
+    if lam_star is not None and lambda_fractions:
+        lambdas = sorted(set(lambdas) | {q * lam_star for q in lambda_fractions})
     curve = predicted_curve(rewards, safety, beta, lambdas, reward_in_tilt=reward_in_tilt)
 
     inputs = _budget_inputs(spec, prompts_file, num_prompts, k, beta, b, safety_scorer, reward_scorer,

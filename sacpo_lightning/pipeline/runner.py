@@ -316,7 +316,6 @@ class PipelineRunner:
         return None
 
     def _run_budget(self, stage: Stage, inputs: dict[str, Any], digest: str) -> dict[str, Any]:
-        from sacpo_lightning.budget import default_lambdas
         from sacpo_lightning.budget_sampling import estimate_budget
         from sacpo_lightning.evaluation.generation import GenerationSettings
         from sacpo_lightning.evaluation.pipeline_stage import subset_prompts
@@ -331,13 +330,9 @@ class PipelineRunner:
                       generation=generation)
         args = (config["reference"], prompts, int(config["samples_per_prompt"]), float(config["beta"]),
                 float(config["b"]), config["cost_model"], config.get("reward_model"), root)
-        result = estimate_budget(*args, **kwargs)
         merge_weights = self.cfg.safety_budget.merge_weights if self.cfg.safety_budget else []
-        if result.get("step2_beta") and merge_weights:
-            # predictions for the P-SACPO merges too: a merge at q approximates lambda = q * lambda* (cached samples)
-            lam = float(result["lambda_star"])
-            lambdas = sorted(set(default_lambdas(float(config["beta"]), lam)) | {q * lam for q in merge_weights})
-            result = estimate_budget(*args, lambdas=lambdas, **kwargs)
+        # predictions for the P-SACPO merges too: a merge at q approximates lambda = q * lambda*
+        result = estimate_budget(*args, lambda_fractions=merge_weights, **kwargs)
         self.log(f"  {result['message']}")
         self.log(f"  curve: {root / 'lambda_curve.png'}; budget: {root / BUDGET_FILE}")
         return {"lambda_star": result["lambda_star"], "status": result["status"],
