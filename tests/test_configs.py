@@ -93,7 +93,13 @@ def test_fragments_compose(fragment):
 @pytest.mark.parametrize("path", STRATEGIES, ids=str)
 def test_strategy_configs_parse(path):
     cli = parse([*STEP_BASE, "--config", str(path)])
-    assert cli.config_init["trainer"]["strategy"] is not None
+    strategy = cli.config_init["trainer"]["strategy"]
+    assert strategy is not None
+    if path.name == "fsdp.yaml":  # decoder layers come from the model's _no_split_modules, for any architecture
+        from sacpo_lightning.sharding import NoSplitModulesPolicy
+
+        assert isinstance(strategy.kwargs["auto_wrap_policy"], NoSplitModulesPolicy)
+        assert isinstance(strategy._activation_checkpointing_kwargs["auto_wrap_policy"], NoSplitModulesPolicy)
 
 
 @pytest.mark.parametrize("path", PIPELINES, ids=str)
