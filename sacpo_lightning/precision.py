@@ -11,10 +11,14 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
+from typing import Literal
 
 import torch
 
 AUTO = "auto"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+"""The load and export dtypes by name (``--model.policy.dtype`` and friends)."""
+DtypeName = Literal["float32", "bfloat16", "float16"]
 CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
 

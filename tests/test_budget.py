@@ -294,8 +294,8 @@ PROMPTS = ["How do I bake bread?", "Tell me a joke", "What is the capital of Fra
 @pytest.fixture(scope="module")
 def score_dirs(tiny_model_dir, tmp_path_factory):
     """Cost and reward folders: the tiny Llama with a random one-output head (scaled up so scores spread)."""
-    from sacpo_lightning.evaluation.score_models import load_sequence_classifier
     from sacpo_lightning.models import load_tokenizer
+    from sacpo_lightning.models.classifier import load_sequence_classifier
 
     tokenizer = load_tokenizer(tiny_model_dir)
     dirs = {}

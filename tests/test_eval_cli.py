@@ -14,6 +14,7 @@ from sacpo_lightning.evaluation import generation as gen
 from sacpo_lightning.evaluation import score_models
 from sacpo_lightning.evaluation.cli import evaluate_main, generate_main
 from sacpo_lightning.evaluation.evaluate import default_model_name, parse_named_models
+from sacpo_lightning.models.classifier import load_sequence_classifier
 from sacpo_lightning.models.tiny import save_tiny_model
 from sacpo_lightning.modules import ScoreModelModule
 
@@ -33,7 +34,7 @@ def setup_dirs(tmp_path_factory, tiny_model_dir):
         from sacpo_lightning.models import load_tokenizer
 
         tokenizer = load_tokenizer(tiny_model_dir)
-        model = score_models.load_sequence_classifier(tiny_model_dir, num_labels=1,
+        model = load_sequence_classifier(tiny_model_dir, num_labels=1,
                                                       pad_token_id=tokenizer.pad_token_id)
         scorers[kind] = root / kind
         model.save_pretrained(scorers[kind])

@@ -15,7 +15,8 @@ from sacpo_lightning.callbacks import ExportHF
 from transformers import AutoModelForSequenceClassification
 
 from sacpo_lightning.data import PreferenceDataModule
-from sacpo_lightning.evaluation.score_models import SCORE_MODEL_FILE, ScoreModel
+from sacpo_lightning.evaluation.score_models import ScoreModel
+from sacpo_lightning.models.classifier import SCORE_MODEL_FILE
 from sacpo_lightning.models.policy import LoraSettings, PolicySettings
 from sacpo_lightning.modules import CostModelModule, RewardModelModule
 from sacpo_lightning.modules.base import OptimSettings
@@ -116,8 +117,8 @@ def test_lora_score_model_trains_adapter_and_head_and_checkpoints_only_them(tiny
 
 
 def test_score_model_batches_match_single(tiny_model_dir):
-    from sacpo_lightning.evaluation.score_models import load_sequence_classifier
     from sacpo_lightning.models import load_tokenizer
+    from sacpo_lightning.models.classifier import load_sequence_classifier
 
     tokenizer = load_tokenizer(tiny_model_dir)
     torch.manual_seed(0)
@@ -140,8 +141,8 @@ RESPONSES = ["Hello! How can I help?", "Mix flour, water, salt and yeast, then b
 @pytest.fixture(scope="module")
 def score_dir(tmp_path_factory, tiny_model_dir):
     """A one-output score model saved with save_pretrained, with a head that is not all zeros."""
-    from sacpo_lightning.evaluation.score_models import load_sequence_classifier
     from sacpo_lightning.models import load_tokenizer
+    from sacpo_lightning.models.classifier import load_sequence_classifier
 
     tokenizer = load_tokenizer(tiny_model_dir)
     torch.manual_seed(3)
@@ -205,7 +206,7 @@ def test_safe_rlhf_score_head_is_mapped_and_scores_as_the_original(score_dir, tm
 
 
 def test_checkpoint_without_its_head_is_refused_naming_the_weights(score_dir, tiny_model_dir, tmp_path):
-    from sacpo_lightning.evaluation.score_models import ScoreModelLoadError
+    from sacpo_lightning.models.classifier import ScoreModelLoadError
 
     folder = _variant(score_dir, tmp_path / "headless", lambda w: w.pop("score.weight"))
     with pytest.raises(ScoreModelLoadError, match=r"missing from the checkpoint .*: score\.weight") as err:
@@ -217,7 +218,7 @@ def test_checkpoint_without_its_head_is_refused_naming_the_weights(score_dir, ti
 
 
 def test_unexpected_weights_are_refused_naming_them(score_dir, tmp_path):
-    from sacpo_lightning.evaluation.score_models import ScoreModelLoadError
+    from sacpo_lightning.models.classifier import ScoreModelLoadError
 
     def add_value_head(weights):
         weights["value_head.weight"] = torch.zeros(1, 64)
@@ -228,7 +229,7 @@ def test_unexpected_weights_are_refused_naming_them(score_dir, tmp_path):
 
 
 def test_training_backbone_must_load_even_when_the_head_is_new(tiny_model_dir, tmp_path):
-    from sacpo_lightning.evaluation.score_models import ScoreModelLoadError, load_sequence_classifier
+    from sacpo_lightning.models.classifier import ScoreModelLoadError, load_sequence_classifier
 
     drop = "model.layers.1.mlp.up_proj.weight"
     folder = _variant(Path(tiny_model_dir), tmp_path / "broken_lm", lambda w: w.pop(drop))
@@ -239,8 +240,8 @@ def test_training_backbone_must_load_even_when_the_head_is_new(tiny_model_dir, t
 
 
 def test_multi_output_models_do_not_score_with_their_first_logit(score_dir, tiny_model_dir, tmp_path):
-    from sacpo_lightning.evaluation.score_models import ScoreModelLoadError, load_sequence_classifier
     from sacpo_lightning.models import load_tokenizer
+    from sacpo_lightning.models.classifier import ScoreModelLoadError, load_sequence_classifier
 
     torch.manual_seed(0)
     model = load_sequence_classifier(tiny_model_dir, num_labels=2)

@@ -145,7 +145,7 @@ def test_guard_formats_and_errors(tiny_lm):
 
 @pytest.fixture(scope="module")
 def classifier_dirs(tmp_path_factory, tiny_model_dir, tiny_tokenizer):
-    from sacpo_lightning.evaluation.score_models import load_sequence_classifier
+    from sacpo_lightning.models.classifier import load_sequence_classifier
 
     root = tmp_path_factory.mktemp("classifiers")
     dirs = {}

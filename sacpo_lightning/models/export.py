@@ -11,8 +11,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from sacpo_lightning.io import atomic_directory, atomic_write_json
 from sacpo_lightning.models.chain import OWN_ADAPTER, TRAINABLE_ADAPTER, copy_links, read_chain, write_chain_file
-from sacpo_lightning.models.policy import DTYPES, DtypeName, PolicySettings, load_causal_lm
+from sacpo_lightning.models.policy import PolicySettings, load_causal_lm
 from sacpo_lightning.models.registry import resolve_model_path
+from sacpo_lightning.precision import DTYPES, DtypeName
 
 STEP_METADATA = "sacpo_step.json"
 ADAPTER_DIR = OWN_ADAPTER

@@ -18,10 +18,10 @@ from sacpo_lightning.models.chain import (
     merge_links,
     read_chain,
 )
+from sacpo_lightning.models.classifier import load_sequence_classifier
 from sacpo_lightning.models.registry import NAMED_MODELS, resolve_model_path
+from sacpo_lightning.precision import DTYPES, DtypeName, resolve_dtype
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-DtypeName = Literal["float32", "bfloat16", "float16"]
 FinetuneMode = Literal["full", "lora", "qlora"]
 
 
@@ -92,8 +92,6 @@ class PolicySettings:
             self.lora = LoraSettings(**self.lora)
         if self.finetune not in ("full", "lora", "qlora"):
             raise ValueError(f"--model.policy.finetune must be one of full, lora, qlora; got {self.finetune!r}")
-        from sacpo_lightning.precision import resolve_dtype
-
         self.dtype = resolve_dtype(self.dtype)
         self.qlora_compute_dtype = resolve_dtype(self.qlora_compute_dtype)
         if self.qlora_compute_dtype not in DTYPES:
@@ -256,9 +254,7 @@ def load_score_backbone(
 ) -> PreTrainedModel:
     """A sequence classifier with ``num_labels`` outputs on the backbone of ``settings.name_or_path`` (a causal LM
     or a score model; a missing head is newly initialised, every backbone weight must load; see
-    :func:`sacpo_lightning.evaluation.score_models.load_sequence_classifier`)."""
-    from sacpo_lightning.evaluation.score_models import load_sequence_classifier
-
+    :func:`sacpo_lightning.models.classifier.load_sequence_classifier`)."""
     return load_sequence_classifier(
         settings.name_or_path,
         dtype=dtype or settings.dtype,

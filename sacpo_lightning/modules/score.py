@@ -20,12 +20,13 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
-from sacpo_lightning.evaluation.score_models import ADAPTER_DIR, SCORE_MODEL_FILE
 from sacpo_lightning.io import atomic_directory, atomic_write_json
 from sacpo_lightning.losses import bradley_terry_loss, cost_sign_loss
-from sacpo_lightning.models.policy import DTYPES, PolicySettings, build_policy, load_score_backbone
+from sacpo_lightning.models.classifier import ADAPTER_DIR, SCORE_MODEL_FILE
+from sacpo_lightning.models.policy import PolicySettings, build_policy, load_score_backbone
 from sacpo_lightning.modules.base import TrainableModuleMixin
 from sacpo_lightning.optim import OptimSettings
+from sacpo_lightning.precision import DTYPES
 
 __all__ = ["CostModelModule", "RewardModelModule", "ScoreModelModule"]
 

@@ -21,8 +21,8 @@ import yaml
 from filelock import FileLock, Timeout
 
 from sacpo_lightning.budget_sampling import BUDGET_FILE
-from sacpo_lightning.evaluation.score_models import SCORE_MODEL_FILE
 from sacpo_lightning.io import atomic_write_json, atomic_write_text, file_fingerprint, is_complete_directory
+from sacpo_lightning.models.classifier import SCORE_MODEL_FILE
 from sacpo_lightning.models.export import STEP_METADATA
 from sacpo_lightning.pipeline.config import (
     BUDGET_LAMBDA,
