@@ -12,6 +12,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+PathLike = str | os.PathLike
+"""A file or folder path as the public functions accept it."""
+
 COMPLETE_MARKER = ".complete"
 
 

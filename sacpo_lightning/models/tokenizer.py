@@ -5,6 +5,9 @@ from __future__ import annotations
 from lightning.pytorch.utilities import rank_zero_info
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from sacpo_lightning.io import PathLike
+from sacpo_lightning.models.registry import resolve_model_path
+
 
 def load_tokenizer(
     name_or_path: str,
@@ -26,8 +29,6 @@ def load_tokenizer(
         revision: Optional Hub revision.
         gguf_file: Optional GGUF file name inside ``name_or_path``.
     """
-    from sacpo_lightning.models.registry import resolve_model_path
-
     path = resolve_model_path(name_or_path)
     kwargs = {"trust_remote_code": trust_remote_code}
     if revision is not None:
@@ -46,3 +47,8 @@ def load_tokenizer(
         rank_zero_info(f"Tokenizer of {name_or_path!r} has no pad token; padding with {fallback!r} (labels are masked "
                        "by position, so this token is never masked where it is a real token).")
     return tokenizer
+
+
+def load_raw_tokenizer(path: PathLike) -> PreTrainedTokenizerBase:
+    """A folder's tokenizer exactly as saved (no pad token added), to compare with another or to copy into a merge."""
+    return AutoTokenizer.from_pretrained(path)
