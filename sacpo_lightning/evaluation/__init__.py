@@ -22,7 +22,6 @@ _EXPORTS = {
     "generate_responses": "generation",
     "generate_to_file": "generation",
     "load_generation_model": "generation",
-    "load_prompts": "generation",
     "ScoreModel": "score_models",
     "implicit_accuracy": "implicit",
     "PairwiseJudge": "judge",

@@ -1,10 +1,7 @@
 """Batched generation on prompt sets, for exported Hugging Face folders and token-level geometric mixtures of two.
 
-Prompt sets are a JSON list or JSON lines of ``{"prompt": str, "category": str?}`` objects (the shared sets are
-``eval/safety_problem.json`` and ``eval/helpful_problem.json``). Each prompt is formatted with the tokenizer's chat
-template (``template="chat"``), the PKU-SafeRLHF plain template (``template="pku"``), any format string containing
-``{input}``, or left as it is (``template="raw"``). Batches are left-padded and decoded with a KV cache; greedy
-decoding of a batch gives the same responses as decoding each prompt alone.
+Prompt sets and their formatting are :mod:`sacpo_lightning.data.prompts`. Batches are left-padded and decoded with a
+KV cache; greedy decoding of a batch gives the same responses as decoding each prompt alone.
 
 A model is named by a *model spec*:
 
@@ -48,27 +45,23 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from transformers import StoppingCriteria, StoppingCriteriaList
 
+from sacpo_lightning.data.prompts import NAMED_TEMPLATES, format_prompt, load_prompts
 from sacpo_lightning.io import atomic_write_json, atomic_write_text, file_fingerprint
 
 __all__ = [
-    "PKU_TEMPLATE",
     "GenerationSettings",
     "ModelSpec",
     "Sample",
-    "format_prompt",
     "generate_responses",
     "generate_samples",
     "generate_to_file",
     "load_generation_model",
-    "load_prompts",
     "parse_model_spec",
     "read_generations",
     "resample_fields",
     "truncate_at_stop",
 ]
 
-PKU_TEMPLATE = "BEGINNING OF CONVERSATION: USER: {input} ASSISTANT:"
-NAMED_TEMPLATES = ("chat", "pku", "raw")
 MIX_PREFIX = "mix:"
 META_SUFFIX = ".meta.json"
 CACHE_VERSION = 1
@@ -258,68 +251,6 @@ def load_generation_model(spec: str | ModelSpec, *, dtype: str | None = None, de
         model = load_model_folder(paths[0], dtype).to(target)
     model.eval()
     return model, load_tokenizer(paths[0])
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Prompts
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-def _check_prompt_row(row: Any, where: str) -> dict[str, Any]:
-    if not isinstance(row, dict):
-        raise ValueError(f"{where}: expected an object with a 'prompt' field, got {type(row).__name__}")
-    prompt = row.get("prompt")
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise ValueError(f"{where}: 'prompt' must be a non-empty string, got {prompt!r}")
-    category = row.get("category")
-    if category is not None and not isinstance(category, str):
-        raise ValueError(f"{where}: 'category' must be a string when present, got {category!r}")
-    return {"prompt": prompt, "category": category}
-
-
-def load_prompts(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Reads ``{prompt, category?}`` rows from a JSON list or a JSON-lines file.
-
-    Returns:
-        A list of ``{"prompt": str, "category": str | None}``.
-
-    Raises:
-        ValueError: Naming the file and the line (JSONL) or item (JSON list) of a malformed row, or an empty set.
-    """
-    path = Path(path)
-    text = path.read_text(encoding="utf-8")
-    rows: list[dict[str, Any]] = []
-    if text.lstrip().startswith("["):
-        try:
-            items = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: not valid JSON ({err})") from None
-        rows = [_check_prompt_row(item, f"{path}: item {i}") for i, item in enumerate(items)]
-    else:
-        for lineno, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({err})") from None
-            rows.append(_check_prompt_row(item, f"{path}:{lineno}"))
-    if not rows:
-        raise ValueError(f"{path}: no prompts found")
-    return rows
-
-
-def format_prompt(tokenizer, prompt: str, template: str = "chat") -> str:
-    """The text the model continues: ``chat``/``pku``/``raw`` as in training, or a format string with ``{input}``.
-
-    The named templates are rendered by :func:`sacpo_lightning.data.formatting.render_prompt`, so a prompt looks
-    exactly as it did in the training pairs.
-    """
-    if template in ("chat", "pku", "raw"):
-        from sacpo_lightning.data.formatting import render_prompt
-
-        return render_prompt(prompt, template, tokenizer)
-    return template.replace("{input}", prompt)
 
 
 def _encode(tokenizer, texts: Sequence[str], max_prompt_tokens: int | None) -> list[list[int]]:

@@ -7,8 +7,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from sacpo_lightning.data.prompts import load_prompts
 from sacpo_lightning.evaluation.evaluate import EvaluationSettings
-from sacpo_lightning.evaluation.generation import GenerationSettings, load_prompts
+from sacpo_lightning.evaluation.generation import GenerationSettings
 from sacpo_lightning.io import atomic_write_json
 
 # ``evaluate:`` keys that are EvaluationSettings fields (key -> field); the others the stage reads itself.
@@ -55,7 +56,7 @@ def subset_prompts(path: str, max_prompts: int | None, out_dir: Path) -> str:
     """A deterministic, evenly spaced subset of a prompt file (keeps every category represented), or the file.
 
     Raises:
-        ValueError: From :func:`~sacpo_lightning.evaluation.generation.load_prompts`, naming a malformed row.
+        ValueError: From :func:`~sacpo_lightning.data.prompts.load_prompts`, naming a malformed row.
     """
     if not max_prompts:
         return path
