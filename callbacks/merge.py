@@ -12,14 +12,9 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
-from sacpo_lightning.merging import (
-    KL_MAX_LENGTH,
-    MERGE_NAME_FORMAT,
-    REPORT_FILE,
-    format_report,
-    merge_with_report,
-    read_kl_prompts,
-)
+from sacpo_lightning.merge_kl import KL_MAX_LENGTH
+from sacpo_lightning.merge_report import REPORT_FILE, format_report, merge_with_report, read_kl_prompts
+from sacpo_lightning.merging import MERGE_NAME_FORMAT
 
 POLICY_EXPORT_DIR = "policy"
 
@@ -37,7 +32,7 @@ class MergeOnFitEnd(Callback):
     :mod:`sacpo_lightning.merging`.)
 
     The trained policy is exported to ``<dirpath>/policy`` first (with the module's ``export_pretrained``, whatever
-    other callbacks export), and the merges are written by :func:`sacpo_lightning.merging.merge_with_report`. This
+    other callbacks export), and the merges are written by :func:`sacpo_lightning.merge_report.merge_with_report`. This
     happens in :meth:`teardown`, after every callback's ``on_fit_end``. Nothing is written when the fit fails or is
     interrupted. Only rank 0 writes; the other ranks wait for it.
 

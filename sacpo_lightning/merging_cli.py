@@ -27,14 +27,9 @@ from typing import Literal
 from jsonargparse import ActionConfigFile, ArgumentParser
 from jsonargparse.typing import PositiveInt
 
-from sacpo_lightning.merging import (
-    KL_MAX_LENGTH,
-    REPORT_FILE,
-    MergeError,
-    format_report,
-    merge_with_report,
-    read_kl_prompts,
-)
+from sacpo_lightning.merge_kl import KL_MAX_LENGTH
+from sacpo_lightning.merge_report import REPORT_FILE, format_report, merge_with_report, read_kl_prompts
+from sacpo_lightning.models.compat import MergeError
 
 __all__ = ["KL_MAX_LENGTH", "REPORT_FILE", "build_parser", "main", "merge"]
 

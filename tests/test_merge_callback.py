@@ -11,7 +11,8 @@ import torch
 from sacpo_lightning.callbacks import ExportHF, MergeOnFitEnd
 from torch.utils.data import DataLoader
 
-from sacpo_lightning.merging import REPORT_FILE, linear_merge_state_dicts
+from sacpo_lightning.merge_report import REPORT_FILE
+from sacpo_lightning.merging import linear_merge_state_dicts
 from sacpo_lightning.models import load_tokenizer
 from sacpo_lightning.models.policy import LoraSettings, PolicySettings, load_causal_lm
 from sacpo_lightning.models.tiny import save_tiny_model

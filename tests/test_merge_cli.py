@@ -10,7 +10,9 @@ from transformers import AutoModelForCausalLM
 
 from sacpo_lightning.cli import main as sacpo_main
 from sacpo_lightning.io import atomic_directory, is_complete_directory
-from sacpo_lightning.merging import REPORT_FILE, _kl_texts, linear_merge_state_dicts, read_kl_prompts
+from sacpo_lightning.merge_kl import kl_texts
+from sacpo_lightning.merge_report import REPORT_FILE, read_kl_prompts
+from sacpo_lightning.merging import linear_merge_state_dicts
 from sacpo_lightning.merging_cli import main
 from sacpo_lightning.models import load_tokenizer
 from sacpo_lightning.models.tiny import build_tiny_llama, build_tiny_tokenizer, save_tiny_model
@@ -137,5 +139,5 @@ def test_read_kl_prompts_uses_the_prompt_set_reader(tmp_path):
 def test_shared_safety_prompts_load_and_render(shared_data, folders):
     prompts = read_kl_prompts(f"{shared_data}/eval/safety_problem.json", max_prompts=3)
     assert len(prompts) == 3 and all(prompts)
-    rendered = _kl_texts(prompts[:1], load_tokenizer(str(folders[0])))
+    rendered = kl_texts(prompts[:1], load_tokenizer(str(folders[0])))
     assert rendered == [f"<|user|>\n{prompts[0]}<|end|>\n<|assistant|>\n"]

@@ -16,19 +16,16 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from sacpo_lightning.io import atomic_directory, is_complete_directory
-from sacpo_lightning.merging import (
-    MERGE_METADATA_FILE,
-    MergeError,
-    check_compatible,
+from sacpo_lightning.merge_kl import mixture_vs_merge_kl
+from sacpo_lightning.merging import MERGE_METADATA_FILE, linear_merge_state_dicts, merge_model_folders
+from sacpo_lightning.models import load_tokenizer
+from sacpo_lightning.models.compat import MergeError, check_compatible
+from sacpo_lightning.models.mixture import (
+    GeometricMixtureLM,
     geometric_mixture_log_normalizer,
     geometric_mixture_logprobs,
-    linear_merge_state_dicts,
-    merge_model_folders,
-    mixture_vs_merge_kl,
     token_kl,
 )
-from sacpo_lightning.models import load_tokenizer
-from sacpo_lightning.models.mixture import GeometricMixtureLM
 from sacpo_lightning.models.tiny import build_tiny_llama, build_tiny_tokenizer, save_tiny_model
 
 PROMPTS = ["Hello there, how are you today?", "Hi", "Tell me a short story about a cat."]

@@ -23,8 +23,12 @@ import torch
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from sacpo_lightning.importance import effective_sample_size, normalized_weights, resample, snis_mean
-from sacpo_lightning.merging import geometric_mixture_log_normalizer, geometric_mixture_logprobs
-from sacpo_lightning.models.mixture import GeometricMixtureLM, MixtureSamples
+from sacpo_lightning.models.mixture import (
+    GeometricMixtureLM,
+    MixtureSamples,
+    geometric_mixture_log_normalizer,
+    geometric_mixture_logprobs,
+)
 
 BOS, A, B, EOS = 0, 1, 2, 3
 Q = 0.3

@@ -1,10 +1,23 @@
 """The token-level geometric mixture of two causal LMs, decoded with one KV cache per model.
 
 :class:`GeometricMixtureLM` runs ``m(y_t | ctx) ~ pi_A(y_t | ctx) ** (1 - q) * pi_B(y_t | ctx) ** q``, renormalised
-at every position (the log-prob math is :func:`sacpo_lightning.merging.geometric_mixture_logprobs`). With A the step-1
+at every position (the log-prob math is :func:`geometric_mixture_logprobs`). With A the step-1
 and B the step-2 SACPO policy it approximates the sequence-level mixture, the optimum for safety weight ``q * lambda``;
 :meth:`GeometricMixtureLM.generate` can return the importance log-weights ``log W = sum_t log Z_t`` that correct its
-samples into estimates under the sequence-level mixture (see :mod:`sacpo_lightning.merging` for the theory).
+samples into estimates under the sequence-level mixture.
+
+Why the mixture: SACPO's two steps solve KL-regularised problems whose optimal policies are
+``pi* ~ pi_ref * exp(objective / beta)``, so the log-linear (geometric) mixture of the step-1 and step-2 models over
+whole responses,
+
+    pi*_q(y | x)  ~  pi_r(y | x) ** (1 - q)  *  pi_{r + lambda g}(y | x) ** q
+                  ~  pi_ref(y | x) * exp((r(x, y) + q * lambda * g(x, y)) / beta),
+
+is exactly the optimal policy for weight ``q * lambda``. Decoding it directly is intractable; the token-level mixture
+(:func:`geometric_mixture_logprobs`) approximates it, the two differing by the per-token normalisers
+``Z_t = sum_v pi_r(v | ctx) ** (1 - q) * pi_{r + lambda g}(v | ctx) ** q`` (:func:`geometric_mixture_log_normalizer`),
+with ``pi*_q(y) / m(y) ~ prod_t Z_t(y)``: the importance weight that corrects samples of ``m`` into (self-normalised)
+estimates under ``pi*_q`` (:mod:`sacpo_lightning.importance`). The tensor math here does not depend on Lightning.
 """
 
 from __future__ import annotations
@@ -17,9 +30,104 @@ import torch
 from torch import Tensor
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from sacpo_lightning.merging import PathLike, _check_q, _geometric_mixture, _load_causal_lm, check_compatible
+from sacpo_lightning.io import PathLike
+from sacpo_lightning.merge_weight import check_q
+from sacpo_lightning.models.compat import MergeError, check_compatible
+from sacpo_lightning.models.policy import load_model_folder
 
-__all__ = ["GeometricMixtureLM", "MixtureSamples", "check_unmodified_sampling"]
+__all__ = [
+    "GeometricMixtureLM",
+    "MixtureSamples",
+    "check_unmodified_sampling",
+    "geometric_mixture",
+    "geometric_mixture_log_normalizer",
+    "geometric_mixture_logprobs",
+    "token_kl",
+]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Token-level mixture math
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def geometric_mixture(logits_a: Tensor, logits_b: Tensor, q: float) -> tuple[Tensor, Tensor]:
+    """``(log_probs, log_z)``: the token-level mixture's log-probs ``(..., V)`` and log-normalisers ``(...)``.
+
+    ``log_z = logsumexp((1 - q) * log_softmax(a) + q * log_softmax(b))``; it is exactly 0 at ``q`` in ``{0, 1}`` (one
+    normalised distribution) and ``<= 0`` otherwise (Hoelder's inequality).
+    """
+    q = check_q(q)
+    if logits_a.shape != logits_b.shape:
+        raise MergeError(f"Logit shapes differ: A {tuple(logits_a.shape)}, B {tuple(logits_b.shape)}.")
+    dtype = torch.promote_types(logits_a.dtype, torch.float32)
+    logp_a = torch.log_softmax(logits_a.to(dtype), dim=-1)
+    zeros = logp_a.new_zeros(logp_a.shape[:-1])
+    if q == 0.0:
+        return logp_a, zeros
+    logp_b = torch.log_softmax(logits_b.to(dtype), dim=-1)
+    if q == 1.0:
+        return logp_b, zeros
+    unnormalised = (1.0 - q) * logp_a + q * logp_b
+    log_z = torch.logsumexp(unnormalised, dim=-1)
+    return unnormalised - log_z[..., None], log_z
+
+
+def geometric_mixture_logprobs(logits_a: Tensor, logits_b: Tensor, q: float) -> Tensor:
+    """Log-probs of the token-level geometric mixture ``pi_A ** (1 - q) * pi_B ** q``, renormalised per position.
+
+    This is the next-token distribution of :class:`~sacpo_lightning.models.mixture.GeometricMixtureLM`. Chained over a
+    response it is *not* the sequence-level mixture ``pi_A(y) ** (1 - q) * pi_B(y) ** q`` (normalised over whole
+    responses): the two differ by the product of the per-position normalisers
+    (:func:`geometric_mixture_log_normalizer`).
+
+    Args:
+        logits_a: ``(..., V)`` next-token logits of model A.
+        logits_b: ``(..., V)`` next-token logits of model B (same shape).
+        q: Mixture weight in ``[0, 1]``.
+
+    Returns:
+        ``(..., V)`` float32 (or float64 for float64 input) log-probs, ``logsumexp == 0`` over the last axis; equal to
+        ``log_softmax(logits_a)`` at ``q = 0`` and ``log_softmax(logits_b)`` at ``q = 1``.
+    """
+    return geometric_mixture(logits_a, logits_b, q)[0]
+
+
+def geometric_mixture_log_normalizer(logits_a: Tensor, logits_b: Tensor, q: float) -> Tensor:
+    """Per-position ``log Z = log sum_v pi_A(v) ** (1 - q) * pi_B(v) ** q`` of the token-level geometric mixture.
+
+    Summed over the tokens of a response ``y`` sampled from the token-level mixture ``m``, ``sum_t log Z_t`` is
+    ``log pi*(y) - log m(y)`` up to a constant, where ``pi*(y) ~ pi_A(y) ** (1 - q) * pi_B(y) ** q`` is the
+    sequence-level mixture: the importance log-weight of ``y`` for the target ``pi*``.
+
+    Args:
+        logits_a: ``(..., V)`` next-token logits of model A.
+        logits_b: ``(..., V)`` next-token logits of model B (same shape).
+        q: Mixture weight in ``[0, 1]``.
+
+    Returns:
+        ``(...)`` log-normalisers, ``<= 0``; exactly 0 at ``q = 0`` and ``q = 1``.
+    """
+    return geometric_mixture(logits_a, logits_b, q)[1]
+
+
+def token_kl(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """``KL(p || q)`` per position from normalised log-probs.
+
+    Args:
+        log_p: ``(..., V)`` log-probs of ``p``.
+        log_q: ``(..., V)`` log-probs of ``q``.
+
+    Returns:
+        ``(...)`` KL divergences (nats); ``0 * log 0`` counts as zero.
+    """
+    p = log_p.exp()
+    return torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum(dim=-1)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Decoding
+# ----------------------------------------------------------------------------------------------------------------------
 
 
 def _eos_tensor(eos_token_id: int | Sequence[int] | None, device: torch.device) -> Tensor | None:
@@ -172,7 +280,7 @@ class GeometricMixtureLM(torch.nn.Module):
 
     @q.setter
     def q(self, value: float) -> None:
-        self._q = _check_q(value)
+        self._q = check_q(value)
 
     @property
     def config(self):
@@ -197,8 +305,8 @@ class GeometricMixtureLM(torch.nn.Module):
         """Loads both models (in eval mode) from Hugging Face folders, after :func:`check_compatible` by default."""
         if check:
             check_compatible(dir_a, dir_b)
-        model_a = _load_causal_lm(dir_a, dtype)
-        model_b = _load_causal_lm(dir_b, model_a.dtype if dtype is None else dtype)
+        model_a = load_model_folder(str(dir_a), dtype)
+        model_b = load_model_folder(str(dir_b), model_a.dtype if dtype is None else dtype)
         mixture = cls(model_a, model_b, q).eval()
         return mixture if device is None else mixture.to(device)
 
@@ -214,7 +322,7 @@ class GeometricMixtureLM(torch.nn.Module):
         if len(logits) == 1:
             logp = torch.log_softmax(logits[0].to(torch.promote_types(logits[0].dtype, torch.float32)), dim=-1)
             return logp, logp.new_zeros(logp.shape[:-1])
-        return _geometric_mixture(logits[0], logits[1], self.q)
+        return geometric_mixture(logits[0], logits[1], self.q)
 
     def _special_ids(
         self, eos_token_id: int | Sequence[int] | None, pad_token_id: int | None, device: torch.device

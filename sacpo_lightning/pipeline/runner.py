@@ -286,7 +286,7 @@ class PipelineRunner:
             raise StageFailed(f"`{' '.join(cmd)}` exited with {code}; log: {log_path}\n" + "\n".join(tail))
 
     def _run_merge(self, stage: Stage, inputs: dict[str, Any], digest: str) -> dict[str, Any]:
-        from sacpo_lightning.merging import merge_with_report, read_kl_prompts
+        from sacpo_lightning.merge_report import merge_with_report, read_kl_prompts
 
         config = inputs["config"]
         out = self.export_dir(stage.name)
