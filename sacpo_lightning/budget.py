@@ -77,6 +77,7 @@ from torch import Tensor
 from sacpo_lightning.checks import check_positive
 from sacpo_lightning.importance import normalized_weights, snis_mean
 from sacpo_lightning.io import atomic_write_file, atomic_write_json
+from sacpo_lightning.plotting import pyplot
 
 __all__ = [
     "SAFETY_TRANSFORMS",
@@ -529,9 +530,7 @@ def plot_curve(
 
     The x axis is symmetric-log when the grid spans several decades (so that lambda = 0 stays on it).
     """
-    from sacpo_lightning.evaluation.report import _pyplot
-
-    plt = _pyplot()
+    plt = pyplot()
     lams = curve.lambdas
     fig, axes = plt.subplots(3, 1, figsize=(6.5, 8), sharex=True)
     try:

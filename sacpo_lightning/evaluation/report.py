@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from sacpo_lightning.io import atomic_write_json, atomic_write_text
+from sacpo_lightning.plotting import pyplot
 
 __all__ = [
     "bootstrap_ci",
@@ -629,15 +630,6 @@ def render_markdown(report: Mapping[str, Any]) -> str:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _save_figure(fig, path: str | os.PathLike, *, dpi: int) -> Path:
     """Lays out ``fig`` and writes it to ``path`` (parent folders created); the caller closes the figure."""
     fig.tight_layout()
@@ -658,7 +650,7 @@ def plot_pareto(
 ) -> Path:
     """Scatter plot with one labelled point per model; with ``win_rates`` the axes span [0, 1] and the baseline's
     0.5 lines are drawn."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 5))
     try:
         for name, (x, y) in points.items():
@@ -718,7 +710,7 @@ CURVE_PANELS = ("loss", "accuracy", "margin")
 
 def plot_training_curves(stages: Mapping[str, str | os.PathLike], path: str | os.PathLike) -> Path:
     """One row per stage (its ``metrics.csv``) with loss, accuracy and margin panels over ``step``."""
-    plt = _pyplot()
+    plt = pyplot()
     data = {stage: read_metrics_csv(p) for stage, p in stages.items()}
     if not data:
         raise ValueError("no training logs given")
