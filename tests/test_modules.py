@@ -159,6 +159,26 @@ def test_qlora_builds_and_trains_on_cpu(tiny_model_dir):
     assert losses[0] == pytest.approx(math.log(2), abs=1e-3)
 
 
+def test_qlora_eval_pass_equals_training_pass(tiny_model_dir):
+    """A no-grad eval pass (the reference of step 2) computes what a training pass computes, to the last bit: no
+    4-bit layer switches to bitsandbytes' repacked bf16-scale CPU kernel (used on CPUs with AVX512-BF16)."""
+    import bitsandbytes as bnb
+
+    policy = PolicySettings(name_or_path=tiny_model_dir, finetune="qlora", qlora_compute_dtype="float32",
+                            lora=LoraSettings(r=4, alpha=8))
+    module = RewardDPO(policy=policy)
+    module.configure_model()
+    layers = [m for m in module.policy.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert layers and not any(m.support_avx512bf16_for_cpu for m in layers)
+    batch = make_pair_batch()
+    train_pass = module.policy_logps(batch["input_ids"], batch["attention_mask"], batch["labels"]).detach()
+    module.policy.eval()
+    with torch.no_grad():
+        eval_pass = module.policy_logps(batch["input_ids"], batch["attention_mask"], batch["labels"])
+    assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers)
+    torch.testing.assert_close(eval_pass, train_pass, atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("finetune", ["lora", "full"])
 def test_export_reproduces_trained_policy(tiny_model_dir, tmp_path, finetune):
     module = build(RewardDPO, tiny_model_dir, finetune=finetune)
