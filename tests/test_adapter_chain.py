@@ -229,3 +229,28 @@ def test_reference_cache_identifies_a_chain_by_its_adapters(tmp_path):
         prints.append({k: v for k, v in fp.items() if k != "path"})
     assert prints[0]["files"] == prints[1]["files"]
     assert prints[0] != prints[1]
+
+
+def test_frozen_links_have_no_dropout(tiny_model_dir, tmp_path):
+    """With ``lora_dropout`` 0.5 in both steps, step 2 at initialisation in train mode is exactly its reference: the
+    frozen step-1 adapter's dropout is the identity (only the trained adapter keeps its own), so two policy passes
+    agree and the DPO loss is log 2."""
+    lora = LoraSettings(r=4, alpha=8, dropout=0.5)
+    step1 = RewardDPO(policy=PolicySettings(name_or_path=tiny_model_dir, lora=lora), optim=OptimSettings(lr=2e-2))
+    step1.configure_model()
+    _train(step1, make_pair_batch(seed=1), steps=4)
+    out = tmp_path / "step1_dropout"
+    step1.export_pretrained(str(out), merged=False)
+    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["lora_dropout"] == 0.5
+
+    step2 = SafetyDPO(policy=PolicySettings(name_or_path=str(out), lora=lora), beta=0.1, lam=2.0)
+    step2.configure_model()
+    step2.policy.train()
+    batch = make_pair_batch(seed=2)
+    args = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    torch.manual_seed(0)
+    first, second = step2.policy_logps(*args).detach(), step2.policy_logps(*args).detach()
+    torch.testing.assert_close(first, second, atol=0, rtol=0)
+    torch.testing.assert_close(first, step2.reference_logps(*args), atol=1e-6, rtol=1e-6)
+    loss, _ = step2.compute_loss(batch)
+    assert loss.item() == pytest.approx(0.6931471805599453, abs=1e-6)

@@ -169,7 +169,12 @@ def merge_links(model: torch.nn.Module, links: Sequence[AdapterLink]) -> torch.n
 
 def attach_frozen_links(model: torch.nn.Module, links: Sequence[AdapterLink]):
     """Attaches the adapters, frozen and active, to a (possibly quantized) base: a peft model whose adapters are named
-    ``link0``, ``link1``, ..."""
+    ``link0``, ``link1``, ...
+
+    A frozen link's LoRA dropout is replaced by the identity: it is part of the reference (the upstream policy), which
+    must not change between forward passes, and ``model.train()`` would otherwise switch the saved ``lora_dropout``
+    back on, so that at initialisation the trained policy would differ from its reference.
+    """
     from peft import PeftModel
 
     peft_model = None
@@ -181,6 +186,9 @@ def attach_frozen_links(model: torch.nn.Module, links: Sequence[AdapterLink]):
             peft_model.load_adapter(str(link.path), adapter_name=name, is_trainable=False)
         if link.scale != 1.0:
             set_adapter_scale(peft_model, name, link.scale)
+        for layer in _lora_layers(peft_model):
+            if name in layer.lora_dropout:
+                layer.lora_dropout[name] = torch.nn.Identity()
     return peft_model
 
 
