@@ -4,6 +4,7 @@ adapter exports; P-SACPO merges as adapter scales; the reference checks of the s
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -127,21 +128,29 @@ def test_adapter_merge_equals_weight_merge(tiny_model_dir, tmp_path):
     step2.export_pretrained(str(out2), merged=True)
     batch = make_pair_batch(seed=6)
 
-    # adapter-only copies of both exports (the merged weights hidden), to merge as chains
-    chains = []
+    # adapter-only copies of both exports (the merged weights hidden), to merge as chains; plain copies (the chain
+    # file and adapters removed, only the merged weights left) for the weight-space side, so that it never goes
+    # through the chain code it checks
+    chains, plain = [], []
     for src in (out1, out2):
-        dst = tmp_path / f"{src.name}_chain"
-        import shutil
-
-        shutil.copytree(src, dst)
-        (dst / "model.safetensors").unlink()
-        chains.append(dst)
+        chain_dst, plain_dst = tmp_path / f"{src.name}_chain", tmp_path / f"{src.name}_plain"
+        shutil.copytree(src, chain_dst)
+        (chain_dst / "model.safetensors").unlink()
+        chains.append(chain_dst)
+        shutil.copytree(src, plain_dst)
+        (plain_dst / CHAIN_FILE).unlink()
+        for folder in ("adapter", "chain"):
+            if (plain_dst / folder).exists():
+                shutil.rmtree(plain_dst / folder)
+        assert read_chain(plain_dst) is None
+        plain.append(plain_dst)
     qs = [0.0, 0.3, 1.0]
     adapter_merges = merge_model_folders(chains[0], chains[1], qs, output_root=tmp_path / "adapter_merges")
-    weight_merges = merge_model_folders(out1, out2, qs, output_root=tmp_path / "weight_merges")
+    weight_merges = merge_model_folders(plain[0], plain[1], qs, output_root=tmp_path / "weight_merges")
     for q, a_dir, w_dir in zip(qs, adapter_merges, weight_merges, strict=True):
         meta = json.loads((a_dir / "sacpo_merge.json").read_text())
         assert meta["kind"] == "adapter_merge" and not (a_dir / "model.safetensors").exists()
+        assert read_chain(w_dir) is None and (w_dir / "model.safetensors").is_file()
         scales = sorted(link.scale for link in read_chain(a_dir).links)
         assert scales == ([1.0] if q == 0.0 else [q, 1.0] if q < 1 else [1.0, 1.0])
         torch.testing.assert_close(_logps(step1, load_causal_lm(str(a_dir)), batch),
