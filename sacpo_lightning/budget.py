@@ -37,6 +37,37 @@ D', and D up to a constant. Putting r in the exponent again would tilt pi_r by `
 
 The step-2 KL coefficient for the found multiplier is :attr:`BudgetSolution.step2_beta` = ``beta / lambda*``.
 
+Tilt score and constraint score
+-------------------------------
+Step 2 does not maximise ``E[g]`` for an arbitrary g: it runs DPO at ``beta' = beta / lambda`` on safety preference
+pairs. If those pairs follow a Bradley-Terry model with score h, ``P(y_1 > y_2 | x) = sigmoid(h(x, y_1) - h(x, y_2))``,
+DPO's expected loss is minimised where ``beta' log(pi / pi_r)`` equals h up to a per-prompt constant, i.e. at
+
+    pi_lambda(y|x) = pi_r(y|x) exp(lambda h(x, y) / beta) / Z_lambda(x),
+
+the Gibbs tilt by **h**, whatever scale the user states the budget on. So two scores enter:
+
+- the tilt score h, on the Bradley-Terry scale of the preference data. A cost model trained on those pairs
+  estimates it as ``h = -cost`` (its pairwise term is ``-log sigmoid(c_u - c_s)``);
+- the constraint score g, on the user's scale of b: ``g = P(safe) = sigmoid(-cost)`` (the default) or ``g = -cost``.
+
+lambda* solves ``F(lambda) = E_x E_{pi_lambda}[g] = b``, estimated per prompt with the self-normalised weights
+``w_k ∝ exp(lambda h_k / beta)`` (``tilt`` of :func:`solve_lambda`; with ``tilt=None``, h = g and F is D' above).
+Differentiating ``E_w[g] = sum_k g_k exp(lambda h_k / beta) / sum_j exp(lambda h_j / beta)``,
+
+    dF / dlambda = E_x Cov_{pi_lambda}(g, h) / beta,
+
+and the covariance of two non-decreasing functions of the same variable is >= 0 (Chebyshev's sum inequality): when
+g is a non-decreasing function of h within each prompt (``sigmoid(h)``, ``h`` itself), F is non-decreasing and
+bisection finds its unique root. :func:`solve_lambda` checks that condition on the samples. A score that is not on
+a Bradley-Terry scale of the preference data (a label classifier's logits or probabilities) cannot supply h; the
+sampling step (:mod:`sacpo_lightning.budget_sampling`) refuses one. Tilting by g = sigmoid(-cost) instead (slope at
+most 1/4) models a far weaker tilt than the one DPO applies, so its lambda* overshoots b.
+
+Only losses whose optimum is this tilt keep the promise: DPO's sigmoid loss without label smoothing does; KTO's
+stationary point, IPO's (which regresses on preference probabilities) and the hinge loss's are not of this form, and
+the pipeline refuses them unless ``safety_budget.allow_approximate_loss`` is set.
+
 Estimators
 ----------
 From K samples ``y_1..y_K ~ pi_ref(.|x)`` per prompt (P prompts, scores as (P, K) arrays) with tilt
@@ -49,10 +80,20 @@ From K samples ``y_1..y_K ~ pi_ref(.|x)`` per prompt (P prompts, scores as (P, K
 - the effective sample size ``1 / sum_k w_k^2`` per prompt, K at lambda = 0 (without reward tilt), falling as lambda
   concentrates the weight on the safest samples.
 
-As lambda grows, ``E_{pi*_lambda}[g]`` rises to ``E_x max_k g(x, y_k)``: the most safety reachable by reweighting
-these samples. A budget ``b`` at or above it has no finite lambda* and is reported as ``"infeasible"``. All of this is
-a sample estimate: biased for finite K (self-normalised), the sample maximum understates the true one, and estimates
-at large lambda rest on few samples (watch the ESS).
+As lambda grows, ``E_{pi*_lambda}[g]`` rises to ``E_x max_k g(x, y_k)`` (g at the largest h): the most safety
+reachable by reweighting these samples. A budget ``b`` at or above it has no finite lambda* and is reported as
+``"infeasible"``. All of this is a sample estimate, and the messages say "from these samples":
+
+- Self-normalised weights over K samples shrink the estimated E[g] toward the reference mean, so the estimated
+  lambda* is biased upward: for a binary g with reference probability 0.3 and b = 0.6 the expected estimate is 1.55
+  times the population lambda* at K = 4 and 1.08 times at K = 16. The default K is therefore 16
+  (``DEFAULT_SAMPLES_PER_PROMPT``).
+- The ESS warning (:func:`ess_is_low`) fires when the mean per-prompt effective sample size at lambda* is below K / 4
+  (``ESS_WARN_FRACTION``): a relative rule, which can fire for every K (the ESS lies in [1, K]).
+- :func:`bootstrap_budget` gives intervals for lambda* and for the predicted E[g] at lambda*, resampling prompts and,
+  within each, samples.
+- ``"at_max"`` (the root lies beyond ``lam_max``) predicts E[g] < b at ``lam_max`` by construction: no step-2
+  coefficient is given unless ``allow_at_max``.
 
 Safety scores from a cost model
 -------------------------------
@@ -83,10 +124,12 @@ __all__ = [
     "SAFETY_TRANSFORMS",
     "BudgetSolution",
     "LambdaCurve",
+    "bootstrap_budget",
     "budget_report",
     "default_lambdas",
     "dual_derivative",
     "dual_objective",
+    "ess_is_low",
     "plot_curve",
     "predicted_curve",
     "safety_from_cost",
@@ -99,6 +142,12 @@ STATUSES = ("zero", "interior", "at_max", "infeasible")
 
 # Default lam_max makes the largest tilt gap within a prompt LAM_MAX_TILT nats: the weights are then an argmax.
 LAM_MAX_TILT = 1000.0
+# Samples per prompt by default: with fewer the self-normalised weights bias lambda* visibly upward (module docstring).
+DEFAULT_SAMPLES_PER_PROMPT = 16
+# The ESS warning fires when the mean effective sample size at lambda* is below this fraction of K (ess_is_low).
+ESS_WARN_FRACTION = 0.25
+DEFAULT_RESAMPLES = 200
+DEFAULT_LEVEL = 0.9
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -151,20 +200,40 @@ def _check_lam(lam: float) -> float:
     return v
 
 
-def _inputs(rewards: Any, safety: Any, reward_in_tilt: bool) -> tuple[Tensor | None, Tensor, Tensor | None]:
-    """(rewards, safety, rewards in the tilt or None) as checked float64 (P, K) tensors."""
+def _inputs(
+    rewards: Any, safety: Any, reward_in_tilt: bool, tilt: Any | None = None
+) -> tuple[Tensor | None, Tensor, Tensor | None, Tensor]:
+    """(rewards, constraint scores g, rewards in the tilt or None, tilt scores h) as checked float64 (P, K) tensors;
+    ``h = g`` when ``tilt`` is None."""
     g = _scores(safety, "safety")
     r = _scores(rewards, "rewards", like=g) if rewards is not None else None
     if reward_in_tilt and r is None:
         raise ValueError("reward_in_tilt=True needs reward scores (rewards is None)")
-    return r, g, (r if reward_in_tilt else None)
+    h = g if tilt is None else _scores(tilt, "tilt", like=g)
+    if tilt is not None:
+        _check_monotone(h, g)
+    return r, g, (r if reward_in_tilt else None), h
 
 
-def _log_weights(tilt_rewards: Tensor | None, safety: Tensor, lam: Tensor | float, beta: float) -> Tensor:
-    """``(r + lam g) / beta``; with a (L,) tensor ``lam`` the result is (L, P, K)."""
+def _check_monotone(h: Tensor, g: Tensor) -> None:
+    """E_w[g] rises with lambda when g is a non-decreasing function of h within each prompt (module docstring)."""
+    order = h.argsort(dim=1, stable=True)
+    g_sorted, h_sorted = g.gather(1, order), h.gather(1, order)
+    # a drop of g between two samples is allowed only where their h ties (then the order between them is arbitrary)
+    drop = (g_sorted[:, 1:] < g_sorted[:, :-1] - 1e-12) & (h_sorted[:, 1:] > h_sorted[:, :-1])
+    if drop.any():
+        p = int(drop.nonzero()[0, 0])
+        raise ValueError(f"the constraint score g must be a non-decreasing function of the tilt score h within each "
+                         f"prompt (prompt {p} has a sample with higher h and lower g), else E[g] under "
+                         "pi_ref exp(lambda h / beta) need not rise with lambda and lambda* is not unique")
+
+
+def _log_weights(tilt_rewards: Tensor | None, h: Tensor, lam: Tensor | float, beta: float) -> Tensor:
+    """``(r + lam h) / beta``; with a (L,) tensor ``lam`` the result is (L, P, K), with a (R,) one and (R, P, K)
+    scores (a bootstrap) it is (R, P, K)."""
     lam = torch.as_tensor(lam, dtype=torch.float64)
     lam = lam.reshape(-1, 1, 1) if lam.dim() == 1 else lam
-    s = lam * safety
+    s = lam * h
     if tilt_rewards is not None:
         s = s + tilt_rewards
     return s / beta
@@ -190,24 +259,26 @@ def dual_objective(rewards: Any | None, safety: Any, lam: float, beta: float, b:
         ``beta * mean_x (logsumexp_k (r + lam g) / beta - log K) - lam * b``.
     """
     beta = _check_beta(beta)
-    r, g, tilt = _inputs(rewards, safety, reward_in_tilt=rewards is not None)
+    r, g, r_tilt, h = _inputs(rewards, safety, reward_in_tilt=rewards is not None)
     lam, b = _check_lam(lam), _check_b(b)
-    s = _log_weights(tilt, g, lam, beta)
+    s = _log_weights(r_tilt, h, lam, beta)
     log_mean_exp = torch.logsumexp(s, dim=-1) - math.log(g.shape[1])
     return float(beta * log_mean_exp.mean() - lam * b)
 
 
-def dual_derivative(rewards: Any | None, safety: Any, lam: float, beta: float, b: float) -> float:
-    """``D'(lambda) = E_x E_{pi*_lambda}[g] - b`` (non-decreasing in lambda), with the arguments of
-    :func:`dual_objective`."""
+def dual_derivative(
+    rewards: Any | None, safety: Any, lam: float, beta: float, b: float, *, tilt: Any | None = None
+) -> float:
+    """``E_x E_{pi*_lambda}[g] - b`` (non-decreasing in lambda), with the arguments of :func:`dual_objective` and
+    ``tilt`` of :func:`solve_lambda`; with ``tilt=None`` it is ``D'(lambda)``."""
     beta = _check_beta(beta)
-    r, g, tilt = _inputs(rewards, safety, reward_in_tilt=rewards is not None)
+    r, g, r_tilt, h = _inputs(rewards, safety, reward_in_tilt=rewards is not None, tilt=tilt)
     lam, b = _check_lam(lam), _check_b(b)
-    return _expected_safety(tilt, g, lam, beta) - b
+    return _expected_safety(r_tilt, h, g, lam, beta) - b
 
 
-def _expected_safety(tilt: Tensor | None, g: Tensor, lam: float, beta: float) -> float:
-    mean, _ = snis_mean(g, _log_weights(tilt, g, lam, beta))
+def _expected_safety(r_tilt: Tensor | None, h: Tensor, g: Tensor, lam: float, beta: float) -> float:
+    mean, _ = snis_mean(g, _log_weights(r_tilt, h, lam, beta))
     return float(mean.mean())
 
 
@@ -216,9 +287,11 @@ def _expected_safety(tilt: Tensor | None, g: Tensor, lam: float, beta: float) ->
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _predict(r: Tensor | None, g: Tensor, tilt: Tensor | None, lams: Tensor, beta: float) -> dict[str, Tensor | None]:
+def _predict(
+    r: Tensor | None, g: Tensor, r_tilt: Tensor | None, h: Tensor, lams: Tensor, beta: float
+) -> dict[str, Tensor | None]:
     """(L,) prompt-averaged E[g], E[r], KL and mean/min ESS under pi*_lambda for each of the (L,) ``lams``."""
-    s = _log_weights(tilt, g, lams, beta)  # (L, P, K)
+    s = _log_weights(r_tilt, h, lams, beta)  # (L, P, K)
     safety, ess = snis_mean(g, s)
     reward = snis_mean(r, s)[0].mean(-1) if r is not None else None
     # KL(w || uniform) = E_w[s] - logmeanexp(s): written with s rather than log w, which is -inf where w underflows.
@@ -255,7 +328,13 @@ class LambdaCurve:
 
 
 def predicted_curve(
-    rewards: Any | None, safety: Any, beta: float, lambdas: Sequence[float] | Tensor, *, reward_in_tilt: bool
+    rewards: Any | None,
+    safety: Any,
+    beta: float,
+    lambdas: Sequence[float] | Tensor,
+    *,
+    reward_in_tilt: bool,
+    tilt: Any | None = None,
 ) -> LambdaCurve:
     """E[g], E[r], KL to the reference and ESS under pi*_lambda for each lambda, from the same K samples per prompt.
 
@@ -267,15 +346,16 @@ def predicted_curve(
         reward_in_tilt: False when the samples come from SACPO's step-1 model (r is already in pi_ref: weights
             ``lambda g / beta``, rewards only reported); True when they come from pi_sft (weights
             ``(r + lambda g) / beta``). See the module docstring.
+        tilt: (P, K) tilt scores h (see :func:`solve_lambda`); None: h = g.
     """
     beta = _check_beta(beta)
-    r, g, tilt = _inputs(rewards, safety, reward_in_tilt)
+    r, g, r_tilt, h = _inputs(rewards, safety, reward_in_tilt, tilt)
     lams = torch.as_tensor(lambdas, dtype=torch.float64).reshape(-1)
     if lams.numel() == 0:
         raise ValueError("lambdas must not be empty")
     if not (torch.isfinite(lams).all() and (lams >= 0).all()):
         raise ValueError(f"lambdas must be finite and >= 0, got {lams.tolist()}")
-    out = _predict(r, g, tilt, lams, beta)
+    out = _predict(r, g, r_tilt, h, lams, beta)
     return LambdaCurve(
         lambdas=lams.tolist(),
         safety=out["safety"].tolist(),
@@ -310,7 +390,7 @@ def default_lambdas(beta: float, lam_star: float | None = None, num: int = 41) -
 
 @dataclass(frozen=True)
 class BudgetSolution:
-    """The estimated optimal multiplier and what it predicts.
+    """The estimated optimal multiplier and what it predicts, all estimated from the K samples per prompt given.
 
     Attributes:
         lam: lambda*. ``status`` says how to read it:
@@ -318,13 +398,17 @@ class BudgetSolution:
             - ``"zero"``: the constraint holds at lambda = 0 (``safety_ref >= b``); lam = 0, no safety step needed.
             - ``"interior"``: lam solves ``E[g] = b``.
             - ``"at_max"``: b is reachable in the limit (``b < safety_max``) but lambda* > ``lam_max``; lam =
-              ``lam_max`` is a lower bound.
+              ``lam_max`` is a lower bound, where the predicted E[g] is below b. No step 2 is trained there unless
+              ``allow_at_max``.
             - ``"infeasible"``: ``b >= safety_max``, the most safety reachable by reweighting these samples; no
               finite lambda meets it. lam = ``lam_max`` and ``safety`` is the capped prediction there.
-        message: A sentence saying the above with the numbers.
+        message: A sentence saying the above with the numbers (and the ESS warning, see ``ess_low``).
         safety, reward, kl, ess_mean, ess_min: Predictions under pi*_lam (see :class:`LambdaCurve`).
         safety_ref, reward_ref: The same at lambda = 0.
         safety_max: ``E_x max_k g``: the limit of the predicted safety as lambda grows.
+        ess_low: The mean effective sample size at lam is below ``ESS_WARN_FRACTION * K``.
+        allow_at_max: Whether an ``at_max`` solution still gives a step-2 coefficient.
+        separate_tilt: Whether the weights used a tilt score h other than g.
     """
 
     lam: float
@@ -345,6 +429,9 @@ class BudgetSolution:
     num_prompts: int
     samples_per_prompt: int
     iterations: int
+    ess_low: bool = False
+    allow_at_max: bool = False
+    separate_tilt: bool = False
 
     @property
     def feasible(self) -> bool:
@@ -352,9 +439,9 @@ class BudgetSolution:
 
     @property
     def step2_beta(self) -> float | None:
-        """SACPO's step-2 KL coefficient ``beta / lambda*`` relative to the step-1 model; None when no finite
-        positive lambda* was found (``zero``: no step needed; ``infeasible``)."""
-        if self.status in ("interior", "at_max") and self.lam > 0:
+        """SACPO's step-2 KL coefficient ``beta / lambda*`` relative to the step-1 model; None when no step 2 should
+        be trained: ``zero`` (not needed), ``infeasible``, and ``at_max`` unless ``allow_at_max``."""
+        if (self.status == "interior" or (self.status == "at_max" and self.allow_at_max)) and self.lam > 0:
             return self.beta / self.lam
         return None
 
@@ -387,6 +474,11 @@ def _find_root(
     return 0.5 * (lo + hi), "interior", iterations
 
 
+def _default_lam_max(h: Tensor, beta: float) -> float:
+    spread = float((h.max(dim=1).values - h.min(dim=1).values).max())
+    return LAM_MAX_TILT * beta / spread if spread > 0 else beta
+
+
 def solve_lambda(
     rewards: Any | None,
     safety: Any,
@@ -394,38 +486,43 @@ def solve_lambda(
     b: float,
     *,
     reward_in_tilt: bool,
+    tilt: Any | None = None,
     lam_max: float | None = None,
+    allow_at_max: bool = False,
     rtol: float = 1e-12,
     max_iter: int = 200,
 ) -> BudgetSolution:
-    """Minimises the dual over lambda >= 0 by bisection on its derivative (non-decreasing, so bisection is safe).
+    """Solves ``E_x E_w[g] = b`` for lambda >= 0 by bisection (its left side is non-decreasing in lambda).
 
     Args:
         rewards: (P, K) reward scores of the samples, or None.
-        safety: (P, K) safety scores g of K samples of pi_ref for each of P prompts.
+        safety: (P, K) constraint scores g of K samples of pi_ref for each of P prompts (the user's scale of b).
         beta: KL coefficient, > 0.
         b: Safety budget: the constraint is ``E_x E_pi[g] >= b``.
         reward_in_tilt: See :func:`predicted_curve` (False for samples of SACPO's step-1 model).
-        lam_max: Largest multiplier searched; None: ``1000 beta / max_x (max_k g - min_k g)``, where the weights
+        tilt: (P, K) tilt scores h on the Bradley-Terry scale of the step-2 preference data, the score whose
+            ``exp(lambda h / beta)`` step 2 (DPO at ``beta / lambda``) multiplies pi_ref by; g must be a
+            non-decreasing function of h within each prompt. None: h = g (g itself is on that scale).
+        lam_max: Largest multiplier searched; None: ``1000 beta / max_x (max_k h - min_k h)``, where the weights
             are already an argmax.
+        allow_at_max: Give an ``at_max`` solution a step-2 coefficient (it undershoots b by construction).
         rtol: Stop when the bracket is narrower than ``rtol * upper end``.
         max_iter: Most bisection steps.
 
     Returns:
-        A :class:`BudgetSolution`; check ``status`` before using ``lam``.
+        A :class:`BudgetSolution`; check ``status`` (and ``step2_beta``) before using ``lam``.
     """
     beta = _check_beta(beta)
-    r, g, tilt = _inputs(rewards, safety, reward_in_tilt)
+    r, g, r_tilt, h = _inputs(rewards, safety, reward_in_tilt, tilt)
     b = _check_b(b)
-    spread = float((g.max(dim=1).values - g.min(dim=1).values).max())
     if lam_max is None:
-        lam_max = LAM_MAX_TILT * beta / spread if spread > 0 else beta
+        lam_max = _default_lam_max(h, beta)
     elif not (math.isfinite(lam_max) and lam_max > 0):
         raise ValueError(f"lam_max must be a finite number > 0, got {lam_max!r}")
-    safety_max = float(g.max(dim=1).values.mean())
+    safety_max = float(_safety_limit(h, g).mean())
 
     def deriv(lam: float) -> float:
-        return _expected_safety(tilt, g, lam, beta) - b
+        return _expected_safety(r_tilt, h, g, lam, beta) - b
 
     iterations = 0
     if deriv(0.0) >= 0:
@@ -433,34 +530,152 @@ def solve_lambda(
     elif b >= safety_max:
         lam, status = float(lam_max), "infeasible"
     else:
+        spread = float((h.max(dim=1).values - h.min(dim=1).values).max())
         lam, status, iterations = _find_root(deriv, min(beta / spread, lam_max), lam_max, rtol, max_iter)
 
-    at = _predict(r, g, tilt, torch.tensor([lam, 0.0], dtype=torch.float64), beta)
+    at = _predict(r, g, r_tilt, h, torch.tensor([lam, 0.0], dtype=torch.float64), beta)
     pred = {k: (float(v[0]) if v is not None else None) for k, v in at.items()}
     ref = {k: (float(v[1]) if v is not None else None) for k, v in at.items()}
     num_prompts, k = g.shape
-    message = _message(status, lam, b, ref["safety"], pred["safety"], safety_max, lam_max)
-    if pred["ess_mean"] < 0.1 * k:
-        message += (f" Mean effective sample size at lambda* is {pred['ess_mean']:.2f} of {k}: the prediction rests on "
-                    "few samples; draw more per prompt.")
+    message = _message(status, lam, b, ref["safety"], pred["safety"], safety_max, lam_max, allow_at_max)
+    ess_low = lam > 0 and ess_is_low(pred["ess_mean"], k)
+    if ess_low:
+        message += (f" Mean effective sample size at lambda* is {pred['ess_mean']:.2f} of K = {k} (below "
+                    f"K * {ESS_WARN_FRACTION:g}): the prediction rests on few samples; draw more per prompt.")
     return BudgetSolution(
         lam=lam, status=status, message=message, safety=pred["safety"], reward=pred["reward"], kl=pred["kl"],
         ess_mean=pred["ess_mean"], ess_min=pred["ess_min"], safety_ref=ref["safety"], reward_ref=ref["reward"],
         safety_max=safety_max, beta=float(beta), b=b, lam_max=float(lam_max), reward_in_tilt=reward_in_tilt,
-        num_prompts=int(num_prompts), samples_per_prompt=int(k), iterations=iterations,
+        num_prompts=int(num_prompts), samples_per_prompt=int(k), iterations=iterations, ess_low=ess_low,
+        allow_at_max=allow_at_max, separate_tilt=tilt is not None,
     )
 
 
-def _message(status: str, lam: float, b: float, ref: float, pred: float, top: float, lam_max: float) -> str:
+def ess_is_low(ess_mean: float, samples_per_prompt: int) -> bool:
+    """The budget's ESS warning rule: the mean per-prompt effective sample size is below ``ESS_WARN_FRACTION`` (1/4)
+    of K. It can fire for every K >= 2 (the ESS lies in [1, K]); at K = 16 it fires below 4 effective samples."""
+    return ess_mean < ESS_WARN_FRACTION * samples_per_prompt
+
+
+def _safety_limit(h: Tensor, g: Tensor) -> Tensor:
+    """(..., P) limit of E_w[g] as lambda grows: the mean of g over the samples of largest h of each prompt."""
+    top = h == h.max(dim=-1, keepdim=True).values
+    return (g * top).sum(-1) / top.sum(-1)
+
+
+def _message(
+    status: str, lam: float, b: float, ref: float, pred: float, top: float, lam_max: float, allow_at_max: bool
+) -> str:
     if status == "zero":
-        return f"The reference already meets the budget: E[g] = {ref:.4g} >= b = {b:.4g}; lambda* = 0."
+        return (f"The reference already meets the budget from these samples: E[g] = {ref:.4g} >= b = {b:.4g}; "
+                "lambda* = 0.")
     if status == "interior":
-        return f"lambda* = {lam:.6g} raises E[g] from {ref:.4g} to b = {b:.4g}."
+        return f"From these samples, lambda* = {lam:.6g} raises E[g] from {ref:.4g} to b = {b:.4g}."
     if status == "at_max":
-        return (f"b = {b:.4g} is below the reachable maximum {top:.4g} but needs lambda > lam_max = {lam_max:.4g} "
-                f"(E[g] = {pred:.4g} there); raise lam_max.")
+        trained = ("step 2 is trained there anyway (allow_at_max)" if allow_at_max else
+                   "no step 2 is trained (set allow_at_max, safety_budget.allow_at_max in a pipeline, to train at "
+                   "lam_max anyway)")
+        return (f"From these samples, b = {b:.4g} is below the reachable maximum {top:.4g} but needs lambda > "
+                f"lam_max = {lam_max:.4g} (E[g] = {pred:.4g} there); raise lam_max; {trained}.")
     return (f"Infeasible: b = {b:.4g} is at or above the most safety reachable from these samples, "
             f"E_x max_k g = {top:.4g}; no finite lambda meets it (E[g] = {pred:.4g} at lam_max = {lam_max:.4g}).")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Bootstrap interval
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _solve_batch(h: Tensor, g: Tensor, beta: float, b: float, lam_max: float, steps: int = 100) -> Tensor:
+    """(R,) lambda* of R (P, K) problems at once (no reward tilt): 0 where E[g] >= b at 0, inf where b is not
+    below the reachable limit or needs lambda > lam_max, else the bisection root."""
+    def mean_g(lam: Tensor) -> Tensor:
+        return snis_mean(g, _log_weights(None, h, lam, beta))[0].mean(-1)
+
+    r = h.shape[0]
+    lo = torch.zeros(r, dtype=torch.float64)
+    hi = torch.full((r,), float(lam_max), dtype=torch.float64)
+    zero = mean_g(lo) >= b
+    unreachable = (mean_g(hi) < b) | (_safety_limit(h, g).mean(-1) <= b)
+    # bisection in log lambda from lam_max * 1e-12 up: the root's relative precision is what matters
+    log_lo = torch.full((r,), math.log(lam_max) - 12 * math.log(10.0), dtype=torch.float64)
+    log_hi = torch.full((r,), math.log(lam_max), dtype=torch.float64)
+    for _ in range(steps):
+        mid = 0.5 * (log_lo + log_hi)
+        below = mean_g(mid.exp()) < b
+        log_lo = torch.where(below, mid, log_lo)
+        log_hi = torch.where(below, log_hi, mid)
+    lam = (0.5 * (log_lo + log_hi)).exp()
+    lam = torch.where(zero, torch.zeros_like(lam), lam)
+    return torch.where(unreachable & ~zero, torch.full_like(lam, math.inf), lam)
+
+
+def _quantile(values: Tensor, q: float) -> float:
+    """Order-statistic quantile (no interpolation, so that infinite values are handled)."""
+    s = values.sort().values
+    return float(s[min(len(s) - 1, max(0, int(math.floor(q * len(s)))))])
+
+
+def bootstrap_budget(
+    safety: Any,
+    beta: float,
+    b: float,
+    lam_star: float,
+    *,
+    tilt: Any | None = None,
+    lam_max: float | None = None,
+    num_resamples: int = DEFAULT_RESAMPLES,
+    level: float = DEFAULT_LEVEL,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Bootstrap intervals for lambda* and for the predicted E[g] at ``lam_star``, from the same (P, K) samples
+    (samples of SACPO's step-1 model; no reward tilt).
+
+    Each resample draws P prompts with replacement and, within each drawn prompt, K of its samples with replacement,
+    then solves for lambda* again and predicts E[g] at the given ``lam_star``. lambda*'s interval is the percentile
+    interval of the resampled roots (its upper end is infinite when more than ``(1 - level) / 2`` of the resamples
+    reach no root below ``lam_max``). The predicted E[g]'s interval is the basic (reflected) bootstrap interval
+    ``[2 m - q_hi, 2 m - q_lo]`` around the prediction m from all samples: it corrects, to first order, the downward
+    bias of self-normalised weights over few samples, which resampling within prompts reproduces.
+
+    Args:
+        safety: (P, K) constraint scores g.
+        beta: KL coefficient, > 0.
+        b: The budget.
+        lam_star: The multiplier whose prediction gets an interval (the solution's lambda*).
+        tilt: (P, K) tilt scores h, or None for h = g (see :func:`solve_lambda`).
+        lam_max: Largest multiplier searched (None: as :func:`solve_lambda`).
+        num_resamples: Bootstrap resamples, >= 10.
+        level: Two-sided coverage, in (0, 1).
+        seed: Seed of the resampling.
+
+    Returns:
+        ``{level, num_resamples, seed, lambda_star: [low, high], safety: [low, high], infeasible_fraction}``.
+    """
+    beta, b, lam_star = _check_beta(beta), _check_b(b), _check_lam(lam_star)
+    _, g, _, h = _inputs(None, safety, False, tilt)
+    if not (isinstance(num_resamples, int) and num_resamples >= 10):
+        raise ValueError(f"num_resamples must be an integer >= 10, got {num_resamples!r}")
+    if not (0 < level < 1):
+        raise ValueError(f"level must be in (0, 1), got {level!r}")
+    if lam_max is None:
+        lam_max = _default_lam_max(h, beta)
+    p, k = g.shape
+    gen = torch.Generator().manual_seed(int(seed))
+    prompts = torch.randint(p, (num_resamples, p, 1), generator=gen)
+    samples = torch.randint(k, (num_resamples, p, k), generator=gen)
+    g_b = g[prompts, samples]
+    h_b = h[prompts, samples]
+    lams = _solve_batch(h_b, g_b, beta, b, float(lam_max))
+    pred = snis_mean(g_b, _log_weights(None, h_b, lam_star, beta))[0].mean(-1)
+    m = float(snis_mean(g, _log_weights(None, h, lam_star, beta))[0].mean())
+    a = (1.0 - level) / 2.0
+    return {
+        "level": level, "num_resamples": num_resamples, "seed": int(seed),
+        "lambda_star": [_quantile(lams, a), _quantile(lams, 1.0 - a)],
+        "safety": [2 * m - _quantile(pred, 1.0 - a), 2 * m - _quantile(pred, a)],
+        "infeasible_fraction": float(torch.isinf(lams).double().mean()),
+    }
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -499,16 +714,28 @@ def _finite_or_none(obj: Any) -> Any:
     return obj
 
 
-def budget_report(solution: BudgetSolution, curve: LambdaCurve, inputs: dict[str, Any] | None = None) -> dict:
-    """The content of ``budget.json``: ``lambda_star``, ``status``, ``message``, ``step2_beta``, ``predicted`` (at
-    lambda*), ``reference`` (at lambda = 0), ``solution`` (every field), ``curve`` and ``inputs``."""
+def budget_report(
+    solution: BudgetSolution,
+    curve: LambdaCurve,
+    inputs: dict[str, Any] | None = None,
+    interval: dict[str, Any] | None = None,
+) -> dict:
+    """The content of ``budget.json``: ``samples_per_prompt`` (K), ``lambda_star``, ``lambda_star_interval``,
+    ``status``, ``message``, ``step2_beta``, ``predicted`` (at lambda*, with ``safety_interval``), ``reference`` (at
+    lambda = 0), ``interval`` (:func:`bootstrap_budget`'s result, or None), ``solution`` (every field), ``curve`` and
+    ``inputs``."""
+    interval = dict(interval) if interval is not None else None
     return {
+        "samples_per_prompt": solution.samples_per_prompt,
         "lambda_star": solution.lam,
+        "lambda_star_interval": interval["lambda_star"] if interval else None,
         "status": solution.status,
         "message": solution.message,
         "step2_beta": solution.step2_beta,
         "predicted": {"safety": solution.safety, "reward": solution.reward, "kl": solution.kl,
-                      "ess_mean": solution.ess_mean, "ess_min": solution.ess_min},
+                      "ess_mean": solution.ess_mean, "ess_min": solution.ess_min, "ess_low": solution.ess_low,
+                      "safety_interval": interval["safety"] if interval else None},
+        "interval": interval,
         "reference": {"safety": solution.safety_ref, "reward": solution.reward_ref,
                       "safety_max": solution.safety_max},
         "solution": solution.to_dict(),
@@ -524,11 +751,18 @@ def write_budget_json(path: str | os.PathLike, report: dict[str, Any]) -> Path:
 
 
 def plot_curve(
-    curve: LambdaCurve, path: str | os.PathLike, *, b: float | None = None, lam_star: float | None = None
+    curve: LambdaCurve,
+    path: str | os.PathLike,
+    *,
+    b: float | None = None,
+    lam_star: float | None = None,
+    interval: dict[str, Any] | None = None,
 ) -> Path:
     """Writes a PNG (e.g. ``lambda_curve.png``) of E[g], E[r] and KL, and ESS against lambda, atomically.
 
-    The x axis is symmetric-log when the grid spans several decades (so that lambda = 0 stays on it).
+    The x axis is symmetric-log when the grid spans several decades (so that lambda = 0 stays on it). With
+    ``interval`` (:func:`bootstrap_budget`) lambda*'s interval is shaded on every panel and the predicted E[g]'s
+    interval at lambda* is drawn as an error bar.
     """
     plt = pyplot()
     lams = curve.lambdas
@@ -556,9 +790,18 @@ def plot_curve(
             ax_ess.set_xscale("symlog", linthresh=min(positive))
         if len(lams) > 1:
             ax_ess.set_xlim(min(lams), max(lams))
+        if interval is not None and lam_star is not None and math.isfinite(lam_star):
+            low, high = interval["safety"]
+            mid = 0.5 * (low + high)
+            ax_g.errorbar([lam_star], [mid], yerr=[[mid - low], [high - mid]], color="black", capsize=4,
+                          label=f"{interval['level']:.0%} interval of E[g] at lambda*")
         for ax in axes:
             if lam_star is not None and math.isfinite(lam_star):
                 ax.axvline(lam_star, color="black", ls="--", lw=0.8)
+            if interval is not None and interval["lambda_star"][0] is not None:
+                low, high = interval["lambda_star"]
+                high = high if high is not None and math.isfinite(high) else max(lams)
+                ax.axvspan(low, high, color="grey", alpha=0.15, lw=0)
             ax.grid(True, alpha=0.3)
             ax.legend(loc="upper left", fontsize=8)
         title = f"pi*_lambda ∝ pi_ref exp({'(r + lambda g)' if curve.reward_in_tilt else 'lambda g'} / beta), "

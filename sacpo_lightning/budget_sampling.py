@@ -32,9 +32,12 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from sacpo_lightning.budget import (
+    DEFAULT_LEVEL,
+    DEFAULT_RESAMPLES,
     SAFETY_TRANSFORMS,
     _check_b,
     _check_beta,
+    bootstrap_budget,
     budget_report,
     default_lambdas,
     plot_curve,
@@ -100,14 +103,28 @@ def _score(
     batch_size: int,
 ) -> list[float]:
     if isinstance(scorer, ScoreModel):
+        _check_bradley_terry(scorer, str(scorer))
         return scorer.score(prompts, responses)
     model = ScoreModel.from_pretrained(str(scorer), dtype=dtype, device=device, batch_size=batch_size)
     try:
+        _check_bradley_terry(model, str(scorer))
         return model.score(prompts, responses)
     finally:
         del model
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def _check_bradley_terry(model: ScoreModel, name: str) -> None:
+    """The budget's tilt is a Bradley-Terry score (one output): a label classifier's logits are not one."""
+    num_labels = int(getattr(model.model.config, "num_labels", 1))
+    if num_labels != 1:
+        raise ValueError(
+            f"the safety budget's scorer {name} has {num_labels} outputs (a label classifier): its scores are not on "
+            "the Bradley-Terry scale of the safety preference data, which step 2 (DPO at beta / lambda) tilts by, so "
+            "it cannot supply the budget's tilt. Use a one-output cost model trained on safety preference pairs "
+            "(safety_budget.cost_model, or evaluate.cost_model to train one)."
+        )
 
 
 def _cached_scores(
@@ -193,7 +210,8 @@ def _check_budget_arguments(
 def _score_tensors(
     raw: dict[str, list[float] | None], num_prompts: int, k: int, safety_transform: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """``(costs, safety, rewards or None)`` as float64 (P, K) tensors from the raw scores of the P * K samples."""
+    """``(costs, safety, rewards or None)`` as float64 (P, K) tensors from the raw scores of the P * K samples;
+    ``safety`` is the constraint score g on the scale of ``safety_transform``."""
     costs = torch.tensor(raw["cost"], dtype=torch.float64).reshape(num_prompts, k)
     safety = safety_from_cost(costs, safety_transform)
     rewards = None
@@ -235,10 +253,12 @@ def _budget_inputs(
     }
 
 
-def _write_budget(report: dict[str, Any], solution, curve, output_dir: Path, b: float) -> dict[str, Any]:
+def _write_budget(
+    report: dict[str, Any], solution, curve, output_dir: Path, b: float, interval: dict[str, Any]
+) -> dict[str, Any]:
     """Plots the curve, writes ``budget.json`` and returns its content as read back."""
     lam_star = solution.lam if solution.status in ("interior", "at_max") else None
-    plot_curve(curve, output_dir / CURVE_FILE, b=b, lam_star=lam_star)
+    plot_curve(curve, output_dir / CURVE_FILE, b=b, lam_star=lam_star, interval=interval)
     path = write_budget_json(output_dir / BUDGET_FILE, report)
     rank_zero_info(f"Budget: {solution.message} Wrote {path}")
     return json.loads(path.read_text())
@@ -259,6 +279,9 @@ def estimate_budget(
     safety_transform: str = "prob_safe",
     reward_in_tilt: bool = False,
     lam_max: float | None = None,
+    allow_at_max: bool = False,
+    num_resamples: int = DEFAULT_RESAMPLES,
+    level: float = DEFAULT_LEVEL,
     generation: GenerationSettings | None = None,
     scorer_batch_size: int = 8,
     scorer_dtype: str | None = None,
@@ -267,10 +290,15 @@ def estimate_budget(
 ) -> dict[str, Any]:
     """Samples the reference, scores the samples, solves for lambda* and writes ``budget.json`` and the curve.
 
+    The tilt score is ``h = -cost``: a cost model trained on safety preference pairs is a Bradley-Terry score of
+    them (up to sign), the scale on which step 2's DPO at ``beta / lambda`` tilts the step-1 model. The constraint
+    score g is ``safety_transform`` of the cost (the scale of b). See :mod:`sacpo_lightning.budget`.
+
     Args:
         reference_model: The reference policy's folder (or model spec): SACPO's step-1 model.
         prompts_file: JSON list or JSON lines of ``{prompt, category?}``.
-        samples_per_prompt: K, >= 2.
+        samples_per_prompt: K, >= 2 (``DEFAULT_SAMPLES_PER_PROMPT`` = 16 in a pipeline; fewer biases lambda*
+            upward).
         beta: KL coefficient of the alignment, > 0.
         b: Safety budget, on the scale of g (``safety_transform``): the constraint is ``E[g] >= b``.
         safety_scorer: Cost model (folder or loaded :class:`ScoreModel`; ``cost > 0`` reads as unsafe).
@@ -284,6 +312,9 @@ def estimate_budget(
         reward_in_tilt: True only when ``reference_model`` is the SFT model and the reward is the one being aligned
             (see :mod:`sacpo_lightning.budget`); needs ``reward_scorer``.
         lam_max: Largest multiplier searched (:func:`sacpo_lightning.budget.solve_lambda`).
+        allow_at_max: Give an ``at_max`` solution a step-2 coefficient (:func:`sacpo_lightning.budget.solve_lambda`).
+        num_resamples, level: The bootstrap over prompts and samples behind the intervals of lambda* and of the
+            predicted E[g] (:func:`sacpo_lightning.budget.bootstrap_budget`).
         generation: Sampling settings; must sample at temperature 1 and top_p 1 (:func:`sampling_settings`).
         scorer_batch_size, scorer_dtype, scorer_device: How scorer folders are loaded and run.
         force: Sample and score again even when the cached files match.
@@ -307,24 +338,34 @@ def estimate_budget(
                          {"cost": safety_scorer, "reward": reward_scorer}, prompts, responses,
                          dtype=scorer_dtype, device=scorer_device, batch_size=scorer_batch_size, force=force)
     costs, safety, rewards = _score_tensors(raw, num_prompts, k, safety_transform)
+    tilt = -costs
 
-    solution = solve_lambda(rewards, safety, beta, b, reward_in_tilt=reward_in_tilt, lam_max=lam_max)
+    solution = solve_lambda(rewards, safety, beta, b, reward_in_tilt=reward_in_tilt, tilt=tilt, lam_max=lam_max,
+                            allow_at_max=allow_at_max)
+    interval = None
+    if not reward_in_tilt:
+        interval = bootstrap_budget(safety, beta, b, solution.lam, tilt=tilt, lam_max=solution.lam_max,
+                                    num_resamples=num_resamples, level=level, seed=settings.seed)
     lam_star = solution.lam if solution.status in ("interior", "at_max") else None
     if lambdas is None:
         lambdas = default_lambdas(beta, lam_star)
     if lam_star is not None and lambda_fractions:
         lambdas = sorted(set(lambdas) | {q * lam_star for q in lambda_fractions})
-    curve = predicted_curve(rewards, safety, beta, lambdas, reward_in_tilt=reward_in_tilt)
+    curve = predicted_curve(rewards, safety, beta, lambdas, reward_in_tilt=reward_in_tilt, tilt=tilt)
 
     inputs = _budget_inputs(spec, prompts_file, num_prompts, k, beta, b, safety_scorer, reward_scorer,
                             safety_transform, reward_in_tilt, lam_max, settings)
-    report = budget_report(solution, curve, inputs)
+    report = budget_report(solution, curve, inputs, interval)
+    report["scales"] = {
+        "tilt": "-cost (Bradley-Terry score of the safety preference data, as the cost model estimates it)",
+        "constraint": {"prob_safe": "P(safe) = sigmoid(-cost)", "neg_cost": "-cost"}[safety_transform],
+    }
     report["samples"] = {
         "cost_mean": float(costs.mean()),
         "empty_responses": sum(1 for r in responses if not r),
     }
     report["files"] = {"samples": str(samples_path), "scores": str(samples_dir / SCORES_FILE), "plot": CURVE_FILE}
-    return _write_budget(report, solution, curve, output_dir, b)
+    return _write_budget(report, solution, curve, output_dir, b, interval)
 
 
 def _scorer_name(scorer: str | os.PathLike | ScoreModel | None) -> str | None:

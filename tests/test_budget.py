@@ -18,6 +18,7 @@ import torch
 
 from sacpo_lightning.budget import (
     LambdaCurve,
+    bootstrap_budget,
     budget_report,
     default_lambdas,
     dual_derivative,
@@ -135,6 +136,55 @@ def test_root_beyond_lam_max():
     sol = solve_lambda(None, [[0.0, 1.0]], 0.1, 0.8, reward_in_tilt=False, lam_max=0.05)
     assert sol.status == "at_max" and sol.lam == 0.05 and sol.feasible
     assert sol.safety == pytest.approx(sigmoid(0.5), rel=1e-12) and "lam_max" in sol.message
+    # E[g] < b there by construction: no step 2 unless the user opts in, and the message names the option
+    assert sol.step2_beta is None and "allow_at_max" in sol.message
+    opted = solve_lambda(None, [[0.0, 1.0]], 0.1, 0.8, reward_in_tilt=False, lam_max=0.05, allow_at_max=True)
+    assert opted.step2_beta == pytest.approx(0.1 / 0.05)
+
+
+def test_ess_warning_fires_relative_to_k():
+    """One prompt, K = 8 samples with g = (0, ..., 0, 1): E[g] = b = 0.9 puts weight 0.9 on one sample, ESS =
+    1 / (0.9^2 + 7 (0.1 / 7)^2) = 1.23 < K / 4 = 2: the warning fires (the rule ``ess < 0.1 K`` cannot at K <= 10,
+    since ESS >= 1); at b = 0.4 the ESS is 4.73 >= 2 and it does not."""
+    g = [[0.0] * 7 + [1.0]]
+    low = solve_lambda(None, g, 0.1, 0.9, reward_in_tilt=False)
+    assert low.ess_mean == pytest.approx(1 / (0.81 + 7 * (0.1 / 7) ** 2), rel=1e-9)
+    assert low.ess_low and "effective sample size" in low.message
+    fine = solve_lambda(None, g, 0.1, 0.4, reward_in_tilt=False)
+    assert fine.ess_mean == pytest.approx(1 / (0.16 + 7 * (0.6 / 7) ** 2), rel=1e-9)
+    assert fine.ess_mean > 2.0 and not fine.ess_low and "effective sample size" not in fine.message
+
+
+def test_separate_tilt_and_constraint_scores():
+    """Weights from h, the constraint on g = sigmoid(h): at lambda* the h-tilted mean of g is b, and it differs from
+    tilting by g itself. A g that is not a non-decreasing function of h is refused."""
+    h = torch.tensor([[-2.0, 0.0, 1.5, 3.0], [-1.0, -0.5, 0.5, 2.0]], dtype=torch.float64)
+    g = torch.sigmoid(h)
+    beta, b = 0.2, 0.75
+    sol = solve_lambda(None, g, beta, b, reward_in_tilt=False, tilt=h)
+    w = torch.softmax(sol.lam * h / beta, dim=1)
+    assert sol.status == "interior" and float((w * g).sum(1).mean()) == pytest.approx(b, rel=1e-9)
+    assert dual_derivative(None, g, sol.lam, beta, b, tilt=h) == pytest.approx(0.0, abs=1e-9)
+    assert sol.separate_tilt and sol.lam != pytest.approx(solve_lambda(None, g, beta, b, reward_in_tilt=False).lam)
+    with pytest.raises(ValueError, match="non-decreasing function of the tilt score"):
+        solve_lambda(None, g.flip(1), beta, b, reward_in_tilt=False, tilt=h)
+
+
+def test_bootstrap_interval():
+    """The bootstrap brackets the full-sample lambda* and prediction, is seeded, and shrinks with more prompts."""
+    gen = torch.Generator().manual_seed(3)
+    h = torch.randn(40, 16, generator=gen, dtype=torch.float64)
+    g = torch.sigmoid(h)
+    beta, b = 0.5, 0.65
+    sol = solve_lambda(None, g, beta, b, reward_in_tilt=False, tilt=h)
+    out = bootstrap_budget(g, beta, b, sol.lam, tilt=h, num_resamples=100)
+    assert out == bootstrap_budget(g, beta, b, sol.lam, tilt=h, num_resamples=100)
+    low, high = out["lambda_star"]
+    assert low < sol.lam < high and out["safety"][0] < b < out["safety"][1] and out["infeasible_fraction"] == 0
+    few = bootstrap_budget(g[:10], beta, b, sol.lam, tilt=h[:10], num_resamples=100)
+    assert few["safety"][1] - few["safety"][0] > out["safety"][1] - out["safety"][0]
+    with pytest.raises(ValueError, match="level"):
+        bootstrap_budget(g, beta, b, sol.lam, level=1.5)
 
 
 def test_default_lam_max_reaches_near_saturated_budgets():
@@ -354,9 +404,18 @@ def test_estimate_budget_end_to_end(tiny_model_dir, score_dirs, tmp_path, monkey
     monkeypatch.setattr(ScoreModel, "from_pretrained", no_load)
     b = 0.5 * (first["reference"]["safety"] + first["reference"]["safety_max"])
     second = run(b)
-    expected = solve_lambda(r, g, beta, b, reward_in_tilt=False)
+    h = -costs.double().reshape(len(PROMPTS), k)
+    expected = solve_lambda(r, g, beta, b, reward_in_tilt=False, tilt=h)
     assert second["status"] == "interior" and expected.status == "interior"
     assert second["lambda_star"] == pytest.approx(expected.lam, rel=1e-6)
+    # tilted by the Bradley-Terry score -cost, not by g = sigmoid(-cost): another lambda*
+    assert expected.lam != pytest.approx(solve_lambda(r, g, beta, b, reward_in_tilt=False).lam, rel=1e-3)
+    assert second["samples_per_prompt"] == k and second["scales"]["tilt"].startswith("-cost")
+    assert second["scales"]["constraint"] == "P(safe) = sigmoid(-cost)"
+    low, high = second["lambda_star_interval"]
+    assert low <= second["lambda_star"] and (high is None or high >= low)
+    s_low, s_high = second["predicted"]["safety_interval"]
+    assert s_low <= s_high and second["interval"]["level"] == 0.9
     assert second["predicted"]["safety"] == pytest.approx(b, rel=1e-6)
     assert second["predicted"]["reward"] == pytest.approx(expected.reward, rel=1e-6, abs=1e-7)
     assert second["step2_beta"] == pytest.approx(beta / expected.lam, rel=1e-6)

@@ -64,3 +64,35 @@ def test_budget_needs_a_cost_model_and_a_probability_threshold(tmp_path):
     assert cfg.safety_budget.b == 0.6 and cfg.lambdas == []
     with pytest.raises(PipelineConfigError, match="lambdas: must be a non-empty list"):
         load_pipeline_config(_write(tmp_path, lambdas=[]))
+
+
+@pytest.mark.parametrize(("overrides", "algorithm", "named"), [
+    ({"model": {"init_args": {"loss": "ipo"}}}, "dpo", "loss 'ipo'"),
+    ({"model": {"init_args": {"loss": "hinge"}}}, "dpo", "loss 'hinge'"),
+    ({"model": {"init_args": {"label_smoothing": 0.1}}}, "dpo", "label_smoothing 0.1"),
+    ({}, "kto", "loss 'kto'"),
+])
+def test_budget_refuses_a_step2_loss_that_is_not_the_gibbs_tilt(tmp_path, overrides, algorithm, named):
+    """lambda* is solved for DPO's optimum pi_r exp(lambda h / beta): another loss is refused at load time, naming the
+    loss and the option that accepts the approximation; with the option it loads."""
+    configs = ["configs/debug/tiny.yaml"] + (["configs/debug/tiny_kto.yaml"] if algorithm == "kto" else [])
+    step = {"algorithm": algorithm, "configs": configs, "overrides": overrides}
+    budget = {"b": 0.6, "prompts": "../shared/data/eval/safety_problem.json", "cost_model": str(tmp_path)}
+    with pytest.raises(PipelineConfigError, match=f"safety_budget: the safety step trains with .*{named}.*"
+                                                  "safety_budget.allow_approximate_loss: true"):
+        load_pipeline_config(_write(tmp_path, lambdas=[], merge={}, safety_step=step, safety_budget=budget))
+    cfg = load_pipeline_config(_write(tmp_path, lambdas=[], merge={}, safety_step=step,
+                                      safety_budget={**budget, "allow_approximate_loss": True}))
+    assert cfg.safety_budget.allow_approximate_loss
+
+
+def test_budget_pipeline_without_safety_judges_fails_at_load(tmp_path):
+    """The evaluation of a budget pipeline checks measured safety against b: without safety judges the config is
+    refused when it is loaded, not after training."""
+    raw = yaml.safe_load((ROOT / "configs" / "pipelines" / "tiny_budget.yaml").read_text())
+    assert load_pipeline_config(ROOT / "configs" / "pipelines" / "tiny_budget.yaml").safety_budget is not None
+    del raw["evaluate"]["safety_judges"]
+    path = tmp_path / "no_judges.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(PipelineConfigError, match="evaluate.safety_judges: a safety_budget pipeline"):
+        load_pipeline_config(path)

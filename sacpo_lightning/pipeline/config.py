@@ -64,7 +64,8 @@ class MergeSpec:
 PIPELINE_KEYS = {"sft", "beta", "lambdas", "reward_step", "safety_step", "orders", "merge", "baselines", "evaluate",
                  "safety_budget"}
 BUDGET_KEYS = {"b", "samples_per_prompt", "prompts", "max_prompts", "safety_transform", "max_new_tokens", "batch_size",
-               "cost_model", "reward_model", "lam_max", "merge_weights", "seed"}
+               "cost_model", "reward_model", "lam_max", "merge_weights", "seed", "allow_at_max",
+               "allow_approximate_loss"}
 
 
 @dataclass
@@ -78,7 +79,7 @@ class BudgetSpec:
 
     Args:
         b: The threshold of ``E[g] >= b``.
-        samples_per_prompt: K samples per prompt of the step-1 model (>= 2).
+        samples_per_prompt: K samples per prompt of the step-1 model (>= 2; default 16: fewer bias lambda* upward).
         prompts: Prompt file (JSON list or JSON lines with ``prompt``).
         max_prompts: Use an evenly spaced subset of this many prompts.
         safety_transform: ``prob_safe`` or ``neg_cost`` (see :func:`sacpo_lightning.budget.safety_from_cost`).
@@ -89,11 +90,15 @@ class BudgetSpec:
         lam_max: Largest lambda searched.
         merge_weights: P-SACPO merges of step 1 with the lambda* model at these q; the evaluation picks the smallest
             loss of helpfulness among those whose measured safety meets ``b``.
-        seed: Sampling seed.
+        seed: Sampling seed (and the bootstrap's).
+        allow_at_max: Train step 2 at ``lam_max`` when lambda* lies beyond it (its predicted safety is below ``b``);
+            by default such a budget is skipped like an infeasible one.
+        allow_approximate_loss: Accept a step-2 loss whose optimum is not the Gibbs tilt ``pi_r exp(lambda h /
+            beta)`` the budget solves for (KTO, IPO, hinge, label smoothing): lambda* then only approximates.
     """
 
     b: float
-    samples_per_prompt: int = 4
+    samples_per_prompt: int = 16
     prompts: str = ""
     max_prompts: int | None = None
     safety_transform: str = "prob_safe"
@@ -104,6 +109,8 @@ class BudgetSpec:
     lam_max: float | None = None
     merge_weights: list[float] = field(default_factory=list)
     seed: int = 0
+    allow_at_max: bool = False
+    allow_approximate_loss: bool = False
 
 
 @dataclass
@@ -186,7 +193,7 @@ def load_pipeline_config(path: str | os.PathLike) -> PipelineConfig:
     for b in baselines:
         _require(b in ("safety_only",), source, "baselines", f"unknown baseline {b!r}; allowed: safety_only")
     evaluate = _load_evaluate(raw.get("evaluate"), source)
-    budget = _load_budget(raw.get("safety_budget"), source, orders, evaluate)
+    budget = _load_budget(raw.get("safety_budget"), source, orders, evaluate, steps["safety_step"])
     return PipelineConfig(
         sft=raw["sft"], beta=float(beta), lambdas=[float(x) for x in lambdas], reward_step=steps["reward_step"],
         safety_step=steps["safety_step"], orders=orders, merge=merge, baselines=baselines, evaluate=evaluate,
@@ -264,7 +271,9 @@ def _load_evaluate(evaluate: Any, source: str) -> dict[str, Any] | None:
     return evaluate
 
 
-def _load_budget(raw: Any, source: str, orders: list[str], evaluate: dict[str, Any] | None) -> BudgetSpec | None:
+def _load_budget(
+    raw: Any, source: str, orders: list[str], evaluate: dict[str, Any] | None, safety_step: StepSpec
+) -> BudgetSpec | None:
     if raw is None:
         return None
     key = "safety_budget"
@@ -298,7 +307,35 @@ def _load_budget(raw: Any, source: str, orders: list[str], evaluate: dict[str, A
             _require(Path(getattr(spec, name)).is_dir(), source, f"{key}.{name}", f"folder {value!r} not found")
     _require(spec.cost_model is not None, source, f"{key}.cost_model",
              "required: a cost model folder, or train one with evaluate.cost_model")
+    for name in ("allow_at_max", "allow_approximate_loss"):
+        _require(isinstance(getattr(spec, name), bool), source, f"{key}.{name}",
+                 f"must be true or false, got {getattr(spec, name)!r}")
+    _check_budget_loss(spec, safety_step, source)
+    if evaluate is not None:
+        # the evaluation checks every model against b, which needs per-answer safety judges
+        _require(bool(evaluate.get("safety_judges")), source, "evaluate.safety_judges",
+                 "a safety_budget pipeline's evaluation checks the measured safety against b and needs per-answer "
+                 "safety judges: add e.g. safety_judges: [{kind: cost_model, model: cost_model}] (or remove evaluate)")
     return spec
+
+
+def _check_budget_loss(spec: BudgetSpec, safety_step: StepSpec, source: str) -> None:
+    """The budget's lambda* assumes step 2 reaches ``pi_r exp(lambda h / beta)``: DPO's sigmoid loss without label
+    smoothing on Bradley-Terry pairs does; KTO, IPO, hinge and label-smoothed DPO do not."""
+    if spec.allow_approximate_loss:
+        return
+    init = ((compose_step_config(safety_step).get("model") or {}).get("init_args") or {})
+    loss = "kto" if safety_step.algorithm == "kto" else init.get("loss", "sigmoid")
+    smoothing = init.get("label_smoothing", 0.0) if safety_step.algorithm != "kto" else 0.0
+    if loss == "sigmoid" and not smoothing:
+        return
+    what = f"loss {loss!r}" if loss != "sigmoid" else f"DPO with label_smoothing {smoothing!r}"
+    raise PipelineConfigError(
+        f"{source}: safety_budget: the safety step trains with {what}, whose optimum is not the tilt pi_r exp(lambda "
+        "h / beta) that the budget's lambda* is solved for (only DPO's sigmoid loss without label smoothing reaches "
+        "it); use safety_step with algorithm dpo and model.init_args.loss sigmoid, or set "
+        "safety_budget.allow_approximate_loss: true to accept lambda* as an approximation"
+    )
 
 
 def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:

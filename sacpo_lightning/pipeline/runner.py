@@ -327,6 +327,7 @@ class PipelineRunner:
         generation = GenerationSettings(max_new_tokens=int(config["max_new_tokens"]), do_sample=True,
                                         batch_size=int(config["batch_size"]), seed=int(config["seed"]))
         kwargs = dict(safety_transform=config["safety_transform"], lam_max=config.get("lam_max"),
+                      allow_at_max=bool(config.get("allow_at_max", False)),
                       generation=generation)
         args = (config["reference"], prompts, int(config["samples_per_prompt"]), float(config["beta"]),
                 float(config["b"]), config["cost_model"], config.get("reward_model"), root)
