@@ -1,4 +1,5 @@
-"""Command line: ``sacpo fit|validate`` (LightningCLI) plus ``prepare-model``, ``pipeline``, ``merge`` and friends."""
+"""Command line: ``sacpo fit|validate`` (LightningCLI) plus ``prepare-model``, ``pipeline``, ``merge``, ``export``
+and friends."""
 
 from __future__ import annotations
 
@@ -120,6 +121,7 @@ COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "prepare-model": (_prepare_model, "convert/cache a named local model (smollm2, tiny-random-llama)"),
     "pipeline": (_lazy("sacpo_lightning.pipeline.runner", "main"), "run the SACPO pipeline from a pipeline config"),
     "merge": (_lazy("sacpo_lightning.merging_cli", "main"), "merge two exported models (P-SACPO)"),
+    "export": (_lazy("sacpo_lightning.export_cli", "main"), "write a plain Hugging Face folder (merged weights)"),
     "generate": (_lazy("sacpo_lightning.evaluation.cli", "generate_main"), "generate responses on prompt sets"),
     "evaluate": (_lazy("sacpo_lightning.evaluation.cli", "evaluate_main"), "judge models against a baseline"),
 }

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from sacpo_lightning.io import PathLike, atomic_directory, atomic_write_json
 from sacpo_lightning.merge_weight import check_q
+from sacpo_lightning.models.card import MERGE_FILE, write_model_card
 from sacpo_lightning.models.chain import is_chain_folder, merge_chains
 from sacpo_lightning.models.compat import MergeError, check_compatible
 from sacpo_lightning.models.policy import load_model_folder
@@ -35,7 +36,7 @@ __all__ = [
     "merge_model_folders",
 ]
 
-MERGE_METADATA_FILE = "sacpo_merge.json"
+MERGE_METADATA_FILE = MERGE_FILE
 MERGE_NAME_FORMAT = "merge_q{q:.2f}"
 """Folder name of the merge at weight ``q`` under an output root."""
 
@@ -136,6 +137,7 @@ def _merge_chain_folders(dir_a: Path, dir_b: Path, q_values: Sequence[float], di
             atomic_write_json(tmp / MERGE_METADATA_FILE, {
                 "kind": "adapter_merge", "base": str(dir_a.resolve()), "other": str(dir_b.resolve()), "q": q,
                 "formula": "(1 - q) * base + q * other, as adapter scales on one base model", "links": links})
+            write_model_card(tmp)
 
 
 def _original_tensors(target: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -180,6 +182,7 @@ def _merge_full_weights(
                 "dtype": saved_dtype,
             }
             atomic_write_json(tmp / MERGE_METADATA_FILE, metadata)
+            write_model_card(tmp)
 
 
 @torch.no_grad()

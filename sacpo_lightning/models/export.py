@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -10,12 +11,21 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from sacpo_lightning.io import atomic_directory, atomic_write_json
-from sacpo_lightning.models.chain import OWN_ADAPTER, TRAINABLE_ADAPTER, copy_links, read_chain, write_chain_file
-from sacpo_lightning.models.policy import PolicySettings, load_causal_lm
+from sacpo_lightning.models.card import STEP_FILE, write_model_card
+from sacpo_lightning.models.chain import (
+    CHAIN_FILE,
+    OWN_ADAPTER,
+    TRAINABLE_ADAPTER,
+    copy_links,
+    read_chain,
+    write_chain_file,
+)
+from sacpo_lightning.models.policy import PolicySettings, load_causal_lm, load_model_folder
 from sacpo_lightning.models.registry import resolve_model_path
+from sacpo_lightning.models.tokenizer import load_raw_tokenizer
 from sacpo_lightning.precision import DTYPES, DtypeName
 
-STEP_METADATA = "sacpo_step.json"
+STEP_METADATA = STEP_FILE
 ADAPTER_DIR = OWN_ADAPTER
 
 
@@ -70,6 +80,49 @@ def export_policy(
         tokenizer.save_pretrained(tmp)
         has_weights = bool(merged or not settings.uses_adapter)
         atomic_write_json(tmp / STEP_METADATA, {**metadata, "merged_weights": has_weights})
+        write_model_card(tmp)
+    return Path(output_dir)
+
+
+def export_plain_folder(
+    src: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    *,
+    dtype: DtypeName | None = None,
+    card: dict[str, Any] | None = None,
+) -> Path:
+    """Writes any export or merge of this library as a plain Hugging Face folder, atomically.
+
+    The folder holds ``config.json``, ``model.safetensors``, ``generation_config.json``, the tokenizer files, the
+    source's ``sacpo_*.json`` records (not the chain file: the adapters are merged into the weights) and a model card,
+    so ``AutoModelForCausalLM.from_pretrained`` loads it without this library.
+
+    Args:
+        src: A full-weight folder, or an adapter export or adapter merge (its chain is merged into the base).
+        output_dir: Target folder; replaced atomically if it exists.
+        dtype: Dtype of the written weights (default: the source's).
+        card: Extra fields for the model card (``budget``, ``evaluation``; see
+            :func:`sacpo_lightning.models.card.build_model_card`).
+
+    Raises:
+        FileNotFoundError: ``src`` is not a model folder this library wrote or can load.
+    """
+    src_path = Path(os.path.expanduser(os.path.expandvars(str(src))))
+    if not (src_path / "config.json").is_file() and not (src_path / CHAIN_FILE).is_file():
+        raise FileNotFoundError(f"sacpo export: {src_path} is not a model folder (no config.json or {CHAIN_FILE}); "
+                                "pass an export or merge folder.")
+    if Path(output_dir).resolve() == src_path.resolve():
+        raise ValueError(f"sacpo export: OUT {output_dir} is the source folder; pick another folder.")
+    model = load_model_folder(str(src_path), dtype)
+    written_dtype = dtype or str(model.dtype).removeprefix("torch.")
+    tokenizer = load_raw_tokenizer(src_path)
+    with atomic_directory(output_dir) as tmp:
+        _write_merged(model, tokenizer, tmp, written_dtype)
+        tokenizer.save_pretrained(tmp)
+        for record in sorted(src_path.glob("sacpo_*.json")):
+            if record.name != CHAIN_FILE:
+                shutil.copy2(record, tmp / record.name)
+        write_model_card(tmp, source=str(src_path), **(card or {}))
     return Path(output_dir)
 
 
