@@ -226,3 +226,33 @@ def test_push_to_hub_offline_checks(qlora_exports, tmp_path, monkeypatch, capsys
     monkeypatch.setattr(huggingface_hub, "HfApi", _Offline)
     with pytest.raises(PushError, match="check the network"):
         push_folder(out, "user/model")
+
+
+def test_chain_loads_with_plain_peft_as_the_readme_says(qlora_exports, tmp_path):
+    """The README's recipe (merge each link of sacpo_chain.json in order, at its scale) on a merge whose links have
+    scales other than 1; without the scales it would give a different model."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    step1, step2 = qlora_exports
+    (folder,) = merge_model_folders(step1, step2, [0.25], output_root=tmp_path / "merges")
+    chain = json.loads((folder / CHAIN_FILE).read_text())
+    assert sorted(link["scale"] for link in chain["links"]) == [0.25, 1.0]
+
+    def recipe(use_scales: bool):
+        model = AutoModelForCausalLM.from_pretrained(chain["base_model"], dtype=torch.float32)
+        for link in chain["links"]:
+            model = PeftModel.from_pretrained(model, f"{folder}/{link['path']}")
+            for module in model.modules():
+                if use_scales and hasattr(module, "set_scale"):
+                    module.set_scale("default", link["scale"])
+            model = model.merge_and_unload()
+        return model.eval()
+
+    batch = make_pair_batch(seed=9)
+    expected = _library_logps(folder, batch)
+    with torch.no_grad():
+        got, unscaled = (model_sequence_logps(recipe(flag), batch["input_ids"], batch["attention_mask"],
+                                              batch["labels"]) for flag in (True, False))
+    assert (got - expected).abs().max().item() <= 1e-5
+    assert (unscaled - expected).abs().max().item() > 1e-4
