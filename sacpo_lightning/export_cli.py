@@ -18,6 +18,7 @@ from typing import Literal
 
 from jsonargparse import ActionConfigFile, ArgumentParser
 
+from sacpo_lightning.cli_args import parse_command
 from sacpo_lightning.models.export import export_plain_folder
 
 __all__ = ["build_parser", "export", "main", "push_folder"]
@@ -100,13 +101,9 @@ def build_parser() -> ArgumentParser:
 
 def main(argv: list[str]) -> int:
     """Runs ``sacpo export``; returns the exit status (2 for bad arguments, missing folders or a failed upload)."""
-    parser = build_parser()
-    try:
-        config = parser.parse_args([a.replace("--push-to-hub", "--push_to_hub") for a in argv])
-    except SystemExit as exit_:  # --help, --print_config, or a usage error already printed by jsonargparse
-        code = exit_.code
-        return 0 if code is None else code if isinstance(code, int) else 2
-    kwargs = {key: value for key, value in config.as_dict().items() if key != "config"}
+    kwargs, code = parse_command(build_parser(), [a.replace("--push-to-hub", "--push_to_hub") for a in argv])
+    if kwargs is None:
+        return code
     try:
         folder = export(**kwargs)
     except (PushError, ValueError, OSError) as err:

@@ -27,6 +27,7 @@ from typing import Literal
 from jsonargparse import ActionConfigFile, ArgumentParser
 from jsonargparse.typing import PositiveInt
 
+from sacpo_lightning.cli_args import parse_command
 from sacpo_lightning.merge_kl import KL_MAX_LENGTH
 from sacpo_lightning.merge_report import REPORT_FILE, format_report, merge_with_report, read_kl_prompts
 from sacpo_lightning.models.compat import MergeError
@@ -145,13 +146,9 @@ def _normalize_argv(argv: list[str]) -> list[str]:
 
 def main(argv: list[str]) -> int:
     """Runs ``sacpo merge``; returns the exit status (2 for bad arguments or models that cannot be merged)."""
-    parser = build_parser()
-    try:
-        config = parser.parse_args(_normalize_argv(argv))
-    except SystemExit as exit_:  # --help, --print_config, or a usage error already printed by jsonargparse
-        code = exit_.code
-        return 0 if code is None else code if isinstance(code, int) else 2
-    kwargs = {key: value for key, value in config.as_dict().items() if key != "config"}
+    kwargs, code = parse_command(build_parser(), _normalize_argv(argv))
+    if kwargs is None:
+        return code
     try:
         report = merge(**kwargs)
     except (MergeError, ValueError, OSError) as err:
