@@ -72,7 +72,8 @@ def configure_optimization(params: Iterable[torch.nn.Parameter], settings: Optim
             import bitsandbytes as bnb
         except Exception as err:  # pragma: no cover - depends on the installation
             raise RuntimeError(f"--model.optim.optimizer={settings.optimizer} needs bitsandbytes "
-                               f"(pip install bitsandbytes==0.50.2): {err}; or use adamw.") from err
+                               f"(the qlora extra: pip install \"sacpo-lightning[qlora]\"): {err}; "
+                               "or use adamw.") from err
         cls = bnb.optim.PagedAdamW8bit if settings.optimizer == "paged_adamw_8bit" else bnb.optim.AdamW8bit
         optimizer = cls(params, **kwargs)
     total = max(1, int(total_steps))

@@ -84,7 +84,8 @@ def test_merge_weight_outside_unit_interval_is_refused_everywhere(q, tmp_path, m
 def test_qlora_without_bitsandbytes_says_what_to_install(tiny_model_dir, monkeypatch):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # makes `import bitsandbytes` fail
     settings = PolicySettings(name_or_path=tiny_model_dir, finetune="qlora", lora=LoraSettings(r=4, alpha=8))
-    with pytest.raises(RuntimeError, match=r"--model\.policy\.finetune=qlora needs bitsandbytes .*finetune: lora"):
+    message = r"--model\.policy\.finetune=qlora needs bitsandbytes .*sacpo-lightning\[qlora\].*finetune: lora"
+    with pytest.raises(RuntimeError, match=message):
         build_policy(settings)
 
 

@@ -203,7 +203,8 @@ def bnb_4bit_config(settings: PolicySettings):
         from transformers import BitsAndBytesConfig
     except Exception as err:  # pragma: no cover - depends on the installation
         raise RuntimeError(
-            "--model.policy.finetune=qlora needs bitsandbytes with 4-bit support (pip install bitsandbytes==0.50.2); "
+            "--model.policy.finetune=qlora needs bitsandbytes with 4-bit support "
+            "(the qlora extra: pip install \"sacpo-lightning[qlora]\"); "
             f"importing it failed: {err}. Use finetune: lora instead."
         ) from err
     return BitsAndBytesConfig(
