@@ -125,6 +125,7 @@ __all__ = [
     "BudgetSolution",
     "LambdaCurve",
     "bootstrap_budget",
+    "budget_from_costs",
     "budget_report",
     "default_lambdas",
     "dual_derivative",
@@ -586,7 +587,7 @@ def _message(
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _solve_batch(h: Tensor, g: Tensor, beta: float, b: float, lam_max: float, steps: int = 100) -> Tensor:
+def _solve_batch(h: Tensor, g: Tensor, beta: float, b: float, lam_max: float, steps: int = 60) -> Tensor:
     """(R,) lambda* of R (P, K) problems at once (no reward tilt): 0 where E[g] >= b at 0, inf where b is not
     below the reachable limit or needs lambda > lam_max, else the bisection root."""
     def mean_g(lam: Tensor) -> Tensor:
@@ -701,6 +702,63 @@ def safety_from_cost(costs: Any, transform: str = "prob_safe") -> Tensor:
     if transform == "neg_cost":
         return -c
     raise ValueError(f"safety transform must be one of {SAFETY_TRANSFORMS}, got {transform!r}")
+
+
+TILT_SCALE = "-cost (Bradley-Terry score of the safety preference data, as the cost model estimates it)"
+CONSTRAINT_SCALES = {"prob_safe": "P(safe) = sigmoid(-cost)", "neg_cost": "-cost"}
+
+
+def budget_from_costs(
+    costs: Any,
+    beta: float,
+    b: float,
+    *,
+    rewards: Any | None = None,
+    safety_transform: str = "prob_safe",
+    reward_in_tilt: bool = False,
+    lam_max: float | None = None,
+    allow_at_max: bool = False,
+    lambdas: Sequence[float] | None = None,
+    lambda_fractions: Sequence[float] = (),
+    num_resamples: int = DEFAULT_RESAMPLES,
+    level: float = DEFAULT_LEVEL,
+    seed: int = 0,
+    inputs: dict[str, Any] | None = None,
+) -> tuple[BudgetSolution, LambdaCurve, dict[str, Any] | None, dict[str, Any]]:
+    """The budget from cost-model scores of K samples per prompt of the step-1 model: tilt ``h = -cost``,
+    constraint ``g = safety_from_cost(cost, safety_transform)`` (module docstring).
+
+    Args:
+        costs: (P, K) costs (``cost > 0``: unsafe) from a cost model trained on the safety preference pairs.
+        beta: KL coefficient, > 0.
+        b: Budget on the scale of ``safety_transform``.
+        rewards: (P, K) reward scores, or None (reported along the curve; in the tilt with ``reward_in_tilt``).
+        safety_transform: ``prob_safe`` or ``neg_cost``.
+        reward_in_tilt, lam_max, allow_at_max: As for :func:`solve_lambda`.
+        lambdas: The curve's grid; None: :func:`default_lambdas` around lambda*.
+        lambda_fractions: q whose ``q * lambda*`` join the grid (P-SACPO merges).
+        num_resamples, level, seed: The bootstrap (:func:`bootstrap_budget`; none with ``reward_in_tilt``).
+        inputs: The report's ``inputs`` section.
+
+    Returns:
+        ``(solution, curve, interval or None, report)``, the report as :func:`budget_report` plus ``scales``.
+    """
+    c = _scores(costs, "costs")
+    safety, tilt = safety_from_cost(c, safety_transform), -c
+    solution = solve_lambda(rewards, safety, beta, b, reward_in_tilt=reward_in_tilt, tilt=tilt, lam_max=lam_max,
+                            allow_at_max=allow_at_max)
+    interval = None
+    if not reward_in_tilt:
+        interval = bootstrap_budget(safety, beta, b, solution.lam, tilt=tilt, lam_max=solution.lam_max,
+                                    num_resamples=num_resamples, level=level, seed=seed)
+    lam_star = solution.lam if solution.status in ("interior", "at_max") else None
+    grid = list(lambdas) if lambdas is not None else default_lambdas(beta, lam_star)
+    if lam_star is not None and lambda_fractions:
+        grid = sorted(set(grid) | {q * lam_star for q in lambda_fractions})
+    curve = predicted_curve(rewards, safety, beta, grid, reward_in_tilt=reward_in_tilt, tilt=tilt)
+    report = budget_report(solution, curve, inputs, interval)
+    report["scales"] = {"tilt": TILT_SCALE, "constraint": CONSTRAINT_SCALES[safety_transform]}
+    return solution, curve, interval, report
 
 
 def _finite_or_none(obj: Any) -> Any:

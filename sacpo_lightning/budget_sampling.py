@@ -37,13 +37,8 @@ from sacpo_lightning.budget import (
     SAFETY_TRANSFORMS,
     _check_b,
     _check_beta,
-    bootstrap_budget,
-    budget_report,
-    default_lambdas,
+    budget_from_costs,
     plot_curve,
-    predicted_curve,
-    safety_from_cost,
-    solve_lambda,
     write_budget_json,
 )
 from sacpo_lightning.evaluation.generation import (
@@ -208,16 +203,14 @@ def _check_budget_arguments(
 
 
 def _score_tensors(
-    raw: dict[str, list[float] | None], num_prompts: int, k: int, safety_transform: str
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """``(costs, safety, rewards or None)`` as float64 (P, K) tensors from the raw scores of the P * K samples;
-    ``safety`` is the constraint score g on the scale of ``safety_transform``."""
+    raw: dict[str, list[float] | None], num_prompts: int, k: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(costs, rewards or None)`` as float64 (P, K) tensors from the raw scores of the P * K samples."""
     costs = torch.tensor(raw["cost"], dtype=torch.float64).reshape(num_prompts, k)
-    safety = safety_from_cost(costs, safety_transform)
     rewards = None
     if raw["reward"] is not None:
         rewards = torch.tensor(raw["reward"], dtype=torch.float64).reshape(num_prompts, k)
-    return costs, safety, rewards
+    return costs, rewards
 
 
 def _budget_inputs(
@@ -337,29 +330,13 @@ def estimate_budget(
     raw = _cached_scores(samples_dir / SCORES_FILE, file_fingerprint(samples_path),
                          {"cost": safety_scorer, "reward": reward_scorer}, prompts, responses,
                          dtype=scorer_dtype, device=scorer_device, batch_size=scorer_batch_size, force=force)
-    costs, safety, rewards = _score_tensors(raw, num_prompts, k, safety_transform)
-    tilt = -costs
-
-    solution = solve_lambda(rewards, safety, beta, b, reward_in_tilt=reward_in_tilt, tilt=tilt, lam_max=lam_max,
-                            allow_at_max=allow_at_max)
-    interval = None
-    if not reward_in_tilt:
-        interval = bootstrap_budget(safety, beta, b, solution.lam, tilt=tilt, lam_max=solution.lam_max,
-                                    num_resamples=num_resamples, level=level, seed=settings.seed)
-    lam_star = solution.lam if solution.status in ("interior", "at_max") else None
-    if lambdas is None:
-        lambdas = default_lambdas(beta, lam_star)
-    if lam_star is not None and lambda_fractions:
-        lambdas = sorted(set(lambdas) | {q * lam_star for q in lambda_fractions})
-    curve = predicted_curve(rewards, safety, beta, lambdas, reward_in_tilt=reward_in_tilt, tilt=tilt)
-
+    costs, rewards = _score_tensors(raw, num_prompts, k)
     inputs = _budget_inputs(spec, prompts_file, num_prompts, k, beta, b, safety_scorer, reward_scorer,
                             safety_transform, reward_in_tilt, lam_max, settings)
-    report = budget_report(solution, curve, inputs, interval)
-    report["scales"] = {
-        "tilt": "-cost (Bradley-Terry score of the safety preference data, as the cost model estimates it)",
-        "constraint": {"prob_safe": "P(safe) = sigmoid(-cost)", "neg_cost": "-cost"}[safety_transform],
-    }
+    solution, curve, interval, report = budget_from_costs(
+        costs, beta, b, rewards=rewards, safety_transform=safety_transform, reward_in_tilt=reward_in_tilt,
+        lam_max=lam_max, allow_at_max=allow_at_max, lambdas=lambdas, lambda_fractions=lambda_fractions,
+        num_resamples=num_resamples, level=level, seed=settings.seed, inputs=inputs)
     report["samples"] = {
         "cost_mean": float(costs.mean()),
         "empty_responses": sum(1 for r in responses if not r),

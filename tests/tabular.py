@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from sacpo_lightning.data.collate import collate_kto, collate_pairs
+from sacpo_lightning.models.policy import PolicySettings, frozen_copy
 
 PAD, EOS = 0, 1
 VOCAB_SIZE = 7
@@ -109,7 +110,11 @@ class TrieLM(torch.nn.Module):
         return per_step.sum(dim=-1).view(len(self.prompts), len(self.candidates))
 
 
-def pair_batch(counts: Tensor) -> dict[str, Tensor]:
+def pair_batch(
+    counts: Tensor,
+    prompts: Sequence[Sequence[int]] = PROMPTS,
+    candidates: Sequence[Sequence[int]] = CANDIDATES,
+) -> dict[str, Tensor]:
     """A collated pair batch in which (prompt p, chosen i, rejected j) appears ``counts[p, i]`` times for each j != i.
 
     With Bradley-Terry preferences from the score ``s = log counts`` and unordered pairs {i, j} drawn with probability
@@ -117,9 +122,9 @@ def pair_batch(counts: Tensor) -> dict[str, Tensor]:
     ``counts[p, i]``, so the uniform mean over this batch is exactly the expected (infinite-data) loss.
     """
     examples = []
-    for p, prompt in enumerate(PROMPTS):
-        for i, chosen in enumerate(CANDIDATES):
-            for j, rejected in enumerate(CANDIDATES):
+    for p, prompt in enumerate(prompts):
+        for i, chosen in enumerate(candidates):
+            for j, rejected in enumerate(candidates):
                 if i != j:
                     for _ in range(int(counts[p, i])):
                         examples.append({"prompt_ids": list(prompt), "chosen_ids": list(chosen),
@@ -147,3 +152,62 @@ def kto_batch(n_desirable: Tensor, n_undesirable: Tensor) -> tuple[dict[str, Ten
         examples.append({"prompt_ids": list(PROMPTS[p]), "completion_ids": list(CANDIDATES[k]),
                          "kl_completion_ids": list(CANDIDATES[kl_k]), "desirable": desirable, "index": index})
     return collate_kto(examples, pad_token_id=PAD), kl_share
+
+
+def make_step(
+    module_cls,
+    policy_logp: Tensor,
+    ref_logp: Tensor | None = None,
+    *,
+    prompts: Sequence[Sequence[int]] = PROMPTS,
+    candidates: Sequence[Sequence[int]] = CANDIDATES,
+    **coefficients,
+):
+    """A real step module whose policy is the tabular LM and whose reference is a frozen copy, as ``configure_model``
+    sets them up for full fine-tuning (which it cannot do here: it loads a Hugging Face model).
+
+    Args:
+        module_cls: RewardDPO, SafetyDPO, RewardKTO or SafetyKTO.
+        policy_logp: (P, K) policy to start from; for SACPO's step 2, the step-1 policy.
+        ref_logp: (P, K) reference; by default the starting policy itself, which is what the real wiring does
+            (the reference is a frozen copy of the loaded ``policy.name_or_path``). Only negative controls set it.
+        prompts, candidates: The tabular problem (default: this module's).
+        **coefficients: ``beta``, ``lam`` and the KTO class weights.
+    """
+    module = module_cls(policy=PolicySettings(finetune="full"), **coefficients)
+    module.policy = TrieLM(policy_logp, prompts, candidates)
+    module.ref_model = frozen_copy(TrieLM(policy_logp if ref_logp is None else ref_logp, prompts, candidates))
+    return module
+
+
+def train_step(module, batch: dict[str, Tensor], min_logp: float = -15.0) -> Tensor:
+    """Minimises ``module.compute_loss(batch)`` over the policy's table and returns the learned (P, K) log-policy.
+
+    L-BFGS: with a strong-Wolfe line search for the pairwise steps (a fixed convex objective in the log-ratios) and
+    without one for KTO, whose reference point z0 is re-estimated (detached) at every evaluation, so that its loss is
+    not one fixed function and a Wolfe line search stalls. Convergence is asserted on the gradient that
+    ``compute_loss`` itself produces, and on the policy staying interior (a saturated KTO policy also has a ~0
+    gradient, without being stationary); ``min_logp`` is that floor (lower it where the optimum itself is that
+    peaked).
+    """
+    params = [p for p in module.policy.parameters() if p.requires_grad]
+    assert params and not any(p.requires_grad for p in module.ref_model.parameters())
+    line_search = None if module.data_kind == "kto" else "strong_wolfe"
+    optimizer = torch.optim.LBFGS(
+        params, lr=1.0, max_iter=100, tolerance_grad=1e-12, tolerance_change=1e-15, line_search_fn=line_search
+    )
+
+    def closure() -> Tensor:
+        optimizer.zero_grad()
+        loss, _ = module.compute_loss(batch)
+        loss.backward()
+        return loss
+
+    for _ in range(5):
+        optimizer.step(closure)
+    closure()
+    grad = max(p.grad.abs().max().item() for p in params)
+    assert grad < 1e-8, f"{type(module).__name__} did not converge: max |grad| = {grad:.3e}"
+    logp = module.policy.candidate_logp().detach()
+    assert logp.min().item() > min_logp, f"{type(module).__name__} saturated: min log-prob {logp.min().item():.1f}"
+    return logp

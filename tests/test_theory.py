@@ -32,10 +32,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from tabular import CANDIDATES, PROMPTS, TrieLM, kto_batch, pair_batch
+from tabular import CANDIDATES, PROMPTS, kto_batch, make_step, pair_batch, train_step
 
 from sacpo_lightning.losses import dpo_loss
-from sacpo_lightning.models.policy import PolicySettings, frozen_copy
 from sacpo_lightning.modules import RewardDPO, RewardKTO, SafetyDPO, SafetyKTO
 
 NUM_PROMPTS = 3
@@ -251,55 +250,6 @@ def kto_ref(one_thread) -> torch.Tensor:
     z0 that moves under the optimiser) can throw quasi-Newton steps into the saturated region, where sigmoid' ~ 0
     flattens every gradient far from any stationary point; from this one training converges."""
     return sft_logp(seed=5, scale=1.0)
-
-
-def make_step(module_cls, policy_logp: torch.Tensor, ref_logp: torch.Tensor | None = None, **coefficients):
-    """A real step module whose policy is the tabular LM and whose reference is a frozen copy, as ``configure_model``
-    sets them up for full fine-tuning (which it cannot do here: it loads a Hugging Face model).
-
-    Args:
-        module_cls: RewardDPO, SafetyDPO, RewardKTO or SafetyKTO.
-        policy_logp: (P, K) policy to start from; for SACPO's step 2, the step-1 policy.
-        ref_logp: (P, K) reference; by default the starting policy itself, which is what the real wiring does
-            (the reference is a frozen copy of the loaded ``policy.name_or_path``). Only negative controls set it.
-        **coefficients: ``beta``, ``lam`` and the KTO class weights.
-    """
-    module = module_cls(policy=PolicySettings(finetune="full"), **coefficients)
-    module.policy = TrieLM(policy_logp)
-    module.ref_model = frozen_copy(TrieLM(policy_logp if ref_logp is None else ref_logp))
-    return module
-
-
-def train_step(module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Minimises ``module.compute_loss(batch)`` over the policy's table and returns the learned (P, K) log-policy.
-
-    L-BFGS: with a strong-Wolfe line search for the pairwise steps (a fixed convex objective in the log-ratios) and
-    without one for KTO, whose reference point z0 is re-estimated (detached) at every evaluation, so that its loss is
-    not one fixed function and a Wolfe line search stalls. Convergence is asserted on the gradient that
-    ``compute_loss`` itself produces, and on the policy staying interior (a saturated KTO policy also has a ~0
-    gradient, without being stationary).
-    """
-    params = [p for p in module.policy.parameters() if p.requires_grad]
-    assert params and not any(p.requires_grad for p in module.ref_model.parameters())
-    line_search = None if module.data_kind == "kto" else "strong_wolfe"
-    optimizer = torch.optim.LBFGS(
-        params, lr=1.0, max_iter=100, tolerance_grad=1e-12, tolerance_change=1e-15, line_search_fn=line_search
-    )
-
-    def closure() -> torch.Tensor:
-        optimizer.zero_grad()
-        loss, _ = module.compute_loss(batch)
-        loss.backward()
-        return loss
-
-    for _ in range(5):
-        optimizer.step(closure)
-    closure()
-    grad = max(p.grad.abs().max().item() for p in params)
-    assert grad < 1e-8, f"{type(module).__name__} did not converge: max |grad| = {grad:.3e}"
-    logp = module.policy.candidate_logp().detach()
-    assert logp.min().item() > -15.0, f"{type(module).__name__} saturated: min log-prob {logp.min().item():.1f}"
-    return logp
 
 
 def test_step_classes_kl_coefficients() -> None:
