@@ -1,4 +1,4 @@
-"""Preference data: sources (PKU-SafeRLHF, HH-RLHF, generic, KTO) -> records -> token ids -> padded batches."""
+"""Preference data: sources (PKU-SafeRLHF, HH-RLHF, TRL shapes) -> records -> token ids -> padded batches."""
 
 from sacpo_lightning.data.collate import IGNORE_INDEX, collate_kto, collate_pairs, pad_and_label
 from sacpo_lightning.data.datamodule import (
@@ -10,12 +10,15 @@ from sacpo_lightning.data.datamodule import (
 from sacpo_lightning.data.formatting import as_messages, hh_transcript, render_prompt, render_response
 from sacpo_lightning.data.sources import (
     DataError,
+    HubRef,
     KTORecord,
     LoadResult,
     PairRecord,
     SourceSpec,
+    detect_source,
     load_records,
     parse_hh_transcript,
+    parse_hub_ref,
     prompt_key,
     read_rows,
     resolve_data_path,
@@ -35,6 +38,7 @@ from sacpo_lightning.data.tokenization import (
 __all__ = [
     "IGNORE_INDEX",
     "DataError",
+    "HubRef",
     "KTORecord",
     "LengthGroupedSampler",
     "LoadResult",
@@ -49,10 +53,12 @@ __all__ = [
     "batch_tokenize_pairs",
     "collate_kto",
     "collate_pairs",
+    "detect_source",
     "hh_transcript",
     "load_records",
     "pad_and_label",
     "parse_hh_transcript",
+    "parse_hub_ref",
     "prompt_key",
     "read_rows",
     "render_prompt",

@@ -246,10 +246,14 @@ class PreferenceDataModule(L.LightningDataModule):
     (adds ``desirable`` and the ``kl_*`` mismatched rows).
 
     Args:
-        train_files: Data files (``.jsonl``, ``.json`` list, ``.parquet``) or ``hub:ID[/DATA_DIR][:SPLIT]`` datasets.
+        train_files: Data files (``.jsonl``, ``.json`` list, ``.csv``, ``.parquet``) or Hub datasets
+            (``hub:OWNER/NAME[/DATA_DIR][:SPLIT][?config=C&split=S&revision=R]``, see
+            :func:`~sacpo_lightning.data.sources.parse_hub_ref`).
             ``~`` and environment variables are expanded.
         val_files: Validation files; when given, ``val_fraction`` is not used.
-        source: Row format: ``pku``, ``hh``, ``generic`` or ``kto`` (see :mod:`sacpo_lightning.data.sources`).
+        source: Row format: ``pku``, ``hh``, ``generic`` (TRL's preference shapes) or ``kto`` (TRL's unpaired
+            shape), see :mod:`sacpo_lightning.data.sources`; not given (or ``auto``), it is read from the first row
+            of each file and logged.
         objective: PKU pairs by ``better_response_id`` (``helpful``) or ``safer_response_id`` (``safe``).
         kind: ``pairs`` or ``kto``.
         kto_from: KTO examples from PKU safety ``flags`` (objective ``safe`` only) or from ``pairs`` (chosen
@@ -278,7 +282,7 @@ class PreferenceDataModule(L.LightningDataModule):
         self,
         train_files: list[str],
         val_files: list[str] | None = None,
-        source: Literal["pku", "hh", "generic", "kto"] = "pku",
+        source: Literal["pku", "hh", "generic", "kto", "auto"] | None = None,
         objective: Literal["helpful", "safe"] = "safe",
         kind: Literal["pairs", "kto"] = "pairs",
         kto_from: Literal["flags", "pairs"] = "flags",
@@ -308,7 +312,7 @@ class PreferenceDataModule(L.LightningDataModule):
         if not self.train_files:
             raise ValueError("--data.train_files is empty; give at least one data file.")
         self.spec = SourceSpec(
-            source=source,
+            source=source or "auto",
             objective=objective,
             kind=kind,
             kto_from=kto_from,
@@ -337,6 +341,7 @@ class PreferenceDataModule(L.LightningDataModule):
         self.train_dataset: TokenizedDataset | None = None
         self.val_dataset: TokenizedDataset | None = None
         self.skipped: dict[str, int] = {}
+        self.shapes: dict[str, str] = {}  # file -> detected source and shape, when --data.source is not given
         self.truncation: dict[str, int] = {}
         self._desirable: tuple[int, int] | None = None
 
@@ -383,9 +388,11 @@ class PreferenceDataModule(L.LightningDataModule):
         train_files, val_files = self._resolve()
         loaded = load_records(train_files, self.spec, option="--data.train_files")
         skipped = Counter(loaded.skipped)
+        self.shapes = dict(loaded.shapes)
         if val_files:
             val_loaded = load_records(val_files, self.spec, option="--data.val_files")
             skipped.update(val_loaded.skipped)
+            self.shapes.update(val_loaded.shapes)
             train, val = loaded.records, val_loaded.records
             overlap = {prompt_key(r.prompt) for r in train} & {prompt_key(r.prompt) for r in val}
             if overlap:
@@ -418,6 +425,8 @@ class PreferenceDataModule(L.LightningDataModule):
             f"Data: {rows} rows of {', '.join(files)} ({self.spec.describe()}) -> {len(self.train_dataset)} training "
             f"and {len(self.val_dataset)} validation {unit}"
         )
+        if self.shapes:
+            msg += "; detected " + ", ".join(sorted(set(self.shapes.values())))
         if self._desirable is not None:
             msg += f"; train desirable/undesirable {self._desirable[0]}/{self._desirable[1]}"
         if self.skipped:

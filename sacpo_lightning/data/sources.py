@@ -15,20 +15,33 @@ Supported sources (field names are the defaults; ``column_mapping`` renames them
 ``hh``       Anthropic HH-RLHF rows ``prompt, chosen, rejected`` whose prompt is a ``\\n\\nHuman: ... \\n\\nAssistant:``
              transcript (parsed into chat messages), or rows with only ``chosen`` and ``rejected`` full transcripts
              (split after the last ``\\n\\nAssistant:`` they share).
-``generic``  rows ``prompt, chosen, rejected``; the prompt is a string or a list of chat messages.
-``kto``      unpaired rows ``prompt, completion, label`` (label true = desirable).
+``generic``  TRL's preference rows ``prompt, chosen, rejected``, standard (text) or conversational (lists of
+             ``{role, content}`` messages), with an explicit ``prompt`` or an implicit one (no ``prompt`` field: the
+             prompt is the shared prefix of ``chosen`` and ``rejected``, messages for conversational rows, characters
+             for text rows as TRL's ``extract_prompt`` cuts it). A conversational pair trains on its final assistant
+             turn only: every message before it belongs to the prompt, so ``chosen`` and ``rejected`` must end with
+             one assistant message each and agree on every message before it.
+``kto``      TRL's unpaired rows ``prompt, completion, label`` (label true = desirable), standard or conversational
+             (``completion`` a list of messages ending with the assistant turn that is trained on).
+``auto``     the source is read from the first row of each file (:func:`detect_source`) and logged.
+
+Files are JSON lines, JSON lists, Parquet tables, CSV files (read like JSON lines: one row a record, origins
+``path:line``; cells ``true``/``false``/``0``/``1`` are accepted as labels and a cell holding a JSON list of messages
+as a conversation), or Hub datasets (``hub:``, see :func:`parse_hub_ref`).
 """
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import json
 import os
 import random
 import re
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -37,8 +50,11 @@ __all__ = [
     "KTORecord",
     "LoadResult",
     "PairRecord",
+    "HubRef",
     "SourceSpec",
+    "detect_source",
     "load_records",
+    "parse_hub_ref",
     "parse_hh_transcript",
     "prompt_key",
     "read_rows",
@@ -51,7 +67,7 @@ __all__ = [
 Messages = list[dict[str, str]]
 Prompt = Messages | str
 
-SOURCES = ("pku", "hh", "generic", "kto")
+SOURCES = ("pku", "hh", "generic", "kto", "auto")
 SOURCE_FIELDS: dict[str, tuple[str, ...]] = {
     "pku": (
         "prompt",
@@ -66,11 +82,13 @@ SOURCE_FIELDS: dict[str, tuple[str, ...]] = {
     "generic": ("prompt", "chosen", "rejected"),
     "kto": ("prompt", "completion", "label"),
 }
+SOURCE_FIELDS["auto"] = tuple(dict.fromkeys(f for fields in SOURCE_FIELDS.values() for f in fields))
 HH_ASSISTANT = "\n\nAssistant:"
 _HH_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):")
 _HUB_PREFIX = "hub:"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(/[\w.-]+)*$")
-_LOCAL_SUFFIXES = (".jsonl", ".json", ".ndjson", ".parquet", ".pq")
+_LOCAL_SUFFIXES = (".jsonl", ".json", ".ndjson", ".parquet", ".pq", ".csv")
+_HUB_KEYS = ("config", "data_dir", "split", "revision")
 _ROLES = ("system", "user", "assistant")
 _SKIP_HINT = "set --data.on_invalid skip to drop such rows"
 
@@ -114,7 +132,7 @@ class SourceSpec:
     """How rows of a source become records.
 
     Args:
-        source: Row format (see the module docstring).
+        source: Row format (see the module docstring); ``auto`` reads it from the first row of each file.
         objective: For ``pku`` pairs: ``helpful`` uses ``better_response_id``, ``safe`` uses ``safer_response_id``.
         kind: ``pairs`` (DPO-style) or ``kto`` (unpaired).
         kto_from: For ``kind="kto"``: ``flags`` (PKU per-response safety flags, so objective ``safe`` only) or
@@ -127,7 +145,7 @@ class SourceSpec:
             (``error``).
     """
 
-    source: Literal["pku", "hh", "generic", "kto"] = "pku"
+    source: Literal["pku", "hh", "generic", "kto", "auto"] = "pku"
     objective: Literal["helpful", "safe"] = "safe"
     kind: Literal["pairs", "kto"] = "pairs"
     kto_from: Literal["flags", "pairs"] = "flags"
@@ -144,6 +162,9 @@ class SourceSpec:
         _check_choice("--data.filter", self.filter, ("none", "safety_differs"))
         _check_choice("--data.on_invalid", self.on_invalid, ("error", "skip"))
         _check_choice("--data.duplicates", self.duplicates, ("drop", "keep", "error"))
+        if self.source == "auto":
+            self._check_mapping()
+            return  # the checks below run again on the detected source (see ``detect_source``)
         if self.source == "kto" and self.kind != "kto":
             raise ValueError("--data.source kto holds unpaired rows; set --data.kind kto.")
         if self.kind == "kto" and self.kto_from == "flags" and self.source not in ("pku", "kto"):
@@ -161,6 +182,9 @@ class SourceSpec:
             )
         if self.filter == "safety_differs" and self.source != "pku":
             raise ValueError(f"--data.filter safety_differs needs --data.source pku, got {self.source!r}.")
+        self._check_mapping()
+
+    def _check_mapping(self) -> None:
         for key, column in (self.column_mapping or {}).items():
             if key not in SOURCE_FIELDS[self.source]:
                 raise ValueError(
@@ -187,11 +211,13 @@ class SourceSpec:
 
 @dataclass
 class LoadResult:
-    """Records read from some files, with the rows dropped per reason (``skipped``) and the number of rows read."""
+    """Records read from some files, with the rows dropped per reason (``skipped``), the number of rows read and the
+    shape detected in each file."""
 
     records: list[Record]
     skipped: Counter = field(default_factory=Counter)
     rows: int = 0
+    shapes: dict[str, str] = field(default_factory=dict)  # path -> detected source and shape (``source="auto"``)
 
 
 # ----------------------------------------------------------------------------------------------------- row issues
@@ -220,11 +246,60 @@ def _fix(extra: str = "") -> str:
 
 
 # -------------------------------------------------------------------------------------------------------- paths
+@dataclass(frozen=True)
+class HubRef:
+    """A Hub dataset named by a ``hub:`` reference: the arguments given to :func:`datasets.load_dataset`."""
+
+    dataset_id: str
+    config: str | None = None
+    data_dir: str | None = None
+    split: str = "train"
+    revision: str | None = None
+
+
+def parse_hub_ref(ref: str, option: str = "--data.train_files") -> HubRef:
+    """Parses ``hub:OWNER/NAME[/DATA_DIR][:SPLIT][?config=C&data_dir=D&split=S&revision=R]``.
+
+    ``config`` is the dataset's configuration (``load_dataset``'s ``name``), ``revision`` a branch, tag or commit.
+    The split defaults to ``train``. ``hub:PKU-Alignment/PKU-SafeRLHF?config=default&split=test&revision=v1`` and
+    ``hub:Anthropic/hh-rlhf/harmless-base:test`` are both references.
+
+    Raises:
+        ValueError: naming ``option`` for a malformed reference or an unknown or repeated key.
+    """
+    body = ref[len(_HUB_PREFIX) :] if ref.startswith(_HUB_PREFIX) else ref
+    path, _, query = body.partition("?")
+    name, _, split = path.partition(":")
+    form = "hub:OWNER/NAME[/DATA_DIR][:SPLIT][?config=C&data_dir=D&split=S&revision=R]"
+    if not _HUB_ID.match(name):
+        raise ValueError(f"{option}: {ref!r} does not name a Hub dataset; write {form}.")
+    parts = name.split("/")
+    values: dict[str, str | None] = {"data_dir": "/".join(parts[2:]) or None, "split": split or None}
+    for item in filter(None, query.split("&")):
+        key, eq, value = item.partition("=")
+        if key not in _HUB_KEYS or not eq or not value:
+            raise ValueError(
+                f"{option}: {ref!r} has {item!r} after '?'; expected key=value pairs with keys "
+                f"{', '.join(_HUB_KEYS)} ({form})."
+            )
+        if values.get(key) is not None:
+            raise ValueError(f"{option}: {ref!r} gives {key} twice; give it once.")
+        values[key] = value
+    return HubRef(
+        dataset_id="/".join(parts[:2]),
+        config=values.get("config"),
+        data_dir=values["data_dir"],
+        split=values["split"] or "train",
+        revision=values.get("revision"),
+    )
+
+
 def resolve_data_path(path: str, option: str = "--data.train_files") -> str:
     """Expands ``~`` and environment variables; returns a local path or a ``hub:`` dataset reference.
 
-    A ``hub:ID[/DATA_DIR][:SPLIT]`` string, or a string that is not an existing path and looks like a Hub id
-    (``owner/name`` without a file suffix), is a Hub dataset. Anything else must be an existing file.
+    A ``hub:`` reference (see :func:`parse_hub_ref`; it is checked here), or a string that is not an existing path
+    and looks like a Hub id (``owner/name`` without a file suffix), is a Hub dataset.
+    Anything else must be an existing file.
 
     Raises:
         FileNotFoundError: naming ``option`` when a local file is missing.
@@ -232,13 +307,14 @@ def resolve_data_path(path: str, option: str = "--data.train_files") -> str:
     if not isinstance(path, str) or not path.strip():
         raise FileNotFoundError(f"{option}: expected a file path, got {path!r}.")
     if path.startswith(_HUB_PREFIX):
+        parse_hub_ref(path, option)
         return path
     expanded = os.path.expandvars(os.path.expanduser(path))
     if os.path.isfile(expanded):
         return expanded
     if os.path.isdir(expanded):
         raise FileNotFoundError(
-            f"{option}: {expanded} is a folder; list the data files in it (.jsonl, .json, .parquet)."
+            f"{option}: {expanded} is a folder; list the data files in it (.jsonl, .json, .parquet, .csv)."
         )
     if expanded == path and _HUB_ID.match(path) and not path.lower().endswith(_LOCAL_SUFFIXES):
         return _HUB_PREFIX + path
@@ -247,7 +323,7 @@ def resolve_data_path(path: str, option: str = "--data.train_files") -> str:
 
 # ------------------------------------------------------------------------------------------------------ readers
 def read_rows(path: str) -> Iterator[tuple[str, dict | _Issue]]:
-    """Yields ``(origin, row)`` for each row of a JSON lines, JSON list or Parquet file, or a ``hub:`` dataset.
+    """Yields ``(origin, row)`` for each row of a JSON lines, JSON list, CSV or Parquet file, or a ``hub:`` dataset.
 
     A row that cannot be decoded is yielded as an issue in place of the dict so the caller decides whether to fail or
     skip. Problems with the whole file (empty, binary, unreadable) raise :class:`DataError`.
@@ -267,6 +343,9 @@ def read_rows(path: str) -> Iterator[tuple[str, dict | _Issue]]:
             f"{path} looks like a binary file (it contains NUL bytes), not JSON lines, a JSON list or Parquet; "
             "check the path."
         )
+    if path.lower().endswith(".csv"):
+        yield from _read_csv(path)
+        return
     first = head.lstrip()[:1]
     if first == b"[":
         yield from _read_json_list(path)
@@ -341,6 +420,49 @@ def _read_json_list(path: str) -> Iterator[tuple[str, dict | _Issue]]:
             )
 
 
+class CsvRow(dict):
+    """A row read from a CSV file: every cell is text (see :class:`_Row` for how labels and messages are read)."""
+
+
+def _read_csv(path: str) -> Iterator[tuple[str, dict | _Issue]]:
+    try:
+        text = Path(path).read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = Path(path).read_bytes()[: e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: the file is not valid UTF-8; re-encode it as UTF-8.") from None
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        header = next(reader)
+    except (StopIteration, csv.Error) as e:
+        raise DataError(f"{path}:1: cannot read a CSV header ({e or 'no lines'}).") from None
+    if len(set(header)) != len(header) or not all(h.strip() for h in header):
+        raise DataError(
+            f"{path}:1: the CSV header {header} has an empty or repeated column name; name every column once."
+        )
+    line = reader.line_num + 1
+    rows = 0
+    while True:
+        try:
+            cells = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as e:
+            raise DataError(f"{path}:{line}: cannot read the CSV row ({e}); fix its quoting.") from None
+        origin, line = f"{path}:{line}", reader.line_num + 1
+        if not any(c.strip() for c in cells):
+            continue
+        rows += 1
+        if len(cells) != len(header):
+            yield origin, _Issue(
+                "wrong_columns", None, f"row has {len(cells)} cells, the header {len(header)}",
+                _fix(" (quote cells that hold commas or line breaks)"),
+            )
+            continue
+        yield origin, CsvRow(zip(header, cells, strict=True))
+    if not rows:
+        raise DataError(f"{path} is empty (a CSV header and no rows); point the data option at a file with rows.")
+
+
 def _read_parquet(path: str) -> Iterator[tuple[str, dict | _Issue]]:
     import pyarrow.parquet as pq
 
@@ -355,23 +477,21 @@ def _read_parquet(path: str) -> Iterator[tuple[str, dict | _Issue]]:
 
 
 def _read_hub(ref: str) -> Iterator[tuple[str, dict | _Issue]]:
-    """Reads ``hub:ID[/DATA_DIR][:SPLIT]`` with :func:`datasets.load_dataset` (needs network or a local cache)."""
-    import datasets
+    """Reads a ``hub:`` reference with :func:`datasets.load_dataset` (needs network or a local cache)."""
+    import datasets  # lazy: only Hub sources need it
 
-    spec = ref[len(_HUB_PREFIX) :]
-    name, _, split = spec.partition(":")
-    split = split or "train"
-    owner_repo = "/".join(name.split("/")[:2])
-    data_dir = "/".join(name.split("/")[2:]) or None
+    hub = parse_hub_ref(ref)
     try:
-        ds = datasets.load_dataset(owner_repo, data_dir=data_dir, split=split)
+        ds = datasets.load_dataset(
+            hub.dataset_id, name=hub.config, data_dir=hub.data_dir, split=hub.split, revision=hub.revision
+        )
     except Exception as e:  # offline, unknown id, unknown split ...
         raise FileNotFoundError(
-            f"{ref}: not a local file, and loading it as a Hugging Face Hub dataset "
-            f"(id {owner_repo!r}, data_dir {data_dir!r}, split {split!r}) failed: {e}"
+            f"{ref}: not a local file, and loading it as a Hugging Face Hub dataset (id {hub.dataset_id!r}, config "
+            f"{hub.config!r}, data_dir {hub.data_dir!r}, split {hub.split!r}, revision {hub.revision!r}) failed: {e}"
         ) from e
     if len(ds) == 0:
-        raise DataError(f"{ref} is empty (split {split!r} has no rows).")
+        raise DataError(f"{ref} is empty (split {hub.split!r} has no rows).")
     for i, row in enumerate(ds):
         yield f"{ref}[{i}]", row
 
@@ -383,6 +503,25 @@ class _Row:
     def __init__(self, row: dict, spec: SourceSpec) -> None:
         self.row = row
         self.spec = spec
+        self.csv = isinstance(row, CsvRow)
+
+    def cell(self, name: str) -> Any:
+        """A field's value; a CSV cell holding a JSON list (a conversation) is decoded, an empty cell is null."""
+        value = self.raw(name)
+        if self.csv and isinstance(value, str):
+            if not value.strip():
+                return None
+            if value.lstrip().startswith("[{"):
+                try:
+                    return json.loads(value)
+                except json.JSONDecodeError:
+                    return value
+        return value
+
+    def _csv_label(self, value: Any) -> Any:
+        if self.csv and isinstance(value, str):
+            return {"true": True, "false": False, "1": 1, "0": 0}.get(value.strip().lower(), value)
+        return value
 
     def raw(self, name: str) -> Any:
         col = self.spec.column(name)
@@ -415,7 +554,8 @@ class _Row:
         return value
 
     def label01(self, name: str, all_rows_hint: str | None = None) -> int:
-        value = self.raw(name)
+        value = self._csv_label(self.cell(name))
+        value = int(value) if self.csv and isinstance(value, bool) else value
         col = self.spec.column(name)
         if value is None or (isinstance(value, float) and value != value):
             raise _Invalid(_Issue("null_label", col, f"field {col!r} is null", _fix(" (give the label)"),
@@ -430,7 +570,7 @@ class _Row:
         return int(value)
 
     def flag(self, name: str, all_rows_hint: str | None = None) -> bool:
-        value = self.raw(name)
+        value = self._csv_label(self.cell(name))
         col = self.spec.column(name)
         if value is None:
             raise _Invalid(_Issue("null_label", col, f"field {col!r} is null", _fix(" (give the label)"),
@@ -445,9 +585,16 @@ class _Row:
         )
 
     def prompt(self, name: str = "prompt") -> Prompt:
-        value = self.raw(name)
+        value = self.cell(name)
         if isinstance(value, list):
             return _messages(value, self.spec.column(name))
+        return self.text(name)
+
+    def response(self, name: str) -> Messages | str:
+        """A response: text, or a conversation (list of messages) that ends with an assistant turn."""
+        value = self.cell(name)
+        if isinstance(value, list):
+            return _messages(value, self.spec.column(name), last_role="assistant")
         return self.text(name)
 
 
@@ -456,7 +603,7 @@ def _short(value: Any, limit: int = 40) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _messages(value: list, col: str) -> Messages:
+def _messages(value: list, col: str, last_role: str = "user") -> Messages:
     def bad(what: str) -> _Invalid:
         return _Invalid(_Issue("wrong_type", col, f"field {col!r} {what}", _fix()))
 
@@ -469,10 +616,11 @@ def _messages(value: list, col: str) -> Messages:
         if m["role"] not in _ROLES:
             raise bad(f"item {i} has role {m['role']!r}; expected one of {', '.join(_ROLES)}")
         out.append({"role": m["role"], "content": m["content"]})
-    if out[-1]["role"] != "user":
-        raise bad(f"must end with a user turn, but its last message has role {out[-1]['role']!r}")
+    if out[-1]["role"] != last_role:
+        raise bad(f"must end with a{'n' if last_role == 'assistant' else ''} {last_role} turn, but its last message "
+                  f"has role {out[-1]['role']!r}")
     if not out[-1]["content"].strip():
-        raise _Invalid(_Issue("empty_text", col, f"field {col!r} ends with an empty user turn", _fix()))
+        raise _Invalid(_Issue("empty_text", col, f"field {col!r} ends with an empty {last_role} turn", _fix()))
     return out
 
 
@@ -593,33 +741,154 @@ def _hh(row: _Row, spec: SourceSpec) -> tuple[Prompt, str, str]:
     return messages, chosen, rejected
 
 
-def _generic(row: _Row, spec: SourceSpec) -> tuple[Prompt, str, str]:
-    prompt = row.prompt()
-    chosen, rejected = row.text("chosen"), row.text("rejected")
+def _text_prefix_split(chosen: str, rejected: str) -> int:
+    """Where TRL's ``extract_prompt`` cuts two texts: after their common prefix, less a space that ends it."""
+    n = 0
+    limit = min(len(chosen), len(rejected))
+    while n < limit and chosen[n] == rejected[n]:
+        n += 1
+    if 0 < n < limit and chosen[n - 1] == " ":
+        n -= 1
+    return n
+
+
+def _final_turns(
+    prompt: Messages, chosen: Messages, rejected: Messages, spec: SourceSpec
+) -> tuple[Messages, str, str]:
+    """The prompt (``prompt`` plus the messages chosen and rejected share) and the two final assistant replies."""
+    cols = f"{spec.column('chosen')}/{spec.column('rejected')}"
     if chosen == rejected:
         raise _identical(spec.column("chosen"), spec.column("rejected"))
-    return prompt, chosen, rejected
+    n = 0
+    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+        n += 1
+    if len(chosen) - n != 1 or len(rejected) - n != 1:
+        raise _Invalid(_Issue(
+            "bad_conversation", cols,
+            f"fields {cols!r} differ before their final assistant turn (message {n}); only the final assistant turn "
+            "is trained on, so every message before it must be the same in both", _fix(),
+        ))
+    full = [*prompt, *chosen[:n]]
+    if not full:
+        raise _Invalid(_Issue(
+            "no_prompt", cols,
+            f"field {spec.column('prompt')!r} is missing and fields {cols!r} share no messages before their replies",
+            _fix(f" (add a {spec.column('prompt')!r} field, or the user turn to both conversations)"),
+        ))
+    if full[-1]["role"] != "user":
+        raise _Invalid(_Issue(
+            "bad_conversation", cols,
+            f"the prompt of fields {cols!r} ends with a {full[-1]['role']} turn, not a user turn", _fix(),
+        ))
+    return full, chosen[n]["content"], rejected[n]["content"]
+
+
+def _as_prompt_messages(prompt: Prompt) -> Messages:
+    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+
+
+def _generic(row: _Row, spec: SourceSpec, explicit_prompt: bool) -> tuple[Prompt, str, str]:
+    """A pair; ``explicit_prompt`` (the file's first row has a prompt) makes a missing prompt an error."""
+    prompt = row.prompt() if explicit_prompt or row.has("prompt") else None
+    chosen, rejected = row.response("chosen"), row.response("rejected")
+    if isinstance(chosen, list) != isinstance(rejected, list):
+        cols = f"{spec.column('chosen')}/{spec.column('rejected')}"
+        raise _Invalid(_Issue("wrong_type", cols, f"fields {cols!r} mix a conversation and a text", _fix()))
+    if isinstance(chosen, list):
+        return _final_turns(_as_prompt_messages(prompt) if prompt is not None else [], chosen, rejected, spec)
+    if chosen == rejected:
+        raise _identical(spec.column("chosen"), spec.column("rejected"))
+    if prompt is not None:
+        return prompt, chosen, rejected
+    n = _text_prefix_split(chosen, rejected)
+    if not chosen[:n].strip():
+        cols = f"{spec.column('chosen')}/{spec.column('rejected')}"
+        raise _Invalid(_Issue(
+            "no_prompt", cols, f"field {spec.column('prompt')!r} is missing and fields {cols!r} share no prefix to "
+            "take as the implicit prompt", _fix(f" (add a {spec.column('prompt')!r} field)"),
+        ))
+    if n in (len(chosen), len(rejected)):
+        cols = f"{spec.column('chosen')}/{spec.column('rejected')}"
+        raise _Invalid(_Issue(
+            "no_prompt", cols, f"field {spec.column('prompt')!r} is missing and one of fields {cols!r} is a prefix "
+            "of the other, so the implicit prompt would leave one reply empty",
+            _fix(f" (add a {spec.column('prompt')!r} field)"),
+        ))
+    return chosen[:n], chosen[n:], rejected[n:]
 
 
 def _kto(row: _Row, spec: SourceSpec) -> tuple[Prompt, str, bool]:
-    return row.prompt(), row.text("completion"), row.flag("label")
+    prompt, completion = row.prompt(), row.response("completion")
+    if isinstance(completion, list):
+        full = [*_as_prompt_messages(prompt), *completion[:-1]]
+        if full[-1]["role"] != "user":
+            col = f"{spec.column('prompt')}/{spec.column('completion')}"
+            raise _Invalid(_Issue(
+                "bad_conversation", col,
+                f"the messages before the final assistant turn of {col!r} end with a {full[-1]['role']} turn, not a "
+                "user turn", _fix(),
+            ))
+        return full, completion[-1]["content"], row.flag("label")
+    return prompt, completion, row.flag("label")
 
 
-def _convert(row: dict, origin: str, spec: SourceSpec) -> tuple[list[Record], bool]:
-    """Records of one row and whether the row passed ``spec.filter``; raises :class:`_Invalid`."""
+def _convert(row: dict, origin: str, spec: SourceSpec, explicit_prompt: bool = True) -> tuple[list[Record], bool]:
+    """Records of one row and whether the row passed ``spec.filter``; raises :class:`_Invalid`.
+
+    ``explicit_prompt``: whether the file's rows carry a prompt field (read from its first row).
+    """
     access = _Row(row, spec)
     if spec.source == "pku":
         pairs, ktos, keep = _pku(access, spec)
     elif spec.source == "kto":
         pairs, ktos, keep = [], [_kto(access, spec)], True
     else:
-        pairs, ktos, keep = [(_hh if spec.source == "hh" else _generic)(access, spec)], [], True
+        pair = _hh(access, spec) if spec.source == "hh" else _generic(access, spec, explicit_prompt)
+        pairs, ktos, keep = [pair], [], True
     if spec.kind == "pairs":
         return [PairRecord(p, c, r, origin) for p, c, r in pairs], keep
     records: list[Record] = [KTORecord(p, c, d, origin) for p, c, d in ktos]
     for p, c, r in pairs:  # kto_from == "pairs"
         records += [KTORecord(p, c, True, origin), KTORecord(p, r, False, origin)]
     return records, keep
+
+
+# ---------------------------------------------------------------------------------------------- shape detection
+def _looks_hh(value: Any) -> bool:
+    return isinstance(value, str) and value.lstrip(" \n").startswith("Human:") and HH_ASSISTANT in value
+
+
+def detect_source(row: dict, spec: SourceSpec, origin: str) -> tuple[str, str]:
+    """The source of a row (``pku``, ``hh``, ``generic`` or ``kto``) and a description of its shape.
+
+    ``response_0``/``response_1`` fields make ``pku``; ``completion``/``label`` make ``kto``; ``chosen``/``rejected``
+    make ``hh`` when the prompt (or, without one, ``chosen``) is an HH ``Human: ... Assistant:`` transcript and
+    ``generic`` otherwise. Field names follow ``spec.column_mapping``.
+
+    Raises:
+        DataError: naming ``origin`` when the row has none of these field sets.
+    """
+    access = _Row(row, spec)
+    if access.has("response_0") and access.has("response_1"):
+        return "pku", "PKU-SafeRLHF pairs"
+    if access.has("completion") and access.has("label"):
+        conv = isinstance(access.cell("completion"), list)
+        return "kto", f"unpaired prompt/completion/label, {'conversational' if conv else 'standard'}"
+    if access.has("chosen") and access.has("rejected"):
+        explicit = access.has("prompt")
+        chosen = access.cell("chosen")
+        prompt_kind = "explicit prompt" if explicit else "implicit prompt"
+        if _looks_hh(access.cell("prompt") if explicit else chosen):
+            return "hh", f"HH-RLHF transcripts, {prompt_kind}"
+        conv = isinstance(chosen, list)
+        return "generic", f"preference pairs, {'conversational' if conv else 'standard'}, {prompt_kind}"
+    fields = ", ".join(map(repr, list(row)[:12]))
+    raise DataError(
+        f"{origin}: cannot tell the data's shape from its fields ({fields}). Expected prompt/chosen/rejected or "
+        "chosen/rejected (preference pairs, text or lists of {role, content} messages), prompt/completion/label "
+        "(unpaired, for --data.kind kto) or PKU-SafeRLHF's prompt/response_0/response_1/...; rename columns with "
+        "--data.column_mapping, or set --data.source."
+    )
 
 
 # ------------------------------------------------------------------------------------------------------ loading
@@ -653,13 +922,19 @@ def load_records(files: Sequence[str], spec: SourceSpec, *, option: str = "--dat
     for path in files:
         file_rows = 0
         issues: list[tuple[str, _Issue]] = []
+        file_spec = spec
+        explicit_prompt: bool | None = None
         for origin, row in read_rows(path):
             file_rows += 1
             if isinstance(row, _Issue):
                 issues.append((origin, row))
                 continue
+            if file_spec.source == "auto":
+                file_spec = _detected_spec(row, spec, origin, path, result)
+            if explicit_prompt is None:
+                explicit_prompt = spec.column("prompt") in row
             try:
-                records, keep = _convert(row, origin, spec)
+                records, keep = _convert(row, origin, file_spec, explicit_prompt)
             except _Invalid as e:
                 issues.append((origin, e.issue))
                 continue
@@ -702,6 +977,20 @@ def load_records(files: Sequence[str], spec: SourceSpec, *, option: str = "--dat
             + (f": {detail}" if detail else "") + "."
         )
     return result
+
+
+def _detected_spec(row: dict, spec: SourceSpec, origin: str, path: str, result: LoadResult) -> SourceSpec:
+    """``spec`` with the source detected from the first row of ``path`` (logged and kept in ``result.shapes``)."""
+    from lightning.pytorch.utilities import rank_zero_info
+
+    source, shape = detect_source(row, spec, origin)
+    try:
+        detected = replace(spec, source=source)
+    except ValueError as e:
+        raise DataError(f"{path} holds {shape} (--data.source {source}, read from {origin}): {e}") from None
+    result.shapes[path] = f"{source} ({shape})"
+    rank_zero_info(f"Data shape of {path}: {shape} (--data.source {source}, read from its first row).")
+    return detected
 
 
 def _record_key(record: Record) -> tuple:
