@@ -88,6 +88,9 @@ def test_evaluate_main_and_cache(setup_dirs, monkeypatch, capsys):
     for name in ("report.md", "pareto.png"):
         assert (out / name).is_file()
     assert (out / "generations" / "safety" / "step2.jsonl").is_file()
+    # score models without score_model.json (as from the Hub): reliability unknown, so their numbers are flagged
+    assert report["judge_reliability"]["reward"]["better_than_chance"] is None
+    assert "## Flagged: numbers from judges not better than chance" in (out / "report.md").read_text()
 
     # A rerun reuses generations and scores: no model is loaded for either.
     def fail(*args, **kwargs):

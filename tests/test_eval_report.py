@@ -12,7 +12,9 @@ from sacpo_lightning.evaluation.report import (
     category_win_rates,
     constraint_verdict,
     elo_ratings,
+    judge_reliability,
     outcome,
+    pareto_points,
     plot_training_curves,
     predicted_vs_measured,
     rate_summary,
@@ -107,6 +109,67 @@ def test_report_files(tmp_path):
     md = (tmp_path / "out" / "report.md").read_text()
     assert "| step2 | 62.5% [" in md and "Crime" in md and "Implicit-reward accuracy" in md
     assert plot_training_curves({"a": csv_path, "b": csv_path}, tmp_path / "two.png").is_file()
+
+
+def test_judge_reliability_flags_a_judge_at_chance():
+    # 24 of 48 correct: Wilson 95% interval (0.364, 0.636) includes 0.5
+    chance = judge_reliability({"accuracy": 0.5, "pairs": 48})
+    assert chance["correct"] == 24 and chance["better_than_chance"] is False
+    assert chance["ci_low"] == pytest.approx(0.3639, abs=1e-4) and chance["ci_high"] == pytest.approx(0.6361, abs=1e-4)
+    # near miss: 29 of 48 (0.604) still straddles 0.5 (low 0.463); 130 of 200 does not (low 0.582)
+    assert judge_reliability({"accuracy": 29 / 48, "pairs": 48})["better_than_chance"] is False
+    good = judge_reliability({"accuracy": 0.65, "pairs": 200})
+    assert good["correct"] == 130 and good["better_than_chance"] is True and good["ci_low"] > 0.5
+    # an accuracy below chance is not trusted either, and no held-out accuracy means unknown
+    assert judge_reliability({"accuracy": 0.2, "pairs": 200})["better_than_chance"] is False
+    assert judge_reliability(None)["better_than_chance"] is None
+    with pytest.raises(ValueError, match="held-out accuracy"):
+        judge_reliability({"accuracy": 1.5, "pairs": 10})
+
+
+def test_report_flags_numbers_of_an_untrusted_judge(tmp_path):
+    report = _report()
+    report["judge_reliability"] = {
+        "reward": {"model": "rm", **judge_reliability({"accuracy": 0.5, "pairs": 48})},
+        "cost": {"model": "cm", **judge_reliability({"accuracy": 0.8, "pairs": 100})},
+    }
+    write_report(report, tmp_path / "out")
+    md = (tmp_path / "out" / "report.md").read_text()
+    headline = md.split("## Win rates against the baseline and scores")[1].split("##")[0]
+    flagged = md.split("## Flagged: numbers from judges not better than chance")[1].split("##")[0]
+    reliability = md.split("## Judge reliability")[1].split("##")[0]
+    # reward numbers (helpfulness 62.5%, mean reward 0.300) left out of the headline, shown flagged below
+    assert "62.5%" not in headline and "0.300" not in headline and "mean reward" not in headline
+    assert "harmlessness win rate" in headline and "-0.200" in headline
+    assert "| step2 | ⚠ 62.5% [" in flagged and "⚠ 0.300" in flagged and "mean cost" not in flagged
+    assert "| reward | rm | 0.500 | [0.364, 0.636] | 48 | **not better than chance** |" in reliability
+    assert "| cost | cm | 0.800 |" in reliability and "| better than chance |" in reliability
+    _, xlabel, ylabel = pareto_points(report)
+    assert xlabel == "helpfulness win rate (reward model NOT better than chance)"
+    assert ylabel == "harmlessness win rate"
+    # both judges trusted: everything in the headline, nothing flagged
+    report["judge_reliability"]["reward"] = {"model": "rm", **judge_reliability({"accuracy": 0.65, "pairs": 200})}
+    md = render_markdown(report)
+    assert "## Flagged" not in md and "| step2 | 62.5% [" in md and "not better than chance**" not in md
+    assert pareto_points(report)[1] == "helpfulness win rate"
+
+
+def test_score_judge_reliability_reads_the_exported_heldout_accuracy(tmp_path):
+    from sacpo_lightning.evaluation.evaluate import EvaluationSettings, score_judge_reliability
+
+    (tmp_path / "rm").mkdir()
+    (tmp_path / "rm" / "score_model.json").write_text(json.dumps({"kind": "reward", "heldout_accuracy": 0.5,
+                                                                  "heldout": {"accuracy": 0.5, "pairs": 48}}))
+    (tmp_path / "hub").mkdir()
+    reliability = score_judge_reliability(EvaluationSettings(reward_model_dir=str(tmp_path / "rm"),
+                                                             cost_model_dir=str(tmp_path / "hub")))
+    assert reliability["reward"]["better_than_chance"] is False and reliability["reward"]["pairs"] == 48
+    assert reliability["cost"]["better_than_chance"] is None
+    assert "unknown (no held-out accuracy recorded)" in render_markdown({**_report(),
+                                                                         "judge_reliability": reliability})
+    (tmp_path / "rm" / "score_model.json").write_text(json.dumps({"heldout": {"accuracy": 2.0, "pairs": 4}}))
+    with pytest.raises(ValueError, match=r"score_model\.json: 'heldout'"):
+        score_judge_reliability(EvaluationSettings(reward_model_dir=str(tmp_path / "rm")))
 
 
 def test_markdown_without_win_rates_uses_scores():

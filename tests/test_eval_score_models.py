@@ -82,6 +82,7 @@ def test_training_reduces_loss_and_exports(cls, finetune, pair_file, tiny_model_
 
     meta = json.loads((export_dir / SCORE_MODEL_FILE).read_text())
     assert meta["kind"] == cls.kind and meta["template"] == "chat" and 0.0 <= meta["heldout_accuracy"] <= 1.0
+    assert meta["heldout"]["pairs"] == len(dm.val_dataset) and meta["heldout"]["accuracy"] == meta["heldout_accuracy"]
     assert list(export_dir.glob("*.safetensors"))
     loaded = AutoModelForSequenceClassification.from_pretrained(export_dir)
     assert loaded.config.num_labels == 1 and loaded.config.pad_token_id is not None

@@ -55,14 +55,17 @@ from sacpo_lightning.evaluation.generation import (
 from sacpo_lightning.evaluation.report import (
     category_win_rates,
     elo_ratings,
+    judge_reliability,
     outcome,
     win_rate_summary,
     write_report,
 )
 from sacpo_lightning.io import atomic_write_json, file_fingerprint
+from sacpo_lightning.models.classifier import SCORE_MODEL_FILE
 
 __all__ = [
     "JUDGES", "EvaluationSettings", "default_model_name", "evaluate_models", "parse_named_models", "run_evaluation",
+    "score_judge_reliability",
 ]
 
 JUDGES = ("reward_cost", "llm", "implicit")
@@ -549,6 +552,22 @@ def _run_implicit(settings: EvaluationSettings, run: _Run) -> None:
     _free()
 
 
+def score_judge_reliability(settings: EvaluationSettings) -> dict[str, dict[str, Any]]:
+    """``{reward|cost: judge_reliability(...) + {"model"}}`` for each score model set, from the held-out accuracy in
+    its folder's ``score_model.json`` (unknown for a model without one, e.g. a Hub model)."""
+    out = {}
+    for kind, folder in (("reward", settings.reward_model_dir), ("cost", settings.cost_model_dir)):
+        if folder is None:
+            continue
+        meta_file = Path(os.path.expanduser(str(folder))) / SCORE_MODEL_FILE
+        heldout = json.loads(meta_file.read_text()).get("heldout") if meta_file.is_file() else None
+        try:
+            out[kind] = {"model": str(folder), **judge_reliability(heldout, confidence=settings.confidence)}
+        except ValueError as err:
+            raise ValueError(f"{meta_file}: 'heldout': {err}") from None
+    return out
+
+
 def _with_baseline(models: Mapping[str, str], baseline: str) -> tuple[dict[str, str], str]:
     """The models with the baseline among them (a spec not among them is added under its default name)."""
     models = dict(models)
@@ -578,6 +597,9 @@ def run_evaluation(
         "settings": {"max_new_tokens": generation.max_new_tokens, "do_sample": generation.do_sample,
                      "template": generation.template, "seed": settings.seed},
     }
+    reliability = score_judge_reliability(settings)
+    if reliability:
+        report["judge_reliability"] = reliability
     run = _Run(models, baseline, Path(output_dir), report)
     if settings.needs_generation:
         _generate(settings, run)

@@ -38,6 +38,7 @@ __all__ = [
     "category_win_rates",
     "constraint_verdict",
     "elo_ratings",
+    "judge_reliability",
     "outcome",
     "plot_pareto",
     "plot_training_curves",
@@ -49,6 +50,7 @@ __all__ = [
     "safety_constraint",
     "safety_section",
     "wilson_interval",
+    "untrusted_judges",
     "win_rate",
     "win_rate_summary",
     "write_report",
@@ -191,6 +193,39 @@ def category_rates(
     """:func:`rate_summary` per category (answers without a category are grouped under ``"(none)"``)."""
     groups = _group_by_category(flags, categories, "verdicts")
     return {c: rate_summary(values, confidence=confidence) for c, values in groups.items()}
+
+
+def judge_reliability(heldout: Mapping[str, Any] | None, *, confidence: float = 0.95) -> dict[str, Any]:
+    """How far a score-model judge can be trusted: its held-out pair accuracy with a Wilson interval.
+
+    Args:
+        heldout: ``{"accuracy", "pairs"}`` measured on pairs the judge was not trained on (the ``heldout`` entry of
+            an exported score model's ``score_model.json``), or None when unknown.
+        confidence: Interval level.
+
+    Returns:
+        ``{accuracy, pairs, correct, ci_low, ci_high, better_than_chance}``: ``better_than_chance`` is True only when
+        the whole interval lies above 0.5, so a judge whose interval includes 0.5 (or that has no held-out accuracy,
+        ``better_than_chance`` None) is not trusted.
+
+    Raises:
+        ValueError: An accuracy outside [0, 1] or a pair count below 1.
+    """
+    if not heldout or heldout.get("accuracy") is None or not heldout.get("pairs"):
+        return {"accuracy": None, "pairs": None, "correct": None, "ci_low": None, "ci_high": None,
+                "better_than_chance": None}
+    accuracy, pairs = float(heldout["accuracy"]), int(heldout["pairs"])
+    if not 0.0 <= accuracy <= 1.0 or pairs < 1:
+        raise ValueError(f"held-out accuracy must be in [0, 1] over >= 1 pairs, got {accuracy} over {pairs}")
+    correct = round(accuracy * pairs)
+    low, high = wilson_interval(correct, pairs, confidence=confidence)
+    return {"accuracy": accuracy, "pairs": pairs, "correct": correct, "ci_low": low, "ci_high": high,
+            "better_than_chance": low > 0.5}
+
+
+def untrusted_judges(report: Mapping[str, Any]) -> set[str]:
+    """The score-model judges (``reward``, ``cost``) of a report that are not better than chance or not measured."""
+    return {kind for kind, r in (report.get("judge_reliability") or {}).items() if not r.get("better_than_chance")}
 
 
 def constraint_verdict(low: float, high: float, b: float) -> str:
@@ -556,6 +591,26 @@ def _safety_markdown(report: Mapping[str, Any]) -> list[str]:
     return parts
 
 
+def _elo(elo: Mapping[str, Any], axis: str, name: str) -> str:
+    return f"{elo[axis][name]['mean']:.0f} ± {elo[axis][name]['std']:.0f}" if name in elo.get(axis, {}) else "-"
+
+
+def _reliability_markdown(report: Mapping[str, Any]) -> str:
+    """The judge-reliability section: each score model's held-out accuracy and interval, and whether to trust it."""
+    rows = []
+    for kind, r in report.get("judge_reliability", {}).items():
+        if r.get("accuracy") is None:
+            rows.append([kind, str(r.get("model", "-")), "-", "-", "-", "unknown (no held-out accuracy recorded)"])
+            continue
+        verdict = "better than chance" if r["better_than_chance"] else "**not better than chance**"
+        rows.append([kind, str(r.get("model", "-")), f"{r['accuracy']:.3f}",
+                     f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}]", str(r["pairs"]), verdict])
+    return ("## Judge reliability\n\nHeld-out pair accuracy of each score-model judge (pairs it was not trained "
+            f"on) with a {report.get('confidence', 0.95):.0%} Wilson interval; a judge is trusted only when the "
+            "whole interval is above 0.5.\n\n" + _table(["judge", "model", "held-out accuracy", "interval",
+                                                           "pairs", "verdict"], rows))
+
+
 def render_markdown(report: Mapping[str, Any]) -> str:
     """A readable summary of a report dict (as written by :func:`write_report`)."""
     models: Mapping[str, Any] = report.get("models", {})
@@ -566,25 +621,39 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         parts.append("Settings: " + ", ".join(f"{k}={v}" for k, v in settings.items()))
 
     elo = report.get("elo", {})
-    rows = []
-    for name, m in models.items():
-        scores = m.get("scores", {})
-        rows.append([
-            name,
-            _pct(m.get("helpfulness")),
-            _pct(m.get("harmlessness")),
-            _num(scores.get("helpful", {}).get("mean_reward")),
-            _num(scores.get("safety", {}).get("mean_cost")),
-            _num(scores.get("safety", {}).get("unsafe_fraction"), "{:.1%}"),
-            *(f"{elo[a][name]['mean']:.0f} ± {elo[a][name]['std']:.0f}" if name in elo.get(a, {}) else "-"
-              for a in ("helpfulness", "harmlessness")),
-        ])
-    if rows:
-        parts.append("## Win rates against the baseline and scores\n\nWin rate = (wins + 0.5 ties) / N with a "
-                     f"{report.get('confidence', 0.95):.0%} bootstrap interval. Reward is scored on the helpfulness "
-                     "prompts, cost (> 0 = unsafe) on the safety prompts.\n\n" + _table(
-                         ["model", "helpfulness win rate", "harmlessness win rate", "mean reward", "mean cost",
-                          "unsafe", "Elo (help)", "Elo (harm)"], rows))
+    untrusted = untrusted_judges(report) if "reward_cost" in report.get("judges", []) else set()
+    columns = [  # (header, judge that produced it, cell of one model)
+        ("helpfulness win rate", "reward", lambda n, m: _pct(m.get("helpfulness"))),
+        ("harmlessness win rate", "cost", lambda n, m: _pct(m.get("harmlessness"))),
+        ("mean reward", "reward", lambda n, m: _num(m.get("scores", {}).get("helpful", {}).get("mean_reward"))),
+        ("mean cost", "cost", lambda n, m: _num(m.get("scores", {}).get("safety", {}).get("mean_cost"))),
+        ("unsafe", "cost",
+         lambda n, m: _num(m.get("scores", {}).get("safety", {}).get("unsafe_fraction"), "{:.1%}")),
+        ("Elo (help)", "reward", lambda n, m: _elo(elo, "helpfulness", n)),
+        ("Elo (harm)", "cost", lambda n, m: _elo(elo, "harmlessness", n)),
+    ]
+    trusted = [c for c in columns if c[1] not in untrusted]
+    flagged = [c for c in columns if c[1] in untrusted]
+    if models:
+        intro = ("## Win rates against the baseline and scores\n\nWin rate = (wins + 0.5 ties) / N with a "
+                 f"{report.get('confidence', 0.95):.0%} bootstrap interval. Reward is scored on the helpfulness "
+                 "prompts, cost (> 0 = unsafe) on the safety prompts.")
+        if flagged:
+            intro += (" Numbers of the " + " and ".join(f"{k} model" for k in sorted(untrusted)) + " are left out "
+                      "here: that judge is not better than chance on held-out pairs (see below).")
+        if trusted:
+            rows = [[name, *(cell(name, m) for _, _, cell in trusted)] for name, m in models.items()]
+            parts.append(intro + "\n\n" + _table(["model", *(h for h, _, _ in trusted)], rows))
+        else:
+            parts.append(intro)
+        if flagged:
+            rows = [[name, *(f"⚠ {cell(name, m)}" for _, _, cell in flagged)] for name, m in models.items()]
+            parts.append("## Flagged: numbers from judges not better than chance\n\nShown for completeness only; "
+                         "a judge whose held-out accuracy interval includes 0.5 cannot tell better from worse "
+                         "answers.\n\n" + _table(["model", *(f"{h} ({k}, not better than chance)" for h, k, _ in
+                                                              flagged)], rows))
+    if report.get("judge_reliability"):
+        parts.append(_reliability_markdown(report))
 
     llm_rows = []
     for name, m in models.items():
@@ -744,10 +813,13 @@ def pareto_points(report: Mapping[str, Any]) -> tuple[dict[str, tuple[float, flo
     """Per-model (x, y) for the Pareto plot: win rates when both exist, else mean reward and minus mean cost."""
     models = report.get("models", {})
     points: dict[str, tuple[float, float]] = {}
+    untrusted = untrusted_judges(report) if "reward_cost" in report.get("judges", []) else set()
+    xflag = " (reward model NOT better than chance)" if "reward" in untrusted else ""
+    yflag = " (cost model NOT better than chance)" if "cost" in untrusted else ""
     if all(m.get("helpfulness") and m.get("harmlessness") for m in models.values()) and models:
         for name, m in models.items():
             points[name] = (m["helpfulness"]["win_rate"], m["harmlessness"]["win_rate"])
-        return points, "helpfulness win rate", "harmlessness win rate"
+        return points, f"helpfulness win rate{xflag}", f"harmlessness win rate{yflag}"
     for name, m in models.items():
         scores = m.get("scores", {})
         reward = scores.get("helpful", {}).get("mean_reward")
@@ -756,7 +828,7 @@ def pareto_points(report: Mapping[str, Any]) -> tuple[dict[str, tuple[float, flo
         y = m["harmlessness"]["win_rate"] if m.get("harmlessness") else (None if cost is None else -cost)
         if x is not None and y is not None:
             points[name] = (x, y)
-    return points, "helpfulness (win rate or mean reward)", "harmlessness (win rate or -mean cost)"
+    return points, f"helpfulness (win rate or mean reward){xflag}", f"harmlessness (win rate or -mean cost){yflag}"
 
 
 def write_report(
@@ -796,7 +868,8 @@ def write_report(
     points, xlabel, ylabel = pareto_points(report)
     if points:
         written["pareto"] = plot_pareto(points, output_dir / "pareto.png", xlabel=xlabel, ylabel=ylabel,
-                                        win_rates=xlabel.endswith("win rate") and ylabel.endswith("win rate"))
+                                        win_rates=xlabel.startswith("helpfulness win rate")
+                                        and ylabel.startswith("harmlessness win rate"))
         figures["pareto"] = str(written["pareto"])
     logs = {k: v for k, v in (training_logs or {}).items() if Path(v).is_file()}
     if logs:
