@@ -66,7 +66,15 @@ def test_elo_golden_values():
         assert r1[p]["mean"] == pytest.approx(r2[p]["mean"])
     assert sum(r["mean"] for r in r1.values()) == pytest.approx(3000.0)  # zero-sum
     dominant = elo_ratings([("a", "b", 1.0)] * 20 + [("a", "c", 1.0)] * 20, seed=0)
-    assert dominant["a"]["mean"] > 1100 and dominant["a"]["std"] >= 0
+    assert dominant["a"]["mean"] > 1100
+    # The spread over orders: a beats b and loses to c. Played b-first, a ends at 1016 - 32 e, otherwise at
+    # 984 + 32 e, with e = 1 / (1 + 10^(-16/400)); the two orders are equally likely, so the population std over
+    # many shuffles is half the gap between the two endings.
+    e = 1.0 / (1.0 + 10.0 ** (-16.0 / 400.0))
+    gap = (1016.0 - 32.0 * e) - (984.0 + 32.0 * e)
+    spread = elo_ratings([("a", "b", 1.0), ("a", "c", 0.0)], n_shuffles=4000, seed=1)
+    assert spread["a"]["std"] == pytest.approx(abs(gap) / 2, rel=0.01)
+    assert spread["a"]["mean"] == pytest.approx(1000.0, abs=0.05 * abs(gap))
     assert elo_ratings([], players=["x"])["x"]["mean"] == 1000.0
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sacpo_lightning.pipeline.config import PipelineConfigError, load_pipeline_config
+from sacpo_lightning.pipeline.config import PipelineConfigError, build_stages, load_pipeline_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,12 +45,21 @@ def test_data_kind_that_disagrees_is_an_error(tmp_path):
         load_pipeline_config(path)
 
 
+def _train_classes(cfg) -> dict[str, tuple[str, str]]:
+    return {s.name: (s.config["model"]["class_path"], s.config["data"]["kind"])
+            for s in build_stages(cfg) if s.kind == "train"}
+
+
 def test_matching_and_unset_class_paths_pass(tmp_path):
-    load_pipeline_config(_write(tmp_path, safety_step={
+    cfg = load_pipeline_config(_write(tmp_path, safety_step={
         "algorithm": "kto", "configs": ["configs/debug/tiny.yaml", "configs/debug/tiny_kto.yaml"]}))
+    classes = _train_classes(cfg)
+    safety = [v for k, v in classes.items() if k.startswith("safety")]
+    assert safety and all(v == ("sacpo_lightning.modules.SafetyKTO", "kto") for v in safety), classes
     bare = tmp_path / "bare.yaml"
     bare.write_text(yaml.safe_dump({"trainer": {"max_steps": 2}}))
-    load_pipeline_config(_write(tmp_path, reward_step={"algorithm": "kto", "configs": [str(bare)]}))
+    cfg = load_pipeline_config(_write(tmp_path, reward_step={"algorithm": "kto", "configs": [str(bare)]}))
+    assert _train_classes(cfg)["reward"] == ("sacpo_lightning.modules.RewardKTO", "kto")
 
 
 def test_budget_needs_a_cost_model_and_a_probability_threshold(tmp_path):
