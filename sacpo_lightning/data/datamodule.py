@@ -542,8 +542,3 @@ class PreferenceDataModule(L.LightningDataModule):
             # its own generator: starting a validation pass draws nothing from the global RNG of the training run
             generator=torch.Generator().manual_seed(self.hparams.seed),
         )
-
-    def steps_per_epoch(self) -> int:
-        """Training batches per epoch on one process (before gradient accumulation)."""
-        per_rank = math.ceil(self.num_train_examples / self._world_size())
-        return math.ceil(per_rank / self.hparams.batch_size)

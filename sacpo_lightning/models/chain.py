@@ -98,12 +98,6 @@ def read_chain(name_or_path: str | os.PathLike) -> AdapterChain | None:
     )
 
 
-def base_of(name_or_path: str) -> str:
-    """The base model of a chain folder, or ``name_or_path`` itself."""
-    chain = read_chain(name_or_path) if os.path.isdir(os.path.expanduser(name_or_path)) else None
-    return chain.base if chain is not None else name_or_path
-
-
 def normalize_base(name_or_path: str) -> str:
     """Local folders become absolute paths (a chain file must not depend on the working directory)."""
     expanded = os.path.expanduser(os.path.expandvars(name_or_path))

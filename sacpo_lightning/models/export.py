@@ -7,7 +7,6 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from sacpo_lightning.io import atomic_directory, atomic_write_json
@@ -160,10 +159,3 @@ def read_step_metadata(path: str | os.PathLike) -> dict[str, Any] | None:
 
     meta = Path(path) / STEP_METADATA
     return json.loads(meta.read_text()) if meta.is_file() else None
-
-
-@torch.no_grad()
-def max_weight_difference(a: PreTrainedModel, b: PreTrainedModel) -> float:
-    """Largest absolute difference between two models' matching parameters (for tests and sanity checks)."""
-    sb = b.state_dict()
-    return max(float((v.float() - sb[k].float()).abs().max()) for k, v in a.state_dict().items())
