@@ -115,7 +115,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from sacpo_lightning.checks import check_positive
+from sacpo_lightning.checks import check_finite, check_nonnegative, check_positive
 from sacpo_lightning.importance import normalized_weights, snis_mean
 from sacpo_lightning.io import atomic_write_file, atomic_write_json
 from sacpo_lightning.plotting import pyplot
@@ -171,34 +171,6 @@ def _scores(values: Any, name: str, like: Tensor | None = None) -> Tensor:
         p, k = (int(i) for i in bad.nonzero()[0])
         raise ValueError(f"{name} has {int(bad.sum())} NaN or infinite values (first at prompt {p}, sample {k})")
     return t
-
-
-def _number(value: Any) -> float | None:
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return None
-
-
-def _check_beta(beta: float) -> float:
-    v = _number(beta)
-    # a value float() cannot read fails on its own repr, so that the message shows the value passed
-    check_positive("beta", beta if v is None else v)
-    return v
-
-
-def _check_b(b: float) -> float:
-    v = _number(b)
-    if v is None or not math.isfinite(v):
-        raise ValueError(f"the safety budget b must be a finite number, got {b!r}")
-    return v
-
-
-def _check_lam(lam: float) -> float:
-    v = _number(lam)
-    if v is None or not (math.isfinite(v) and v >= 0):
-        raise ValueError(f"lambda must be a finite number >= 0, got {lam!r}")
-    return v
 
 
 def _inputs(
@@ -259,9 +231,9 @@ def dual_objective(rewards: Any | None, safety: Any, lam: float, beta: float, b:
     Returns:
         ``beta * mean_x (logsumexp_k (r + lam g) / beta - log K) - lam * b``.
     """
-    beta = _check_beta(beta)
+    beta = check_positive("beta", beta)
     r, g, r_tilt, h = _inputs(rewards, safety, reward_in_tilt=rewards is not None)
-    lam, b = _check_lam(lam), _check_b(b)
+    lam, b = check_nonnegative("lambda", lam), check_finite("the safety budget b", b)
     s = _log_weights(r_tilt, h, lam, beta)
     log_mean_exp = torch.logsumexp(s, dim=-1) - math.log(g.shape[1])
     return float(beta * log_mean_exp.mean() - lam * b)
@@ -272,9 +244,9 @@ def dual_derivative(
 ) -> float:
     """``E_x E_{pi*_lambda}[g] - b`` (non-decreasing in lambda), with the arguments of :func:`dual_objective` and
     ``tilt`` of :func:`solve_lambda`; with ``tilt=None`` it is ``D'(lambda)``."""
-    beta = _check_beta(beta)
+    beta = check_positive("beta", beta)
     r, g, r_tilt, h = _inputs(rewards, safety, reward_in_tilt=rewards is not None, tilt=tilt)
-    lam, b = _check_lam(lam), _check_b(b)
+    lam, b = check_nonnegative("lambda", lam), check_finite("the safety budget b", b)
     return _expected_safety(r_tilt, h, g, lam, beta) - b
 
 
@@ -349,7 +321,7 @@ def predicted_curve(
             ``(r + lambda g) / beta``). See the module docstring.
         tilt: (P, K) tilt scores h (see :func:`solve_lambda`); None: h = g.
     """
-    beta = _check_beta(beta)
+    beta = check_positive("beta", beta)
     r, g, r_tilt, h = _inputs(rewards, safety, reward_in_tilt, tilt)
     lams = torch.as_tensor(lambdas, dtype=torch.float64).reshape(-1)
     if lams.numel() == 0:
@@ -373,7 +345,7 @@ def predicted_curve(
 def default_lambdas(beta: float, lam_star: float | None = None, num: int = 41) -> list[float]:
     """0, then ``num - 1`` geometrically spaced multipliers from ``beta / 100`` to ``max(100 beta, 4 lam_star)``,
     plus ``lam_star`` itself (sorted)."""
-    beta = _check_beta(beta)
+    beta = check_positive("beta", beta)
     if num < 2:
         raise ValueError(f"num must be >= 2, got {num}")
     top = max(100.0 * beta, 4.0 * lam_star if lam_star else 0.0)
@@ -513,9 +485,9 @@ def solve_lambda(
     Returns:
         A :class:`BudgetSolution`; check ``status`` (and ``step2_beta``) before using ``lam``.
     """
-    beta = _check_beta(beta)
+    beta = check_positive("beta", beta)
     r, g, r_tilt, h = _inputs(rewards, safety, reward_in_tilt, tilt)
-    b = _check_b(b)
+    b = check_finite("the safety budget b", b)
     if lam_max is None:
         lam_max = _default_lam_max(h, beta)
     elif not (math.isfinite(lam_max) and lam_max > 0):
@@ -653,7 +625,8 @@ def bootstrap_budget(
     Returns:
         ``{level, num_resamples, seed, lambda_star: [low, high], safety: [low, high], infeasible_fraction}``.
     """
-    beta, b, lam_star = _check_beta(beta), _check_b(b), _check_lam(lam_star)
+    beta, b = check_positive("beta", beta), check_finite("the safety budget b", b)
+    lam_star = check_nonnegative("lambda", lam_star)
     _, g, _, h = _inputs(None, safety, False, tilt)
     if not (isinstance(num_resamples, int) and num_resamples >= 10):
         raise ValueError(f"num_resamples must be an integer >= 10, got {num_resamples!r}")

@@ -35,12 +35,11 @@ from sacpo_lightning.budget import (
     DEFAULT_LEVEL,
     DEFAULT_RESAMPLES,
     SAFETY_TRANSFORMS,
-    _check_b,
-    _check_beta,
     budget_from_costs,
     plot_curve,
     write_budget_json,
 )
+from sacpo_lightning.checks import check_finite, check_positive
 from sacpo_lightning.evaluation.generation import (
     GenerationSettings,
     ModelSpec,
@@ -194,7 +193,7 @@ def _check_budget_arguments(
     if not isinstance(samples_per_prompt, int) or samples_per_prompt < 2:
         raise ValueError(f"samples_per_prompt must be an integer >= 2 (one sample cannot be reweighted), "
                          f"got {samples_per_prompt!r}")
-    beta, b = _check_beta(beta), _check_b(b)
+    beta, b = check_positive("beta", beta), check_finite("the safety budget b", b)
     if safety_transform not in SAFETY_TRANSFORMS:
         raise ValueError(f"safety_transform must be one of {SAFETY_TRANSFORMS}, got {safety_transform!r}")
     if reward_in_tilt and reward_scorer is None:

@@ -1,13 +1,42 @@
-"""Argument checks shared by the losses and the modules, with messages that name the option."""
+"""Argument checks shared by the losses, the modules and the safety budget, with messages that name the option.
+
+Each returns the value as a ``float``, so that a caller checks and converts in one place. A number is any real
+number (Python, NumPy or a 0-d tensor's ``.item()``); strings and booleans are refused rather than read.
+"""
 
 from __future__ import annotations
 
 import math
+import numbers
 
-__all__ = ["check_positive"]
+__all__ = ["check_finite", "check_nonnegative", "check_positive"]
 
 
-def check_positive(option: str, value: float) -> None:
-    """Raises a ValueError naming ``option`` unless ``value`` is a finite number > 0."""
-    if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+def _real(option: str, value: object, requirement: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{option} must be {requirement}, got {value!r}")
+    return float(value)
+
+
+def check_positive(option: str, value: float) -> float:
+    """``value`` as a float; a ValueError naming ``option`` unless it is a finite number > 0."""
+    v = _real(option, value, "a finite number > 0")
+    if not (math.isfinite(v) and v > 0):
         raise ValueError(f"{option} must be a finite number > 0, got {value!r}")
+    return v
+
+
+def check_nonnegative(option: str, value: float) -> float:
+    """``value`` as a float; a ValueError naming ``option`` unless it is a finite number >= 0."""
+    v = _real(option, value, "a finite number >= 0")
+    if not (math.isfinite(v) and v >= 0):
+        raise ValueError(f"{option} must be a finite number >= 0, got {value!r}")
+    return v
+
+
+def check_finite(option: str, value: float) -> float:
+    """``value`` as a float; a ValueError naming ``option`` unless it is a finite number."""
+    v = _real(option, value, "a finite number")
+    if not math.isfinite(v):
+        raise ValueError(f"{option} must be a finite number, got {value!r}")
+    return v

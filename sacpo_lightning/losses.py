@@ -14,7 +14,6 @@ step-1 policy as reference; the functions themselves are agnostic to the step.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
@@ -35,13 +34,6 @@ __all__ = [
 ]
 
 
-def _check_beta(beta: float) -> None:
-    if not beta > 0:  # also rejects NaN
-        raise ValueError(f"beta must be > 0, got {beta}")
-    if not math.isfinite(beta):
-        raise ValueError(f"beta must be finite, got {beta}")
-
-
 def _check_same_shape(**tensors: Tensor) -> None:
     shapes = {name: tuple(t.shape) for name, t in tensors.items()}
     if len(set(shapes.values())) > 1:
@@ -57,7 +49,7 @@ def _pair_logratios(
     beta: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Validates the inputs of a pairwise loss; returns the margin ``h`` and the detached chosen/rejected rewards."""
-    _check_beta(beta)
+    check_positive("beta", beta)
     _check_same_shape(
         policy_chosen_logps=policy_chosen_logps,
         policy_rejected_logps=policy_rejected_logps,
@@ -233,7 +225,7 @@ def kto_loss(
         ValueError: If ``beta`` or a weight is not > 0, ``desirable`` is not bool, ``kl`` is not a scalar, or the
             shapes differ.
     """
-    _check_beta(beta)
+    check_positive("beta", beta)
     check_positive("desirable_weight", desirable_weight)
     check_positive("undesirable_weight", undesirable_weight)
     _check_same_shape(policy_logps=policy_logps, ref_logps=ref_logps, desirable=desirable)

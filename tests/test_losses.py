@@ -234,13 +234,13 @@ def test_kto_class_weights_rejects_bad_ratio() -> None:
 @pytest.mark.parametrize("loss_fn", PAIRWISE_LOSSES)
 @pytest.mark.parametrize("beta", [0.0, -1.0, float("nan")])
 def test_pairwise_bad_beta(loss_fn, beta: float) -> None:
-    with pytest.raises(ValueError, match="beta must be > 0, got"):
+    with pytest.raises(ValueError, match="beta must be a finite number > 0, got"):
         loss_fn(*pair_inputs([1.0]), beta=beta)
 
 
 @pytest.mark.parametrize("loss_fn", PAIRWISE_LOSSES)
 def test_pairwise_infinite_beta(loss_fn) -> None:
-    with pytest.raises(ValueError, match="beta must be finite"):
+    with pytest.raises(ValueError, match="beta must be a finite number > 0, got inf"):
         loss_fn(*pair_inputs([1.0]), beta=float("inf"))
 
 
@@ -261,7 +261,7 @@ def test_dpo_bad_label_smoothing(eps: float) -> None:
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"beta": 0.0}, "beta must be > 0"),
+        ({"beta": 0.0}, "beta must be a finite number > 0"),
         ({"beta": 0.1, "desirable_weight": 0.0}, "desirable_weight must be"),
         ({"beta": 0.1, "undesirable_weight": -1.0}, "undesirable_weight must be"),
     ],
