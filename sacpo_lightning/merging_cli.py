@@ -27,7 +27,7 @@ from typing import Literal
 from jsonargparse import ActionConfigFile, ArgumentParser
 from jsonargparse.typing import PositiveInt
 
-from sacpo_lightning.cli_args import parse_command
+from sacpo_lightning.cli_args import command_argv, parse_command
 from sacpo_lightning.merge_kl import KL_MAX_LENGTH
 from sacpo_lightning.merge_report import REPORT_FILE, format_report, merge_with_report, read_kl_prompts
 from sacpo_lightning.models.compat import MergeError
@@ -103,50 +103,9 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
-def _yaml_number(token: str) -> str:
-    """A number in the YAML form jsonargparse reads (``.nan``, ``.inf``, ``1e-05``); other tokens unchanged."""
-    try:
-        value = float(token)
-    except ValueError:
-        return token
-    if math.isnan(value):
-        return ".nan"
-    if math.isinf(value):
-        return ".inf" if value > 0 else "-.inf"
-    return repr(value)
-
-
-def _normalize_argv(argv: list[str]) -> list[str]:
-    """Dashed option names (``--kl-prompts``) as underscore ones; ``--weights A B`` as ``--weights=[A, B]``."""
-    out: list[str] = []
-    i = 0
-    while i < len(argv):
-        token = argv[i]
-        i += 1
-        if not token.startswith("--"):
-            out.append(token)
-            continue
-        name, eq, value = token.partition("=")
-        name = "--" + name[2:].replace("-", "_")
-        if name == "--weights" and not eq:
-            values = []
-            while i < len(argv) and not argv[i].startswith("--"):
-                values.append(argv[i])
-                i += 1
-            if len(values) == 1 and values[0].lstrip().startswith("["):
-                out += [name, values[0]]
-            elif values:
-                out.append(f"{name}=[{', '.join(_yaml_number(v) for v in values)}]")
-            else:
-                out.append(name)
-            continue
-        out.append(name + eq + value)
-    return out
-
-
 def main(argv: list[str]) -> int:
     """Runs ``sacpo merge``; returns the exit status (2 for bad arguments or models that cannot be merged)."""
-    kwargs, code = parse_command(build_parser(), _normalize_argv(argv))
+    kwargs, code = parse_command(build_parser(), command_argv(argv, [merge]))
     if kwargs is None:
         return code
     try:

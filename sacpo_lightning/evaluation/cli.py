@@ -15,25 +15,26 @@
 Both parsers are built by jsonargparse from the typed dataclasses below (and
 :class:`~sacpo_lightning.evaluation.generation.GenerationSettings`), so ``--config FILE`` (a YAML of the options) and
 ``--print_config`` work and the defaults are those of the dataclasses. The command-line spellings of the argparse
-version still work (:func:`flag_style_argv`): a bare boolean flag (``--do_sample``), several values after a list
-option (``--models a=b c=d``) and repeated list options (``--safety_judge refusal --safety_judge guard:DIR``).
+version still work (:func:`sacpo_lightning.cli_args.command_argv`): a bare boolean flag (``--do_sample``), several
+values after a list option (``--models a=b c=d``) and repeated list options (``--safety_judge refusal
+--safety_judge guard:DIR``).
 """
 
 from __future__ import annotations
 
 import json
 import sys
-import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 
+from sacpo_lightning.cli_args import command_argv
 from sacpo_lightning.evaluation.evaluate import EvaluationSettings
 from sacpo_lightning.evaluation.generation import GenerationSettings
 
-__all__ = ["build_evaluate_parser", "evaluate_main", "flag_style_argv", "generate_main"]
+__all__ = ["build_evaluate_parser", "evaluate_main", "generate_main"]
 
 DEFAULT_SAFETY_PROMPTS = "../shared/data/eval/safety_problem.json"
 DEFAULT_HELPFUL_PROMPTS = "../shared/data/eval/helpful_problem.json"
@@ -189,36 +190,6 @@ class SafetyJudgeOptions:
     predicted_safety: list[str] = field(default_factory=list)
 
 
-def flag_style_argv(argv: Sequence[str], option_types: Sequence[type]) -> list[str]:
-    """``argv`` in jsonargparse's syntax for the bool and list fields of ``option_types``: a bare ``--flag`` becomes
-    ``--flag=true``, and the values after every occurrence of a list option (``--models a b --models c``) become
-    one JSON list at its first occurrence."""
-    hints: dict[str, Any] = {}
-    for option_type in option_types:
-        hints.update(typing.get_type_hints(option_type))
-    flags = {name for name, hint in hints.items() if hint is bool}
-    lists = {name for name, hint in hints.items() if typing.get_origin(hint) is list}
-    out: list[str] = []
-    values: dict[str, list[str]] = {}
-    i = 0
-    while i < len(argv):
-        token, i = argv[i], i + 1
-        name = token[2:] if token.startswith("--") else None
-        if name in flags and (i == len(argv) or argv[i].startswith("--")):
-            out.append(f"--{name}=true")
-        elif name in lists:
-            if name not in values:
-                values[name] = []
-                out.append(name)  # placeholder, replaced below
-            while i < len(argv) and not argv[i].startswith("--"):
-                values[name].append(argv[i])
-                i += 1
-        else:
-            out.append(token)
-    return [f"--{token}={json.dumps(values[token])}" if token in values and not token.startswith("-") else token
-            for token in out]
-
-
 def _parser(prog: str, description: str, option_types: Sequence[type]) -> ArgumentParser:
     parser = ArgumentParser(prog=prog, description=description)
     parser.add_argument("--config", action=ActionConfigFile, help="A YAML file of these options.")
@@ -246,7 +217,7 @@ def generate_main(argv: list[str]) -> int:
     from sacpo_lightning.evaluation.generation import generate_to_file
 
     parser = _parser("sacpo generate", "Generate responses on a prompt set.", GENERATE_OPTIONS)
-    ns = parser.parse_args(flag_style_argv(argv, GENERATE_OPTIONS))
+    ns = parser.parse_args(command_argv(argv, GENERATE_OPTIONS))
     options = _options(GenerateOptions, ns)
     settings = _generation_settings(ns, parser)
     path = generate_to_file(options.model, options.prompts, options.output, settings, name=options.name,
@@ -295,7 +266,7 @@ EVALUATE_OPTIONS = (EvaluateOptions, LLMJudgeOptions, ImplicitOptions, SafetyJud
 
 
 def build_evaluate_parser() -> ArgumentParser:
-    """The ``sacpo evaluate`` parser (takes :func:`flag_style_argv` of the command line)."""
+    """The ``sacpo evaluate`` parser (takes :func:`sacpo_lightning.cli_args.command_argv` of the command line)."""
     return _parser("sacpo evaluate", "Judge models against a baseline: win rates with bootstrap intervals, Elo, "
                    "report and plots.", EVALUATE_OPTIONS)
 
@@ -345,7 +316,7 @@ def evaluate_main(argv: list[str]) -> int:
     from sacpo_lightning.evaluation.evaluate import parse_named_models, run_evaluation
 
     parser = build_evaluate_parser()
-    ns = parser.parse_args(flag_style_argv(argv, EVALUATE_OPTIONS))
+    ns = parser.parse_args(command_argv(argv, EVALUATE_OPTIONS))
     options = _options(EvaluateOptions, ns)
     try:
         models = parse_named_models(options.models)

@@ -413,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
     these options from YAML and ``--print_config`` prints them; ``--config`` is the pipeline YAML)."""
     from jsonargparse import ActionConfigFile, ArgumentParser
 
-    from sacpo_lightning.evaluation.cli import flag_style_argv
+    from sacpo_lightning.cli_args import command_argv
 
     def pipeline(config: str, output: str, plan: bool = False) -> None:
         """Run a SACPO pipeline (see configs/pipelines).
@@ -427,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(prog="sacpo pipeline", description="Run a SACPO pipeline (see configs/pipelines).")
     parser.add_argument("--cli_config", action=ActionConfigFile, help="A YAML file of these options.")
     parser.add_function_arguments(pipeline)
-    ns = parser.parse_args(flag_style_argv(list(sys.argv[1:] if argv is None else argv), [pipeline]))
+    ns = parser.parse_args(command_argv(list(sys.argv[1:] if argv is None else argv), [pipeline]))
     try:
         runner = PipelineRunner(load_pipeline_config(ns.config), ns.output)
         return runner.run(only_plan=ns.plan)
