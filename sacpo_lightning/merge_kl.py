@@ -14,7 +14,7 @@ from typing import NamedTuple
 import torch
 
 from sacpo_lightning.data.prompts import format_prompt
-from sacpo_lightning.data.tokenization import tokenizer_adds_bos
+from sacpo_lightning.data.tokenization import encode_with_bos
 from sacpo_lightning.io import PathLike
 from sacpo_lightning.merge_weight import check_q
 from sacpo_lightning.models.compat import check_compatible
@@ -53,7 +53,7 @@ def mixture_vs_merge_kl(
 ) -> MixtureKL:
     """How far a weight-space merge is from the token-level geometric mixture, measured on given texts.
 
-    Each text is tokenized (with the tokenizer's special tokens, right-padded) and both the token-level mixture
+    Each text is tokenized (one BOS where training puts one, right-padded) and both the token-level mixture
     ``GeometricMixtureLM(A, B, q)`` and the merged model are run teacher-forced over it. At every real (non-padding)
     position ``t`` the next-token distributions are compared with ``KL(mixture(. | x_<=t) || merged(. | x_<=t))``;
     the result is the mean over all positions of all texts. No tokens are generated. The value is 0 when the merged
@@ -90,14 +90,9 @@ def mixture_vs_merge_kl(
         merged = merged.to(device)
     total, count = 0.0, 0
     for start in range(0, len(prompts), batch_size):
-        batch = tokenizer(
-            list(prompts[start : start + batch_size]),
-            return_tensors="pt",
-            padding=True,
-            padding_side="right",
-            truncation=max_length is not None,
-            max_length=max_length,
-        ).to(mixture.device)
+        rows = [ids[:max_length] for ids in encode_with_bos(tokenizer, prompts[start : start + batch_size])]
+        batch = tokenizer.pad({"input_ids": rows}, padding=True, padding_side="right", return_tensors="pt")
+        batch = {k: v.to(mixture.device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
         mask = batch["attention_mask"]
         log_mix = mixture(batch["input_ids"], attention_mask=mask).logits
         log_merged = torch.log_softmax(merged(**batch, use_cache=False).logits.float(), dim=-1)
@@ -110,11 +105,9 @@ def mixture_vs_merge_kl(
 def kl_texts(prompts: Sequence[str], tokenizer) -> list[str]:
     """Each prompt as a user turn of the chat template with the assistant header (plain text without a template).
 
-    The KL is so measured where a response would start. A BOS written by the template is dropped when the tokenizer
-    adds one itself, so it is not doubled.
+    The KL is so measured where a response would start; :func:`mixture_vs_merge_kl` encodes the texts with one BOS
+    where training puts one.
     """
     if not getattr(tokenizer, "chat_template", None):
         return list(prompts)
-    bos = tokenizer.bos_token if tokenizer_adds_bos(tokenizer) else None
-    texts = [format_prompt(tokenizer, prompt, "chat") for prompt in prompts]
-    return [text[len(bos) :] if bos and text.startswith(bos) else text for text in texts]
+    return [format_prompt(tokenizer, prompt, "chat") for prompt in prompts]

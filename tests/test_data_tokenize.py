@@ -22,7 +22,7 @@ from sacpo_lightning.data import (
     tokenize_pair,
     tokenizer_adds_bos,
 )
-from sacpo_lightning.data.tokenization import batch_tokenize_kto, kl_partners
+from sacpo_lightning.data.tokenization import batch_tokenize_kto, encode_with_bos, kl_partners, with_bos
 from sacpo_lightning.models.tiny import build_tiny_tokenizer
 
 MESSAGES = [
@@ -265,3 +265,22 @@ def test_tokenize_kto_example(tiny_tokenizer):
 def test_collate_rejects_empty_batch():
     with pytest.raises(ValueError, match="empty"):
         collate_pairs([], pad_token_id=0)
+
+
+def test_with_bos_adds_one_bos_and_cuts_from_the_left():
+    assert with_bos([5, 6, 7], 1) == [1, 5, 6, 7]
+    assert with_bos([1, 5, 6, 7], 1) == [1, 5, 6, 7]  # written by a chat template: not doubled
+    assert with_bos([1, 5, 6, 7], 1, max_tokens=3) == [1, 6, 7]  # the end is kept, and the BOS
+    assert with_bos([5, 6, 7], None, max_tokens=2) == [6, 7]
+    assert with_bos([], 1) == [1]
+
+
+def test_encode_with_bos_matches_the_training_prompt_ids(tiny_tokenizer):
+    """Generation, guard judges and the merge KL encode prompts exactly like the training data."""
+    config = TokenizeConfig(max_length=64, max_prompt_length=8, template="pku")
+    record = PairRecord(prompt="a rather long prompt that is cut", chosen="x", rejected="y")
+    example = batch_tokenize_pairs([record], tiny_tokenizer, config)[0]
+    rendered = render_prompt(record.prompt, "pku", tiny_tokenizer, None)
+    assert encode_with_bos(tiny_tokenizer, [rendered], max_tokens=8)[0] == example["prompt_ids"]
+    bos = tiny_tokenizer.bos_token_id
+    assert [row[0] for row in encode_with_bos(tiny_tokenizer, ["hi", tiny_tokenizer.bos_token + "hi"])] == [bos, bos]

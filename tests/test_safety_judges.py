@@ -9,6 +9,7 @@ import pytest
 import torch
 from eval_prompts import write_eval_prompts
 
+from sacpo_lightning.data.tokenization import encode_with_bos
 from sacpo_lightning.evaluation import generation as gen
 from sacpo_lightning.evaluation.safety_judges import (
     ClassifierJudge,
@@ -128,7 +129,7 @@ def test_guard_formats_and_errors(tiny_lm):
     assert clipped.render("p", "abcdef") == "p|abc"
     # One BOS, also when the rendered text (e.g. a chat template) already starts with it.
     bos = tiny_lm[1].bos_token_id
-    encoded = GuardJudge(tiny_lm)._encode(tiny_lm[1], ["<s>hi", "hi"])
+    encoded = encode_with_bos(tiny_lm[1], ["<s>hi", "hi"])
     assert encoded[0] == encoded[1] and encoded[0][0] == bos and encoded[0][1] != bos
     with pytest.raises(ValueError, match="must contain"):
         GuardJudge(tiny_lm, instruction="no placeholders")

@@ -33,6 +33,8 @@ __all__ = [
     "tokenize_kto",
     "tokenize_pair",
     "tokenizer_adds_bos",
+    "encode_with_bos",
+    "with_bos",
 ]
 
 
@@ -75,6 +77,28 @@ def tokenizer_adds_bos(tokenizer: Any) -> bool:
     return bool(ids) and ids[0] == bos
 
 
+def with_bos(ids: Sequence[int], bos: int | None, max_tokens: int | None = None) -> list[int]:
+    """``ids`` with exactly one leading ``bos`` (added only when missing; none when ``bos`` is None), cut from the
+    left to ``max_tokens`` with the BOS kept at the front."""
+    ids = list(ids)
+    if bos is not None and (not ids or ids[0] != bos):
+        ids = [bos, *ids]
+    if max_tokens is not None and len(ids) > max_tokens:
+        ids = ([ids[0]] + ids[len(ids) - max_tokens + 1 :]) if bos is not None else ids[len(ids) - max_tokens :]
+    return ids
+
+
+def encode_with_bos(tokenizer: Any, texts: Sequence[str], max_tokens: int | None = None) -> list[list[int]]:
+    """Token ids of rendered texts with one BOS exactly where training puts one: at the front when the tokenizer adds
+    BOS by default, never doubled when a chat template already wrote it, and none otherwise (see :func:`with_bos`).
+    Training, generation, the guard judges and the merge KL all encode through this."""
+    bos = tokenizer.bos_token_id if tokenizer_adds_bos(tokenizer) else None
+    if not texts:
+        return []
+    out = tokenizer(list(texts), add_special_tokens=False, return_attention_mask=False, return_token_type_ids=False)
+    return [with_bos(ids, bos, max_tokens) for ids in out["input_ids"]]
+
+
 class _Encoder:
     """Renders and tokenizes prompts and responses in batches (one tokenizer call per list), caching prompts."""
 
@@ -110,12 +134,10 @@ class _Encoder:
         limit = self.config.max_prompt_length
         # Only a tokenizer that adds BOS by default gets one kept at the front; SmolLM2's "BOS" is <|im_start|>,
         # which starts every chat turn and is an ordinary token for truncation.
-        has_bos = self.bos is not None
-        if has_bos and (not ids or ids[0] != self.bos):
-            ids = [self.bos, *ids]
+        ids = with_bos(ids, self.bos)
         if len(ids) > limit:
             self.stats["prompts_truncated"] += 1
-            ids = ([ids[0]] + ids[len(ids) - limit + 1 :]) if has_bos else ids[len(ids) - limit :]
+            ids = with_bos(ids, self.bos, limit)
         return ids
 
     def responses(self, texts: list[str], prompt_texts: list[str], prompt_ids: list[list[int]]) -> list[list[int]]:

@@ -46,6 +46,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from sacpo_lightning.data.prompts import NAMED_TEMPLATES, format_prompt, load_prompts
+from sacpo_lightning.data.tokenization import encode_with_bos
 from sacpo_lightning.io import atomic_write_json, atomic_write_text, file_fingerprint
 
 __all__ = [
@@ -253,22 +254,6 @@ def load_generation_model(spec: str | ModelSpec, *, dtype: str | None = None, de
     return model, load_tokenizer(paths[0])
 
 
-def _encode(tokenizer, texts: Sequence[str], max_prompt_tokens: int | None) -> list[list[int]]:
-    """Token ids of rendered prompts, with one BOS exactly where training puts one (see ``data.tokenization``)."""
-    from sacpo_lightning.data.tokenization import tokenizer_adds_bos
-
-    bos = tokenizer.bos_token_id if tokenizer_adds_bos(tokenizer) else None
-    encoded = []
-    for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]:
-        ids = list(ids)
-        if bos is not None and (not ids or ids[0] != bos):
-            ids = [bos, *ids]
-        if max_prompt_tokens is not None and len(ids) > max_prompt_tokens:
-            ids = ([ids[0]] if bos is not None else []) + ids[len(ids) - max_prompt_tokens + (bos is not None) :]
-        encoded.append(ids)
-    return encoded
-
-
 def _left_pad(batch: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(ids) for ids in batch)
     input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
@@ -397,7 +382,7 @@ def _decode_all(
     if tokenizer.pad_token_id is None:
         raise ValueError("The tokenizer has no pad token; load it with sacpo_lightning.models.load_tokenizer")
     texts = [format_prompt(tokenizer, p, settings.template) for p in prompts]
-    encoded = [ids for ids in _encode(tokenizer, texts, settings.max_prompt_tokens) for _ in range(copies)]
+    encoded = [ids for ids in encode_with_bos(tokenizer, texts, settings.max_prompt_tokens) for _ in range(copies)]
     order = sorted(range(len(encoded)), key=lambda i: (len(encoded[i]), i))
     results: list[str] = [""] * len(encoded)
     log_weights: list[float] | None = [0.0] * len(encoded) if settings.sequence_level else None

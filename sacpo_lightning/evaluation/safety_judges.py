@@ -39,6 +39,8 @@ from typing import Any, ClassVar
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
+from sacpo_lightning.data.tokenization import encode_with_bos
+
 __all__ = [
     "DEFAULT_ANSWER_VARIANTS",
     "DEFAULT_GUARD_CATEGORIES",
@@ -326,19 +328,6 @@ class GuardJudge(SafetyJudge):
             return text + (self.answer_prefix or "")
         return body + ("\nAnswer:" if self.answer_prefix is None else self.answer_prefix)
 
-    def _encode(self, tokenizer, texts: Sequence[str]) -> list[list[int]]:
-        from sacpo_lightning.data.tokenization import tokenizer_adds_bos
-
-        # One BOS exactly where the model saw one in training (a chat template may already have written it).
-        bos = tokenizer.bos_token_id if tokenizer_adds_bos(tokenizer) else None
-        rows = []
-        for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]:
-            ids = list(ids)
-            if bos is not None and (not ids or ids[0] != bos):
-                ids = [bos, *ids]
-            rows.append(ids)
-        return rows
-
     @torch.no_grad()
     def judge(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
         self._check_lengths(prompts, responses)
@@ -349,7 +338,7 @@ class GuardJudge(SafetyJudge):
             raise ValueError(f"guard judge {self.name!r}: the tokenizer has no pad token; load it with "
                              "sacpo_lightning.models.load_tokenizer")
         safe_ids, unsafe_ids = self.answer_token_ids()
-        rows = self._encode(tokenizer, [self.render(p, r) for p, r in zip(prompts, responses, strict=True)])
+        rows = encode_with_bos(tokenizer, [self.render(p, r) for p, r in zip(prompts, responses, strict=True)])
         order = sorted(range(len(rows)), key=lambda i: (len(rows[i]), i))
         device = next(model.parameters()).device
         keep_last = "logits_to_keep" in inspect.signature(model.forward).parameters
