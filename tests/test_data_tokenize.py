@@ -278,7 +278,7 @@ def test_with_bos_adds_one_bos_and_cuts_from_the_left():
 def test_encode_with_bos_matches_the_training_prompt_ids(tiny_tokenizer):
     """Generation, guard judges and the merge KL encode prompts exactly like the training data."""
     config = TokenizeConfig(max_length=64, max_prompt_length=8, template="pku")
-    record = PairRecord(prompt="a rather long prompt that is cut", chosen="x", rejected="y")
+    record = PairRecord("a rather long prompt that is cut", "x", "y", "t:1")
     example = batch_tokenize_pairs([record], tiny_tokenizer, config)[0]
     rendered = render_prompt(record.prompt, "pku", tiny_tokenizer, None)
     assert encode_with_bos(tiny_tokenizer, [rendered], max_tokens=8)[0] == example["prompt_ids"]
