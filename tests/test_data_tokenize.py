@@ -18,8 +18,6 @@ from sacpo_lightning.data import (
     collate_pairs,
     render_prompt,
     render_response,
-    tokenize_kto,
-    tokenize_pair,
     tokenizer_adds_bos,
 )
 from sacpo_lightning.data.tokenization import batch_tokenize_kto, encode_with_bos, kl_partners, with_bos
@@ -99,8 +97,9 @@ def test_bos_detection(tiny_tokenizer, nobos_tokenizer):
 @pytest.mark.parametrize("template", ["chat", "pku", "raw"])
 def test_bos_and_eos_exactly_once(any_tokenizer, template):
     tok = any_tokenizer
-    example = tokenize_pair(PAIR, tok, TokenizeConfig(max_length=256, max_prompt_length=128, template=template), 7)
-    assert example["index"] == 7
+    config = TokenizeConfig(max_length=256, max_prompt_length=128, template=template)
+    example = batch_tokenize_pairs([PAIR, PAIR], tok, config)[1]
+    assert example["index"] == 1
     adds_bos = tokenizer_adds_bos(tok)
     for key in ("chosen_ids", "rejected_ids"):
         seq = example["prompt_ids"] + example[key]
@@ -115,14 +114,16 @@ def test_bos_and_eos_exactly_once(any_tokenizer, template):
 
 
 def test_bos_written_by_the_chat_template_is_not_doubled(bos_template_tokenizer):
-    example = tokenize_pair(PAIR, bos_template_tokenizer, TokenizeConfig(max_length=256, max_prompt_length=128))
+    config = TokenizeConfig(max_length=256, max_prompt_length=128)
+    example = batch_tokenize_pairs([PAIR], bos_template_tokenizer, config)[0]
     assert example["prompt_ids"][0] == bos_template_tokenizer.bos_token_id
     assert example["prompt_ids"].count(bos_template_tokenizer.bos_token_id) == 1
 
 
 def test_eos_not_doubled_when_the_response_already_ends_with_it(tiny_tokenizer):
     record = PairRecord("Q", "Yes.</s>", "No.", "t:1")
-    example = tokenize_pair(record, tiny_tokenizer, TokenizeConfig(max_length=64, max_prompt_length=32, template="pku"))
+    config = TokenizeConfig(max_length=64, max_prompt_length=32, template="pku")
+    example = batch_tokenize_pairs([record], tiny_tokenizer, config)[0]
     assert example["chosen_ids"].count(tiny_tokenizer.eos_token_id) == 1
     assert example["chosen_ids"][-1] == tiny_tokenizer.eos_token_id
 
@@ -131,8 +132,8 @@ def test_eos_not_doubled_when_the_response_already_ends_with_it(tiny_tokenizer):
 def test_prompt_truncated_from_the_left_keeping_bos(any_tokenizer):
     tok = any_tokenizer
     long = PairRecord("x" * 100 + "THE END", "ok", "no", "t:1")
-    full = tokenize_pair(long, tok, TokenizeConfig(max_length=400, max_prompt_length=300, template="pku"))
-    cut = tokenize_pair(long, tok, TokenizeConfig(max_length=60, max_prompt_length=40, template="pku"))
+    full = batch_tokenize_pairs([long], tok, TokenizeConfig(max_length=400, max_prompt_length=300, template="pku"))[0]
+    cut = batch_tokenize_pairs([long], tok, TokenizeConfig(max_length=60, max_prompt_length=40, template="pku"))[0]
     assert len(cut["prompt_ids"]) == 40
     if tokenizer_adds_bos(tok):
         assert cut["prompt_ids"][0] == tok.bos_token_id and cut["prompt_ids"][1:] == full["prompt_ids"][-39:]
@@ -254,7 +255,7 @@ def test_kto_kl_partners_are_a_seeded_derangement(tiny_tokenizer):
 def test_tokenize_kto_example(tiny_tokenizer):
     record = KTORecord("Q", "Answer.", False, "t:1")
     config = TokenizeConfig(max_length=64, max_prompt_length=48, template="pku")
-    example = tokenize_kto(record, tiny_tokenizer, config, 3)
+    example = batch_tokenize_kto([record] * 4, tiny_tokenizer, config)[3]
     assert set(example) == {"prompt_ids", "completion_ids", "kl_completion_ids", "desirable", "index"}
     assert example["desirable"] is False and example["index"] == 3
     assert example["completion_ids"][-1] == tiny_tokenizer.eos_token_id

@@ -30,8 +30,6 @@ from sacpo_lightning.data.tokenization import (
     TokenizeConfig,
     batch_tokenize_kto,
     batch_tokenize_pairs,
-    tokenize_kto,
-    tokenize_pair,
     tokenizer_adds_bos,
 )
 
@@ -67,7 +65,5 @@ __all__ = [
     "split_by_prompt",
     "split_hh_pair",
     "subsample",
-    "tokenize_kto",
-    "tokenize_pair",
     "tokenizer_adds_bos",
 ]

@@ -30,8 +30,6 @@ __all__ = [
     "batch_tokenize_kto",
     "batch_tokenize_pairs",
     "kl_partners",
-    "tokenize_kto",
-    "tokenize_pair",
     "tokenizer_adds_bos",
     "encode_with_bos",
     "with_bos",
@@ -217,17 +215,3 @@ def batch_tokenize_kto(
         }
         for i, (p, c, r) in enumerate(zip(prompt_ids, completions, records, strict=True))
     ]
-
-
-def tokenize_pair(record: PairRecord, tokenizer: Any, config: TokenizeConfig, index: int = 0) -> dict[str, Any]:
-    """Tokenizes one pair (see :func:`batch_tokenize_pairs`)."""
-    example = batch_tokenize_pairs([record], tokenizer, config)[0]
-    example["index"] = index
-    return example
-
-
-def tokenize_kto(record: KTORecord, tokenizer: Any, config: TokenizeConfig, index: int = 0) -> dict[str, Any]:
-    """Tokenizes one unpaired example (see :func:`batch_tokenize_kto`)."""
-    example = batch_tokenize_kto([record], tokenizer, config)[0]
-    example["index"] = index
-    return example
