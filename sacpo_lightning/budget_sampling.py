@@ -41,6 +41,7 @@ from sacpo_lightning.budget import (
     plot_curve,
     write_budget_json,
 )
+from sacpo_lightning.errors import UserError
 from sacpo_lightning.evaluation.generation import (
     GenerationSettings,
     ModelSpec,
@@ -72,7 +73,7 @@ def sampling_settings(generation: GenerationSettings | None = None) -> Generatio
     if generation is None:
         return GenerationSettings(do_sample=True, max_new_tokens=128)
     if not generation.do_sample or generation.temperature != 1.0 or generation.top_p != 1.0:
-        raise ValueError(
+        raise UserError(
             "the budget needs samples of the reference policy itself: set do_sample=True, temperature=1.0, top_p=1.0 "
             f"(got do_sample={generation.do_sample}, temperature={generation.temperature}, top_p={generation.top_p})"
         )
@@ -114,7 +115,7 @@ def _check_bradley_terry(model: ScoreModel, name: str) -> None:
     """The budget's tilt is a Bradley-Terry score (one output): a label classifier's logits are not one."""
     num_labels = int(getattr(model.model.config, "num_labels", 1))
     if num_labels != 1:
-        raise ValueError(
+        raise UserError(
             f"the safety budget's scorer {name} has {num_labels} outputs (a label classifier): its scores are not on "
             "the Bradley-Terry scale of the safety preference data, which step 2 (DPO at beta / lambda) tilts by, so "
             "it cannot supply the budget's tilt. Use a one-output cost model trained on safety preference pairs "
@@ -192,11 +193,11 @@ def _check_budget_arguments(
 ) -> tuple[float, float]:
     """Checks the arguments of :func:`estimate_budget` that need no file; returns ``(beta, b)`` as floats."""
     if not isinstance(samples_per_prompt, int) or samples_per_prompt < 2:
-        raise ValueError(f"samples_per_prompt must be an integer >= 2 (one sample cannot be reweighted), "
-                         f"got {samples_per_prompt!r}")
+        raise UserError(f"samples_per_prompt must be an integer >= 2 (one sample cannot be reweighted), "
+                        f"got {samples_per_prompt!r}")
     beta, b = _check_beta(beta), _check_b(b)
     if safety_transform not in SAFETY_TRANSFORMS:
-        raise ValueError(f"safety_transform must be one of {SAFETY_TRANSFORMS}, got {safety_transform!r}")
+        raise UserError(f"safety_transform must be one of {SAFETY_TRANSFORMS}, got {safety_transform!r}")
     if reward_in_tilt and reward_scorer is None:
         raise ValueError("reward_in_tilt=True needs a reward_scorer")
     return beta, b

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import math
 
+from sacpo_lightning.errors import UserError
+
 __all__ = ["check_positive"]
 
 
 def check_positive(option: str, value: float) -> None:
-    """Raises a ValueError naming ``option`` unless ``value`` is a finite number > 0."""
+    """Raises a :class:`~sacpo_lightning.errors.UserError` naming ``option`` unless ``value`` is a finite number > 0."""
     if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
-        raise ValueError(f"{option} must be a finite number > 0, got {value!r}")
+        raise UserError(f"{option} must be a finite number > 0, got {value!r}")

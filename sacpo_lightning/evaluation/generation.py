@@ -46,6 +46,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from sacpo_lightning.data.prompts import NAMED_TEMPLATES, format_prompt, load_prompts
+from sacpo_lightning.errors import MissingFileError, UserError
 from sacpo_lightning.io import atomic_write_json, atomic_write_text, file_fingerprint
 
 __all__ = [
@@ -111,36 +112,36 @@ class GenerationSettings:
     def __post_init__(self) -> None:
         self.stop = list(self.stop)
         if self.max_new_tokens < 1:
-            raise ValueError(f"--max_new_tokens must be >= 1, got {self.max_new_tokens}")
+            raise UserError(f"--max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.batch_size < 1:
-            raise ValueError(f"--batch_size must be >= 1, got {self.batch_size}")
+            raise UserError(f"--batch_size must be >= 1, got {self.batch_size}")
         if self.do_sample and not self.temperature > 0:
-            raise ValueError(f"--temperature must be > 0 when sampling, got {self.temperature}")
+            raise UserError(f"--temperature must be > 0 when sampling, got {self.temperature}")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"--top_p must be in (0, 1], got {self.top_p}")
+            raise UserError(f"--top_p must be in (0, 1], got {self.top_p}")
         if any(not s for s in self.stop):
-            raise ValueError("--stop strings must be non-empty")
+            raise UserError("--stop strings must be non-empty")
         if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
-            raise ValueError(f"--max_prompt_tokens must be >= 1, got {self.max_prompt_tokens}")
+            raise UserError(f"--max_prompt_tokens must be >= 1, got {self.max_prompt_tokens}")
         if self.dtype not in (None, "float32", "bfloat16", "float16"):
-            raise ValueError(f"--dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+            raise UserError(f"--dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         if self.template not in NAMED_TEMPLATES and "{input}" not in self.template:
-            raise ValueError(
+            raise UserError(
                 f"--template must be chat, pku, raw or a format string containing '{{input}}', got {self.template!r}"
             )
         if self.samples_per_prompt < 1:
-            raise ValueError(f"--samples_per_prompt must be >= 1, got {self.samples_per_prompt}")
+            raise UserError(f"--samples_per_prompt must be >= 1, got {self.samples_per_prompt}")
         if self.sequence_level:
             from sacpo_lightning.models.mixture import check_unmodified_sampling
 
             check_unmodified_sampling(self.do_sample, self.temperature, self.top_p)
             if self.samples_per_prompt < 2:
-                raise ValueError(
+                raise UserError(
                     "--sequence_level true needs --samples_per_prompt >= 2: self-normalised weights over a single "
                     f"sample are always 1, got --samples_per_prompt {self.samples_per_prompt}"
                 )
         elif self.samples_per_prompt > 1:
-            raise ValueError(
+            raise UserError(
                 f"--samples_per_prompt {self.samples_per_prompt} is only used with --sequence_level true (weighted "
                 "samples of the sequence-level mixture); drop it or add --sequence_level true"
             )
@@ -189,13 +190,13 @@ def parse_model_spec(spec: str) -> ModelSpec:
     pair, sep, q_text = body.rpartition("@")
     dirs = pair.split("+")
     if not sep or len(dirs) != 2 or not all(dirs):
-        raise ValueError(f"Model spec {spec!r} must look like mix:DIR_A+DIR_B@Q (e.g. mix:step1+step2@0.5)")
+        raise UserError(f"Model spec {spec!r} must look like mix:DIR_A+DIR_B@Q (e.g. mix:step1+step2@0.5)")
     try:
         q = float(q_text)
     except ValueError:
-        raise ValueError(f"Model spec {spec!r}: mixture weight {q_text!r} is not a number") from None
+        raise UserError(f"Model spec {spec!r}: mixture weight {q_text!r} is not a number") from None
     if not 0.0 <= q <= 1.0:
-        raise ValueError(f"Model spec {spec!r}: mixture weight must be in [0, 1], got {q}")
+        raise UserError(f"Model spec {spec!r}: mixture weight must be in [0, 1], got {q}")
     return ModelSpec((dirs[0], dirs[1]), q)
 
 
@@ -430,7 +431,7 @@ def generate_responses(
     """
     settings = settings or GenerationSettings()
     if settings.samples_per_prompt != 1:
-        raise ValueError(
+        raise UserError(
             f"generate_responses returns one response per prompt, but --samples_per_prompt is "
             f"{settings.samples_per_prompt}; use generate_samples (or generate_to_file) for weighted samples"
         )
@@ -539,7 +540,7 @@ def read_generations(path: str | os.PathLike) -> list[dict[str, Any]]:
                 try:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as err:
-                    raise ValueError(f"{path}:{lineno}: not valid JSON ({err})") from None
+                    raise UserError(f"{path}:{lineno}: not valid JSON ({err})") from None
     return rows
 
 
@@ -590,6 +591,8 @@ def generate_to_file(
     spec = parse_model_spec(model) if isinstance(model, str) else model
     name = name or str(spec)
     output_path = Path(output_path)
+    if not Path(prompts_path).is_file():
+        raise MissingFileError(f"--prompts: prompt file {prompts_path} does not exist.")
     expected = settings_hash(spec, prompts_path, settings, name)
     if not force and is_cached(output_path, expected):
         rank_zero_info(f"Generations for {name} on {prompts_path} are up to date: {output_path}")

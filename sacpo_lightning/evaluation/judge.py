@@ -34,6 +34,7 @@ from typing import Any, Protocol
 
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from sacpo_lightning.errors import UserError
 from sacpo_lightning.evaluation.report import outcome
 
 __all__ = [
@@ -331,7 +332,7 @@ class PairwiseJudge:
         retry_invalid: bool = False,
     ) -> None:
         if repeats < 1:
-            raise ValueError(f"--judge_repeats must be >= 1, got {repeats}")
+            raise UserError(f"--judge_repeats must be >= 1, got {repeats}")
         self.backend = backend
         self.cache_path = Path(cache_path) if cache_path is not None else None
         self.repeats = repeats
