@@ -17,6 +17,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from sacpo_lightning.callbacks import ExportHF, NaNGuard
 from sacpo_lightning.callbacks.checkpoint import AtomicModelCheckpoint
 from sacpo_lightning.callbacks.progress import ProgressLog
+from sacpo_lightning.console import install_console_filters
 from sacpo_lightning.data import PreferenceDataModule
 from sacpo_lightning.errors import DEBUG_ENV, debug_enabled, find_user_error
 from sacpo_lightning.models.policy import check_model_source
@@ -148,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ[DEBUG_ENV] = "1"
         if from_command_line:
             sys.argv[1:] = argv  # LightningCLI reads sys.argv itself
+    install_console_filters()
     command = argv[0] if argv else ""
     try:
         return _dispatch(argv, from_command_line)

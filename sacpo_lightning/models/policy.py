@@ -318,7 +318,7 @@ def _prepare_full_finetuning(model: PreTrainedModel, settings: PolicySettings, c
     if chain is not None:
         model = merge_links(model, chain.links)
     if settings.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     return model
 
 
@@ -333,7 +333,7 @@ def _prepare_adapter_training(model: PreTrainedModel, settings: PolicySettings) 
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
     elif settings.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     return model
 
