@@ -124,6 +124,7 @@ class ReferenceCache(Callback):
                     values, computed = compute_reference_logps(
                         pl_module.reference_logps, examples, collate, kind,
                         batch_size=batch_size, device=pl_module.device, indices=shard,
+                        desc=f"reference cache ({split})",
                     )
                     if world > 1:
                         computed = trainer.strategy.reduce(computed.to(pl_module.device), reduce_op="sum").cpu()

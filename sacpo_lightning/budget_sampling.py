@@ -97,14 +97,15 @@ def _score(
     dtype: str | None,
     device: str | None,
     batch_size: int,
+    desc: str,
 ) -> list[float]:
     if isinstance(scorer, ScoreModel):
         _check_bradley_terry(scorer, str(scorer))
-        return scorer.score(prompts, responses)
+        return scorer.score(prompts, responses, desc=desc)
     model = ScoreModel.from_pretrained(str(scorer), dtype=dtype, device=device, batch_size=batch_size)
     try:
         _check_bradley_terry(model, str(scorer))
-        return model.score(prompts, responses)
+        return model.score(prompts, responses, desc=desc)
     finally:
         del model
         if torch.cuda.is_available():
@@ -152,7 +153,8 @@ def _cached_scores(
             rank_zero_info(f"Budget: reusing the {kind} scores in {path}")
             out[kind] = [float(s) for s in entry["scores"]]
             continue
-        out[kind] = _score(scorer, prompts, responses, dtype=dtype, device=device, batch_size=batch_size)
+        out[kind] = _score(scorer, prompts, responses, dtype=dtype, device=device, batch_size=batch_size,
+                           desc=f"budget {kind} scores")
         if key is not None:
             cache[kind] = {"key": key, "scorer": str(scorer), "scores": out[kind]}
             changed = True
@@ -175,7 +177,8 @@ def _sample_reference(
     if not repeated_path.is_file() or repeated_path.read_text(encoding="utf-8") != repeated:
         atomic_write_text(repeated_path, repeated)
     spec = parse_model_spec(reference_model)
-    samples_path = generate_to_file(spec, repeated_path, samples_dir / "samples.jsonl", settings, force=force)
+    samples_path = generate_to_file(spec, repeated_path, samples_dir / "samples.jsonl", settings, force=force,
+                                    desc=f"budget: {k} samples per prompt from {reference_model}")
     samples = read_generations(samples_path)
     expected_prompts = [r["prompt"] for r in rows for _ in range(k)]
     if [s["prompt"] for s in samples] != expected_prompts:

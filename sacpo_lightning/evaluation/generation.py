@@ -48,6 +48,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from sacpo_lightning.data.prompts import NAMED_TEMPLATES, format_prompt, load_prompts
 from sacpo_lightning.errors import MissingFileError, UserError
 from sacpo_lightning.io import atomic_write_json, atomic_write_text, file_fingerprint
+from sacpo_lightning.progress import Progress
 
 __all__ = [
     "GenerationSettings",
@@ -392,7 +393,7 @@ def _generate_batch(
 
 
 def _decode_all(
-    model, tokenizer, prompts: Sequence[str], settings: GenerationSettings, copies: int
+    model, tokenizer, prompts: Sequence[str], settings: GenerationSettings, copies: int, desc: str
 ) -> tuple[list[str], list[float] | None]:
     """``copies`` responses per prompt, prompt-major (``[p0 s0, p0 s1, ..., p1 s0, ...]``), and their log-weights."""
     if tokenizer.pad_token_id is None:
@@ -402,20 +403,22 @@ def _decode_all(
     order = sorted(range(len(encoded)), key=lambda i: (len(encoded[i]), i))
     results: list[str] = [""] * len(encoded)
     log_weights: list[float] | None = [0.0] * len(encoded) if settings.sequence_level else None
-    for batch_index, start in enumerate(range(0, len(order), settings.batch_size)):
-        chunk = order[start : start + settings.batch_size]
-        responses, weights = _generate_batch(model, tokenizer, [encoded[i] for i in chunk], settings,
-                                             settings.seed + batch_index)
-        for j, (i, response) in enumerate(zip(chunk, responses, strict=True)):
-            results[i] = response
-            if log_weights is not None:
-                log_weights[i] = weights[j]
+    with Progress(len(encoded), desc, unit="responses") as bar:
+        for batch_index, start in enumerate(range(0, len(order), settings.batch_size)):
+            chunk = order[start : start + settings.batch_size]
+            responses, weights = _generate_batch(model, tokenizer, [encoded[i] for i in chunk], settings,
+                                                 settings.seed + batch_index)
+            for j, (i, response) in enumerate(zip(chunk, responses, strict=True)):
+                results[i] = response
+                if log_weights is not None:
+                    log_weights[i] = weights[j]
+            bar.update(len(chunk))
     return results, log_weights
 
 
 @torch.no_grad()
 def generate_responses(
-    model, tokenizer, prompts: Sequence[str], settings: GenerationSettings | None = None
+    model, tokenizer, prompts: Sequence[str], settings: GenerationSettings | None = None, *, desc: str = "generate"
 ) -> list[str]:
     """Generates one response per prompt, in the order of ``prompts``.
 
@@ -428,6 +431,7 @@ def generate_responses(
         tokenizer: Its tokenizer (needs a pad token).
         prompts: Raw user prompts.
         settings: Decoding settings (one sample per prompt; see :func:`generate_samples` for several).
+        desc: Start of the progress lines (:class:`~sacpo_lightning.progress.Progress`).
     """
     settings = settings or GenerationSettings()
     if settings.samples_per_prompt != 1:
@@ -435,7 +439,7 @@ def generate_responses(
             f"generate_responses returns one response per prompt, but --samples_per_prompt is "
             f"{settings.samples_per_prompt}; use generate_samples (or generate_to_file) for weighted samples"
         )
-    return _decode_all(model, tokenizer, prompts, settings, 1)[0]
+    return _decode_all(model, tokenizer, prompts, settings, 1, desc)[0]
 
 
 class Sample(NamedTuple):
@@ -447,7 +451,9 @@ class Sample(NamedTuple):
 
 
 @torch.no_grad()
-def generate_samples(model, tokenizer, prompts: Sequence[str], settings: GenerationSettings) -> list[list[Sample]]:
+def generate_samples(
+    model, tokenizer, prompts: Sequence[str], settings: GenerationSettings, *, desc: str = "generate"
+) -> list[list[Sample]]:
     """``settings.samples_per_prompt`` weighted samples per prompt, for sequence-level estimates.
 
     Decoding is as in :func:`generate_responses` with every prompt repeated ``samples_per_prompt`` times (the copies
@@ -459,6 +465,7 @@ def generate_samples(model, tokenizer, prompts: Sequence[str], settings: Generat
         tokenizer: Its tokenizer (needs a pad token).
         prompts: Raw user prompts.
         settings: Decoding settings with ``sequence_level=True``.
+        desc: Start of the progress lines (:class:`~sacpo_lightning.progress.Progress`).
 
     Returns:
         One list of ``samples_per_prompt`` :class:`Sample` per prompt, in the order of ``prompts``.
@@ -466,7 +473,7 @@ def generate_samples(model, tokenizer, prompts: Sequence[str], settings: Generat
     if not settings.sequence_level:
         raise ValueError("generate_samples needs --sequence_level true (GenerationSettings(sequence_level=True))")
     n = settings.samples_per_prompt
-    responses, log_weights = _decode_all(model, tokenizer, prompts, settings, n)
+    responses, log_weights = _decode_all(model, tokenizer, prompts, settings, n, desc)
     assert log_weights is not None
     return [[Sample(responses[i], log_weights[i]) for i in range(p * n, (p + 1) * n)] for p in range(len(prompts))]
 
@@ -567,6 +574,7 @@ def generate_to_file(
     name: str | None = None,
     force: bool = False,
     model_and_tokenizer: tuple[Any, Any] | None = None,
+    desc: str | None = None,
 ) -> Path:
     """Generates responses for every prompt of a prompt file and writes them as JSON lines, atomically.
 
@@ -583,6 +591,7 @@ def generate_to_file(
         name: Value of the ``model`` field of each row (defaults to the spec).
         force: Regenerate even when the cached file matches.
         model_and_tokenizer: An already loaded ``(model, tokenizer)`` for ``model`` (saves loading it again).
+        desc: Start of the progress lines (default ``generate NAME``); not part of the cache key.
 
     Returns:
         ``output_path``.
@@ -601,9 +610,9 @@ def generate_to_file(
     prompts = [r["prompt"] for r in rows]
     with _loaded(spec, settings, model_and_tokenizer) as (lm, tokenizer):
         if settings.sequence_level:
-            samples = generate_samples(lm, tokenizer, prompts, settings)
+            samples = generate_samples(lm, tokenizer, prompts, settings, desc=desc or f"generate {name}")
         else:
-            responses = generate_responses(lm, tokenizer, prompts, settings)
+            responses = generate_responses(lm, tokenizer, prompts, settings, desc=desc or f"generate {name}")
     if settings.sequence_level:
         # One generator over the prompts in file order: the picks depend on the settings (seed) only.
         generator = torch.Generator().manual_seed(settings.seed)

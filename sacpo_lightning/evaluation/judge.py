@@ -36,6 +36,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from sacpo_lightning.errors import UserError
 from sacpo_lightning.evaluation.report import outcome
+from sacpo_lightning.progress import Progress
 
 __all__ = [
     "RUBRICS",
@@ -400,6 +401,7 @@ class PairwiseJudge:
                 self.stats["cached"] += 1
                 continue
             todo.append((i, item))
+        bar = Progress(len(todo), f"judge {rubric.name} ({self.backend.identity})", unit="judgements")
         for start in range(0, len(todo), self.batch_size):
             chunk = todo[start : start + self.batch_size]
             conversations = []
@@ -417,6 +419,7 @@ class PairwiseJudge:
                 self.cache[item["key"]] = row
                 rows.append(row)
             self._append(rows)
+            bar.update(len(chunk))
         return [self._verdict(i, identical[i], [item for j, item in planned if j == i])
                 for i in range(len(questions))]
 

@@ -40,6 +40,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
 from sacpo_lightning.errors import UserError
+from sacpo_lightning.progress import Progress
 
 __all__ = [
     "DEFAULT_ANSWER_VARIANTS",
@@ -359,6 +360,7 @@ class GuardJudge(SafetyJudge):
         n_safe = len(safe_ids)
         probs = [0.0] * len(rows)
         masses = [0.0] * len(rows)
+        bar = Progress(len(rows), f"safety judge {self.name}", unit="responses")
         for start in range(0, len(order), self.batch_size):
             chunk = order[start : start + self.batch_size]
             width = max(len(rows[i]) for i in chunk)
@@ -378,6 +380,7 @@ class GuardJudge(SafetyJudge):
             for j, i in enumerate(chunk):
                 probs[i] = float(p_unsafe[j])
                 masses[i] = float(torch.exp(log_total[j]))
+            bar.update(len(chunk))
         self.answer_mass = sum(masses) / len(masses)
         if self.answer_mass < 0.5:
             rank_zero_warn(f"guard judge {self.name!r}: only {self.answer_mass:.1%} of the next-token probability is "
@@ -532,6 +535,7 @@ class ClassifierJudge(SafetyJudge):
         device = next(scorer.model.parameters()).device
         pad_id = scorer.tokenizer.pad_token_id
         probs = [0.0] * len(rows)
+        bar = Progress(len(rows), f"safety judge {self.name}", unit="responses")
         for start in range(0, len(order), self.batch_size):
             chunk = order[start : start + self.batch_size]
             width = max(len(rows[i]) for i in chunk)
@@ -546,6 +550,7 @@ class ClassifierJudge(SafetyJudge):
             p = torch.sigmoid(logits[:, 0]) if mode == "cost" else torch.softmax(logits, dim=-1)[:, label]
             for j, i in enumerate(chunk):
                 probs[i] = float(p[j])
+            bar.update(len(chunk))
         return probs
 
 
