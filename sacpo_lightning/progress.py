@@ -2,7 +2,8 @@
 
 ``desc: i/N unit (rate unit/s, ETA mm:ss)``. In a log (stderr not a terminal) a line is printed at most every
 ``every_s`` seconds or ``every_n`` items, plus one final ``desc: N/N unit (rate unit/s, done in mm:ss)`` line; on a
-terminal the line is rewritten in place. Only the global-rank-0 process prints. Training has
+terminal the line is rewritten in place. A loop done within ``quiet_s`` seconds (2 by default) prints nothing, so
+the many small loops of a quick run do not fill the console. Only the global-rank-0 process prints. Training has
 :class:`sacpo_lightning.callbacks.ProgressLog`.
 """
 
@@ -19,6 +20,7 @@ __all__ = ["Progress", "format_clock", "progress"]
 T = TypeVar("T")
 
 DEFAULT_EVERY_S = 10.0
+DEFAULT_QUIET_S = 2.0
 TTY_EVERY_S = 0.5
 
 
@@ -55,6 +57,8 @@ class Progress:
         unit: The items' name in the line (``"responses"``); empty for none.
         every_s: Seconds between lines in a log (a terminal is refreshed every half second).
         every_n: Also print after every ``every_n`` items (``None``: by time only).
+        quiet_s: A loop that ends within this many seconds, before any line was due, prints nothing
+            (default :data:`DEFAULT_QUIET_S`).
         stream: Where lines go (default: ``sys.stderr`` at the time of printing).
         interactive: Rewrite one line in place (default: whether ``stream`` is a terminal).
         clock: Monotonic seconds (a fake one in tests).
@@ -69,6 +73,7 @@ class Progress:
         unit: str = "",
         every_s: float = DEFAULT_EVERY_S,
         every_n: int | None = None,
+        quiet_s: float | None = None,
         stream: IO[str] | None = None,
         interactive: bool | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -83,6 +88,7 @@ class Progress:
         self.unit = f" {unit}" if unit else ""
         self.every_s = every_s
         self.every_n = every_n
+        self.quiet_s = DEFAULT_QUIET_S if quiet_s is None else quiet_s
         self._stream = stream
         self._interactive = interactive
         self._clock = clock
@@ -92,6 +98,7 @@ class Progress:
         self._last_time = self._start
         self._last_count = 0
         self._closed = False
+        self._printed = False
         self._width = 0
 
     @property
@@ -138,8 +145,11 @@ class Progress:
         if self._closed:
             return
         self._closed = True
-        if self.enabled and (self.total or self.count):  # an empty loop (all cached) says nothing
-            self._print(self.line(), final=True)
+        if not self.enabled or not (self.total or self.count):  # an empty loop (all cached) says nothing
+            return
+        now = self._clock()
+        if self._printed or now - self._start >= self.quiet_s:
+            self._print(self.line(now), final=True)
 
     def _print(self, text: str, *, final: bool) -> None:
         stream = self.stream
@@ -149,6 +159,7 @@ class Progress:
         else:
             stream.write(text + "\n")
         stream.flush()
+        self._printed = True
 
     def __enter__(self) -> Progress:
         return self

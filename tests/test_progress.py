@@ -6,6 +6,7 @@ import io
 
 import pytest
 
+from sacpo_lightning import progress as progress_module
 from sacpo_lightning.progress import Progress, format_clock, progress
 
 
@@ -72,8 +73,21 @@ def test_every_n_items_also_prints():
     assert counts == ["4/10", "8/10", "10/10"]
 
 
-def test_fast_loop_prints_only_the_final_line_and_close_is_idempotent():
+def test_loop_within_quiet_s_prints_nothing():
+    bar, clock, stream = make(total=50)  # quiet_s 2
+    for _ in range(50):
+        clock.now += 0.039
+        bar.update()
+    assert stream.getvalue() == ""
     bar, clock, stream = make(total=50)
+    for _ in range(50):
+        clock.now += 0.041  # done after 2.05 s
+        bar.update()
+    assert stream.getvalue().splitlines() == ["generate policy: 50/50 responses (24.4 responses/s, done in 00:02)"]
+
+
+def test_quiet_s_zero_prints_the_final_line_once():
+    bar, clock, stream = make(total=50, quiet_s=0)
     for _ in range(50):
         clock.now += 0.001
         bar.update()
@@ -128,7 +142,7 @@ def test_rejects_bad_settings():
 
 
 def test_generation_reports_progress(tiny_model_dir, tiny_tokenizer, capsys, monkeypatch):
-    """generate_responses prints its progress to stderr: one final line for a fast run."""
+    """generate_responses prints its progress to stderr (with quiet_s 0: one final line for a fast run)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -136,6 +150,7 @@ def test_generation_reports_progress(tiny_model_dir, tiny_tokenizer, capsys, mon
 
     for name in ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK"):
         monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(progress_module, "DEFAULT_QUIET_S", 0.0)  # a tiny run is faster than the default
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
     settings = GenerationSettings(max_new_tokens=2, batch_size=2, do_sample=False, template="raw")
     capsys.readouterr()  # transformers' own loading bar

@@ -121,10 +121,10 @@ class ScoreModel:
         return [e["prompt_ids"] + e["completion_ids"] for e in examples]
 
     @torch.no_grad()
-    def score(self, prompts: Sequence[str], responses: Sequence[str], *, desc: str = "score") -> list[float]:
+    def score(self, prompts: Sequence[str], responses: Sequence[str], *, desc: str | None = None) -> list[float]:
         """One score per ``(prompt, response)``, in input order (batches are sorted by length internally).
 
-        ``desc`` starts the progress lines (:class:`~sacpo_lightning.progress.Progress`).
+        ``desc`` starts the progress lines (:class:`~sacpo_lightning.progress.Progress`; default ``KIND scores``).
 
         Raises:
             ValueError: when the model has more than one output (a label classifier): its first logit is no score.
@@ -143,7 +143,7 @@ class ScoreModel:
         order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
         device = next(self.model.parameters()).device
         scores = [0.0] * len(rows)
-        bar = Progress(len(rows), desc, unit="responses")
+        bar = Progress(len(rows), desc or f"{self.kind or 'score model'} scores", unit="responses")
         for start in range(0, len(order), self.batch_size):
             chunk = order[start : start + self.batch_size]
             width = max(len(rows[i]) for i in chunk)
