@@ -43,6 +43,7 @@ def fit_args(data: Path, root: Path) -> list[str]:
     ]
 
 
+@pytest.mark.slow
 def test_fit_on_invalid_json_line_prints_the_message_alone(bad_json_file, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != DEBUG_ENV}
     result = subprocess.run(
