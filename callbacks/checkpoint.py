@@ -13,6 +13,8 @@ from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.pytorch.callbacks import ModelCheckpoint
 from typing_extensions import override
 
+from sacpo_lightning.errors import NotWritableError
+
 TMP_MARK = ".tmp-"
 
 
@@ -38,12 +40,12 @@ class AtomicModelCheckpoint(ModelCheckpoint):
         try:
             os.makedirs(dirpath, exist_ok=True)
         except OSError as err:
-            raise PermissionError(
+            raise NotWritableError(
                 f"Checkpoint folder {dirpath} cannot be created ({err}); set --checkpoint.dirpath or "
                 "--trainer.default_root_dir to a writable location."
             ) from err
         if not os.access(dirpath, os.W_OK | os.X_OK):
-            raise PermissionError(
+            raise NotWritableError(
                 f"Checkpoint folder {dirpath} is not writable; set --checkpoint.dirpath or --trainer.default_root_dir "
                 "to a writable location."
             )

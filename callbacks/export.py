@@ -9,6 +9,8 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
+from sacpo_lightning.errors import NotWritableError
+
 
 class ExportHF(Callback):
     """Writes the policy (merged weights, tokenizer, step metadata, LoRA adapter) after a successful fit.
@@ -40,8 +42,8 @@ class ExportHF(Callback):
         parent = os.path.dirname(os.path.abspath(self.resolve_dirpath(trainer)))
         os.makedirs(parent, exist_ok=True)
         if not os.access(parent, os.W_OK):
-            raise PermissionError(f"Export folder parent {parent} is not writable; set --export.dirpath to a writable "
-                                  "location.")
+            raise NotWritableError(f"Export folder parent {parent} is not writable; set --export.dirpath to a writable "
+                                   "location.")
 
     @override
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -12,6 +12,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
+from sacpo_lightning.errors import UserError
 from sacpo_lightning.merge_kl import KL_MAX_LENGTH
 from sacpo_lightning.merge_report import REPORT_FILE, format_report, merge_with_report, read_kl_prompts
 from sacpo_lightning.merging import MERGE_NAME_FORMAT
@@ -57,7 +58,7 @@ class MergeOnFitEnd(Callback):
     ) -> None:
         self.weights = _check_weights(weights)
         if kl_max_prompts < 1:
-            raise ValueError(
+            raise UserError(
                 f"MergeOnFitEnd kl_max_prompts (--merge.kl_max_prompts) must be >= 1, got {kl_max_prompts}"
             )
         self.base = base
@@ -78,12 +79,12 @@ class MergeOnFitEnd(Callback):
             return resolve_model_path(self.base)
         settings = getattr(pl_module, "policy_settings", None)
         if settings is None:
-            raise ValueError(
+            raise UserError(
                 f"{type(pl_module).__name__} has no policy_settings to take the base model from; set MergeOnFitEnd "
                 "base (--merge.base) to the step-1 model folder."
             )
         if settings.gguf_file is not None:
-            raise ValueError(
+            raise UserError(
                 f"The reference {settings.name_or_path!r} is a GGUF file, which cannot be merged in weight space; set "
                 "MergeOnFitEnd base (--merge.base) to a Hugging Face folder of the same model."
             )
@@ -179,14 +180,14 @@ def _check_weights(weights: Sequence[float]) -> list[float]:
         weights = [weights]
     weights = list(weights)
     if not weights:
-        raise ValueError(f"{option} must list at least one weight in [0, 1].")
+        raise UserError(f"{option} must list at least one weight in [0, 1].")
     for q in weights:
         if not (isinstance(q, int | float) and math.isfinite(q) and 0.0 <= q <= 1.0):
-            raise ValueError(f"{option} must each be in [0, 1], got {q!r}")
+            raise UserError(f"{option} must each be in [0, 1], got {q!r}")
     names: dict[str, float] = {}
     for q in weights:
         name = MERGE_NAME_FORMAT.format(q=q)
         if name in names:
-            raise ValueError(f"{option} {names[name]} and {q} both give the folder {name}; use distinct weights.")
+            raise UserError(f"{option} {names[name]} and {q} both give the folder {name}; use distinct weights.")
         names[name] = q
     return [float(q) for q in weights]

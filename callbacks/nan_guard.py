@@ -11,6 +11,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
+from sacpo_lightning.errors import UserError
+
 
 class NonFiniteError(RuntimeError):
     """Raised by :class:`NaNGuard` when training meets a NaN or infinite loss or gradient."""
@@ -40,9 +42,9 @@ class NaNGuard(Callback):
 
     def __init__(self, action: Literal["stop", "skip"] = "stop", max_skips: int = 10) -> None:
         if action not in ("stop", "skip"):
-            raise ValueError(f"NaNGuard action must be 'stop' or 'skip', got {action!r}")
+            raise UserError(f"NaNGuard action must be 'stop' or 'skip', got {action!r}")
         if not isinstance(max_skips, int) or max_skips < 0:
-            raise ValueError(f"NaNGuard max_skips must be an integer >= 0, got {max_skips!r}")
+            raise UserError(f"NaNGuard max_skips must be an integer >= 0, got {max_skips!r}")
         self.action = action
         self.max_skips = max_skips
         self.skipped = 0

@@ -10,6 +10,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
+from sacpo_lightning.errors import UserError
+
 
 def _format_duration(seconds: float) -> str:
     seconds = int(max(0, seconds))
@@ -27,7 +29,7 @@ class ProgressLog(Callback):
 
     def __init__(self, every_n_steps: int = 10) -> None:
         if every_n_steps < 0:
-            raise ValueError(f"--progress.every_n_steps must be >= 0, got {every_n_steps}")
+            raise UserError(f"--progress.every_n_steps must be >= 0, got {every_n_steps}")
         self.every_n_steps = every_n_steps
         self._start_time: float | None = None
         self._start_step = 0

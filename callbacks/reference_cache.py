@@ -15,6 +15,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from sacpo_lightning.data.collate import collate_kto, collate_pairs
+from sacpo_lightning.errors import UserError
 from sacpo_lightning.refcache import (
     batch_reference_logps,
     cache_key,
@@ -50,7 +51,7 @@ class ReferenceCache(Callback):
 
     def __init__(self, dirpath: str | None = None, batch_size: int | None = None) -> None:
         if batch_size is not None and batch_size < 1:
-            raise ValueError(f"ReferenceCache batch_size must be >= 1, got {batch_size}")
+            raise UserError(f"ReferenceCache batch_size must be >= 1, got {batch_size}")
         self.dirpath = dirpath
         self.batch_size = batch_size
         self.path: str | None = None
@@ -123,6 +124,7 @@ class ReferenceCache(Callback):
                     values, computed = compute_reference_logps(
                         pl_module.reference_logps, examples, collate, kind,
                         batch_size=batch_size, device=pl_module.device, indices=shard,
+                        desc=f"reference cache ({split})",
                     )
                     if world > 1:
                         computed = trainer.strategy.reduce(computed.to(pl_module.device), reduce_op="sum").cpu()

@@ -40,6 +40,7 @@ from sacpo_lightning.budget import (
     write_budget_json,
 )
 from sacpo_lightning.checks import check_finite, check_positive
+from sacpo_lightning.errors import UserError
 from sacpo_lightning.evaluation.generation import (
     GenerationSettings,
     ModelSpec,
@@ -71,7 +72,7 @@ def sampling_settings(generation: GenerationSettings | None = None) -> Generatio
     if generation is None:
         return GenerationSettings(do_sample=True, max_new_tokens=128)
     if not generation.do_sample or generation.temperature != 1.0 or generation.top_p != 1.0:
-        raise ValueError(
+        raise UserError(
             "the budget needs samples of the reference policy itself: set do_sample=True, temperature=1.0, top_p=1.0 "
             f"(got do_sample={generation.do_sample}, temperature={generation.temperature}, top_p={generation.top_p})"
         )
@@ -95,14 +96,15 @@ def _score(
     dtype: str | None,
     device: str | None,
     batch_size: int,
+    desc: str,
 ) -> list[float]:
     if isinstance(scorer, ScoreModel):
         _check_bradley_terry(scorer, str(scorer))
-        return scorer.score(prompts, responses)
+        return scorer.score(prompts, responses, desc=desc)
     model = ScoreModel.from_pretrained(str(scorer), dtype=dtype, device=device, batch_size=batch_size)
     try:
         _check_bradley_terry(model, str(scorer))
-        return model.score(prompts, responses)
+        return model.score(prompts, responses, desc=desc)
     finally:
         del model
         if torch.cuda.is_available():
@@ -113,7 +115,7 @@ def _check_bradley_terry(model: ScoreModel, name: str) -> None:
     """The budget's tilt is a Bradley-Terry score (one output): a label classifier's logits are not one."""
     num_labels = int(getattr(model.model.config, "num_labels", 1))
     if num_labels != 1:
-        raise ValueError(
+        raise UserError(
             f"the safety budget's scorer {name} has {num_labels} outputs (a label classifier): its scores are not on "
             "the Bradley-Terry scale of the safety preference data, which step 2 (DPO at beta / lambda) tilts by, so "
             "it cannot supply the budget's tilt. Use a one-output cost model trained on safety preference pairs "
@@ -150,7 +152,8 @@ def _cached_scores(
             rank_zero_info(f"Budget: reusing the {kind} scores in {path}")
             out[kind] = [float(s) for s in entry["scores"]]
             continue
-        out[kind] = _score(scorer, prompts, responses, dtype=dtype, device=device, batch_size=batch_size)
+        out[kind] = _score(scorer, prompts, responses, dtype=dtype, device=device, batch_size=batch_size,
+                           desc=f"budget {kind} scores")
         if key is not None:
             cache[kind] = {"key": key, "scorer": str(scorer), "scores": out[kind]}
             changed = True
@@ -173,7 +176,8 @@ def _sample_reference(
     if not repeated_path.is_file() or repeated_path.read_text(encoding="utf-8") != repeated:
         atomic_write_text(repeated_path, repeated)
     spec = parse_model_spec(reference_model)
-    samples_path = generate_to_file(spec, repeated_path, samples_dir / "samples.jsonl", settings, force=force)
+    samples_path = generate_to_file(spec, repeated_path, samples_dir / "samples.jsonl", settings, force=force,
+                                    desc=f"budget: {k} samples per prompt from {reference_model}")
     samples = read_generations(samples_path)
     expected_prompts = [r["prompt"] for r in rows for _ in range(k)]
     if [s["prompt"] for s in samples] != expected_prompts:
@@ -191,11 +195,11 @@ def _check_budget_arguments(
 ) -> tuple[float, float]:
     """Checks the arguments of :func:`estimate_budget` that need no file; returns ``(beta, b)`` as floats."""
     if not isinstance(samples_per_prompt, int) or samples_per_prompt < 2:
-        raise ValueError(f"samples_per_prompt must be an integer >= 2 (one sample cannot be reweighted), "
-                         f"got {samples_per_prompt!r}")
+        raise UserError(f"samples_per_prompt must be an integer >= 2 (one sample cannot be reweighted), "
+                        f"got {samples_per_prompt!r}")
     beta, b = check_positive("beta", beta), check_finite("the safety budget b", b)
     if safety_transform not in SAFETY_TRANSFORMS:
-        raise ValueError(f"safety_transform must be one of {SAFETY_TRANSFORMS}, got {safety_transform!r}")
+        raise UserError(f"safety_transform must be one of {SAFETY_TRANSFORMS}, got {safety_transform!r}")
     if reward_in_tilt and reward_scorer is None:
         raise ValueError("reward_in_tilt=True needs a reward_scorer")
     return beta, b

@@ -9,34 +9,36 @@ from __future__ import annotations
 import math
 import numbers
 
+from sacpo_lightning.errors import UserError
+
 __all__ = ["check_finite", "check_nonnegative", "check_positive"]
 
 
 def _real(option: str, value: object, requirement: str) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{option} must be {requirement}, got {value!r}")
+        raise UserError(f"{option} must be {requirement}, got {value!r}")
     return float(value)
 
 
 def check_positive(option: str, value: float) -> float:
-    """``value`` as a float; a ValueError naming ``option`` unless it is a finite number > 0."""
+    """``value`` as a float; a UserError naming ``option`` unless it is a finite number > 0."""
     v = _real(option, value, "a finite number > 0")
     if not (math.isfinite(v) and v > 0):
-        raise ValueError(f"{option} must be a finite number > 0, got {value!r}")
+        raise UserError(f"{option} must be a finite number > 0, got {value!r}")
     return v
 
 
 def check_nonnegative(option: str, value: float) -> float:
-    """``value`` as a float; a ValueError naming ``option`` unless it is a finite number >= 0."""
+    """``value`` as a float; a UserError naming ``option`` unless it is a finite number >= 0."""
     v = _real(option, value, "a finite number >= 0")
     if not (math.isfinite(v) and v >= 0):
-        raise ValueError(f"{option} must be a finite number >= 0, got {value!r}")
+        raise UserError(f"{option} must be a finite number >= 0, got {value!r}")
     return v
 
 
 def check_finite(option: str, value: float) -> float:
-    """``value`` as a float; a ValueError naming ``option`` unless it is a finite number."""
+    """``value`` as a float; a UserError naming ``option`` unless it is a finite number."""
     v = _real(option, value, "a finite number")
     if not math.isfinite(v):
-        raise ValueError(f"{option} must be a finite number, got {value!r}")
+        raise UserError(f"{option} must be a finite number, got {value!r}")
     return v

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import traceback
 from collections.abc import Callable
 
 from jsonargparse import Namespace
@@ -16,7 +17,9 @@ from lightning.pytorch.utilities import rank_zero_info
 from sacpo_lightning.callbacks import ExportHF, NaNGuard
 from sacpo_lightning.callbacks.checkpoint import AtomicModelCheckpoint
 from sacpo_lightning.callbacks.progress import ProgressLog
+from sacpo_lightning.console import install_console_filters
 from sacpo_lightning.data import PreferenceDataModule
+from sacpo_lightning.errors import DEBUG_ENV, debug_enabled, find_user_error
 from sacpo_lightning.models.policy import check_model_source
 from sacpo_lightning.precision import resolve_precision
 
@@ -128,16 +131,47 @@ COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
 
+DEBUG_FLAG = "--debug"
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The ``sacpo`` entry point; returns the exit status.
+
+    An error the user caused (:class:`~sacpo_lightning.errors.UserError`, also when a library wrapped it) ends the
+    command with ``sacpo CMD: error: MESSAGE`` on stderr and status 2; ``--debug`` anywhere on the command line (or
+    ``SACPO_DEBUG=1``, which ``--debug`` sets for the stages a pipeline starts) prints its traceback first. Any other
+    exception is a bug and propagates with its traceback.
+    """
     from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
+    if DEBUG_FLAG in argv:
+        argv = [a for a in argv if a != DEBUG_FLAG]
+        os.environ[DEBUG_ENV] = "1"
+        if from_command_line:
+            sys.argv[1:] = argv  # LightningCLI reads sys.argv itself
+    install_console_filters()
+    command = argv[0] if argv else ""
+    try:
+        return _dispatch(argv, from_command_line)
+    except Exception as err:
+        user_error = find_user_error(err)
+        if user_error is None:
+            raise
+        if debug_enabled():
+            traceback.print_exception(err)
+        print(f"sacpo {command}: error: {user_error}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(argv: list[str], from_command_line: bool) -> int:
     if argv and argv[0] in COMMANDS:
         return COMMANDS[argv[0]][0](argv[1:])
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: sacpo {fit,validate,test,predict," + ",".join(COMMANDS) + "} ...\n")
+        print("usage: sacpo {fit,validate,test,predict," + ",".join(COMMANDS) + "} ... [--debug]\n")
         print("  fit/validate     LightningCLI training/validation of one alignment step (--config FILE ...)")
         for name, (_, help_text) in COMMANDS.items():
             print(f"  {name:<16} {help_text}")
+        print(f"\n  {DEBUG_FLAG} (or {DEBUG_ENV}=1) shows the traceback of an error in the input or the options.")
         return 0
     lightning_cli(None if from_command_line else argv)
     return 0

@@ -13,18 +13,20 @@ from __future__ import annotations
 
 import json
 import sys
+import traceback
 from pathlib import Path
 from typing import Literal
 
 from jsonargparse import ActionConfigFile, ArgumentParser
 
 from sacpo_lightning.cli_args import parse_command
+from sacpo_lightning.errors import MissingFileError, UserError, debug_enabled
 from sacpo_lightning.models.export import export_plain_folder
 
 __all__ = ["build_parser", "export", "main", "push_folder"]
 
 
-class PushError(RuntimeError):
+class PushError(UserError, RuntimeError):
     """Uploading to the Hugging Face Hub is not possible (no token, offline, or the network failed)."""
 
 
@@ -80,7 +82,7 @@ def export(
     if budget is not None:
         path = Path(budget)
         if not path.is_file():
-            raise FileNotFoundError(f"--budget: {path} does not exist; pass the budget stage's budget.json.")
+            raise MissingFileError(f"--budget: {path} does not exist; pass the budget stage's budget.json.")
         card["budget"] = json.loads(path.read_text())
     folder = export_plain_folder(src, out, dtype=dtype, card=card)
     if push_to_hub:
@@ -107,6 +109,8 @@ def main(argv: list[str]) -> int:
     try:
         folder = export(**kwargs)
     except (PushError, ValueError, OSError) as err:
+        if debug_enabled():
+            traceback.print_exception(err)
         print(f"sacpo export: error: {err}", file=sys.stderr)
         return 2
     print(f"Wrote {folder}")

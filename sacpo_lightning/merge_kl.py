@@ -21,6 +21,7 @@ from sacpo_lightning.models.compat import check_compatible
 from sacpo_lightning.models.mixture import GeometricMixtureLM, token_kl
 from sacpo_lightning.models.policy import load_model_folder
 from sacpo_lightning.models.tokenizer import load_tokenizer
+from sacpo_lightning.progress import Progress
 
 __all__ = ["KL_MAX_LENGTH", "MixtureKL", "kl_texts", "mixture_vs_merge_kl"]
 
@@ -89,6 +90,7 @@ def mixture_vs_merge_kl(
     if device is not None:
         merged = merged.to(device)
     total, count = 0.0, 0
+    bar = Progress(len(prompts), f"KL of merge q={q:g} vs mixture", unit="texts")
     for start in range(0, len(prompts), batch_size):
         rows = [ids[:max_length] for ids in encode_with_bos(tokenizer, prompts[start : start + batch_size])]
         batch = tokenizer.pad({"input_ids": rows}, padding=True, padding_side="right", return_tensors="pt")
@@ -99,6 +101,8 @@ def mixture_vs_merge_kl(
         kl = token_kl(log_mix, log_merged.to(log_mix.dtype))
         total += float(kl.masked_fill(mask == 0, 0.0).double().sum())
         count += int(mask.sum())
+        bar.update(int(mask.shape[0]))
+    bar.close()
     return MixtureKL(mean_kl=total / count if count else math.nan, num_tokens=count)
 
 

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from sacpo_lightning.data.prompts import load_prompts
+from sacpo_lightning.errors import MissingFileError
 from sacpo_lightning.io import PathLike, atomic_write_json
 from sacpo_lightning.merge_kl import kl_texts, mixture_vs_merge_kl
 from sacpo_lightning.merging import merge_model_folders
@@ -36,7 +37,7 @@ def read_kl_prompts(path: PathLike, max_prompts: int | None = None) -> list[str]
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"Prompt file {path} does not exist.")
+        raise MissingFileError(f"Prompt file {path} does not exist.")
     if max_prompts is not None and max_prompts < 1:
         raise ValueError(f"max_prompts must be >= 1, got {max_prompts}")
     prompts = [row["prompt"] for row in load_prompts(path)]

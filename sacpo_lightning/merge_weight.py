@@ -9,6 +9,8 @@ A merge (or token-level mixture) of the step-1 model (``q = 0``) and a step-2 mo
 
 from __future__ import annotations
 
+from sacpo_lightning.errors import UserError
+
 __all__ = ["check_q", "effective_lambda"]
 
 
@@ -25,9 +27,9 @@ def check_q(q: float, option: str = "q") -> float:
     try:
         value = float(q)
     except (TypeError, ValueError):
-        raise ValueError(f"{option} must be a number in [0, 1], got {q!r}") from None
+        raise UserError(f"{option} must be a number in [0, 1], got {q!r}") from None
     if not 0.0 <= value <= 1.0:  # also rejects NaN
-        raise ValueError(f"{option} must be in [0, 1], got {value}")
+        raise UserError(f"{option} must be in [0, 1], got {value}")
     return value
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from sacpo_lightning.errors import UserError
 from sacpo_lightning.io import PathLike, atomic_directory, atomic_write_json
 from sacpo_lightning.merge_weight import check_q
 from sacpo_lightning.models.card import MERGE_FILE, write_model_card
@@ -125,7 +126,7 @@ def _merge_output_dirs(
         dirs = [Path(output_root) / name_format.format(q=q) for q in q_values]
     resolved = [d.resolve() for d in dirs]
     if len(set(resolved)) != len(resolved):
-        raise ValueError(f"Output folders are not distinct: {[str(d) for d in dirs]} (check name_format).")
+        raise UserError(f"Output folders are not distinct: {[str(d) for d in dirs]} (check name_format).")
     return dirs
 
 

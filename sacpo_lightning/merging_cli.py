@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import sys
+import traceback
 from pathlib import Path
 from typing import Literal
 
@@ -28,6 +29,7 @@ from jsonargparse import ActionConfigFile, ArgumentParser
 from jsonargparse.typing import PositiveInt
 
 from sacpo_lightning.cli_args import command_argv, parse_command
+from sacpo_lightning.errors import MissingFileError, UserError, debug_enabled
 from sacpo_lightning.merge_kl import KL_MAX_LENGTH
 from sacpo_lightning.merge_report import REPORT_FILE, format_report, merge_with_report, read_kl_prompts
 from sacpo_lightning.models.compat import MergeError
@@ -36,9 +38,9 @@ __all__ = ["KL_MAX_LENGTH", "REPORT_FILE", "build_parser", "main", "merge"]
 
 def _check_model_folder(option: str, path: str) -> None:
     if not Path(path).is_dir():
-        raise FileNotFoundError(f"{option} folder {path} does not exist.")
+        raise MissingFileError(f"{option} folder {path} does not exist.")
     if not (Path(path) / "config.json").is_file():
-        raise FileNotFoundError(f"{option} folder {path} is not a Hugging Face model folder (no config.json).")
+        raise MissingFileError(f"{option} folder {path} is not a Hugging Face model folder (no config.json).")
 
 
 def merge(
@@ -76,7 +78,7 @@ def merge(
     """
     for q in weights:
         if not (math.isfinite(q) and 0.0 <= q <= 1.0):
-            raise ValueError(f"--weights: weights must be in [0, 1], got {q}")
+            raise UserError(f"--weights: weights must be in [0, 1], got {q}")
     _check_model_folder("--base", base)
     _check_model_folder("--other", other)
     prompts = None if kl_prompts is None else read_kl_prompts(kl_prompts, kl_max_prompts)
@@ -111,6 +113,8 @@ def main(argv: list[str]) -> int:
     try:
         report = merge(**kwargs)
     except (MergeError, ValueError, OSError) as err:
+        if debug_enabled():
+            traceback.print_exception(err)
         print(f"sacpo merge: error: {err}", file=sys.stderr)
         return 2
     print(format_report(report))

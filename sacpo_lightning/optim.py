@@ -9,6 +9,8 @@ from typing import Any, Literal
 
 import torch
 
+from sacpo_lightning.errors import UserError, require_extra
+
 
 @dataclass
 class OptimSettings:
@@ -34,14 +36,14 @@ class OptimSettings:
 
     def __post_init__(self) -> None:
         if not self.lr > 0:
-            raise ValueError(f"--model.optim.lr must be > 0, got {self.lr}")
+            raise UserError(f"--model.optim.lr must be > 0, got {self.lr}")
         if not 0.0 <= self.warmup_ratio < 1.0:
-            raise ValueError(f"--model.optim.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+            raise UserError(f"--model.optim.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.warmup_steps is not None and self.warmup_steps < 0:
-            raise ValueError(f"--model.optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+            raise UserError(f"--model.optim.warmup_steps must be >= 0, got {self.warmup_steps}")
         if self.optimizer not in ("adamw", "adamw_8bit", "paged_adamw_8bit"):
-            raise ValueError(f"--model.optim.optimizer must be adamw, adamw_8bit or paged_adamw_8bit, got "
-                             f"{self.optimizer!r}")
+            raise UserError(f"--model.optim.optimizer must be adamw, adamw_8bit or paged_adamw_8bit, got "
+                            f"{self.optimizer!r}")
 
 
 def lr_factor(kind: str, warmup: int, total: int) -> Callable[[int], float]:
@@ -68,12 +70,8 @@ def configure_optimization(params: Iterable[torch.nn.Parameter], settings: Optim
     if settings.optimizer == "adamw":
         optimizer = torch.optim.AdamW(params, **kwargs)
     else:
-        try:
-            import bitsandbytes as bnb
-        except Exception as err:  # pragma: no cover - depends on the installation
-            raise RuntimeError(f"--model.optim.optimizer={settings.optimizer} needs bitsandbytes "
-                               f"(the qlora extra: pip install \"sacpo-lightning[qlora]\"): {err}; "
-                               "or use adamw.") from err
+        bnb = require_extra("bitsandbytes", extra="qlora", feature=f"--model.optim.optimizer={settings.optimizer}",
+                            alternative="Or use --model.optim.optimizer adamw.")
         cls = bnb.optim.PagedAdamW8bit if settings.optimizer == "paged_adamw_8bit" else bnb.optim.AdamW8bit
         optimizer = cls(params, **kwargs)
     total = max(1, int(total_steps))

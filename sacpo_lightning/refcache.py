@@ -32,6 +32,7 @@ from sacpo_lightning.io import atomic_write_file
 from sacpo_lightning.models.chain import chain_fingerprint, read_chain
 from sacpo_lightning.models.policy import PolicySettings
 from sacpo_lightning.models.registry import resolve_model_path
+from sacpo_lightning.progress import Progress
 
 __all__ = [
     "FORMAT_VERSION",
@@ -130,6 +131,7 @@ def compute_reference_logps(
     batch_size: int,
     device: torch.device | str = "cpu",
     indices: Sequence[int] | None = None,
+    desc: str = "reference log-probs",
 ) -> tuple[dict[str, Tensor], Tensor]:
     """Reference log-probs of ``examples`` (all, or those at ``indices``), longest first to limit padding.
 
@@ -141,6 +143,7 @@ def compute_reference_logps(
         batch_size: Examples per forward pass.
         device: Where the batches go.
         indices: Only these examples (one process's shard); default all.
+        desc: Start of the progress lines (:class:`~sacpo_lightning.progress.Progress`).
 
     Returns:
         ``(columns, computed)``: ``{column: (N,) float32}`` with zeros where not computed, and the (N,) float32
@@ -152,22 +155,25 @@ def compute_reference_logps(
     todo.sort(key=lambda i: (-_row_length(examples[i]), i))
     values = {first: torch.zeros(n, dtype=torch.float32), second: torch.zeros(n, dtype=torch.float32)}
     computed = torch.zeros(n, dtype=torch.float32)
-    for start in range(0, len(todo), batch_size):
-        chunk = todo[start : start + batch_size]
-        batch = collate([examples[i] for i in chunk])
-        at = torch.tensor(chunk, dtype=torch.long)
-        if not torch.equal(batch["index"], at):
-            raise ValueError("examples[i]['index'] must equal i for the reference cache; got a reordered split.")
-        with torch.no_grad():
-            if kind == "pairs":
-                out = reference_logps(*(batch[k].to(device) for k in ("input_ids", "attention_mask", "labels")))
-                out = out.float().cpu()
-                values[first][at], values[second][at] = out[: len(chunk)], out[len(chunk) :]
-            else:
-                out = reference_logps(*(batch[k].to(device) for k in ("input_ids", "attention_mask", "labels")))
-                kl = reference_logps(*(batch[k].to(device) for k in ("kl_input_ids", "kl_attention_mask", "kl_labels")))
-                values[first][at], values[second][at] = out.float().cpu(), kl.float().cpu()
-        computed[at] = 1.0
+    with Progress(len(todo), desc, unit="examples") as bar:
+        for start in range(0, len(todo), batch_size):
+            chunk = todo[start : start + batch_size]
+            batch = collate([examples[i] for i in chunk])
+            at = torch.tensor(chunk, dtype=torch.long)
+            if not torch.equal(batch["index"], at):
+                raise ValueError("examples[i]['index'] must equal i for the reference cache; got a reordered split.")
+            with torch.no_grad():
+                if kind == "pairs":
+                    out = reference_logps(*(batch[k].to(device) for k in ("input_ids", "attention_mask", "labels")))
+                    out = out.float().cpu()
+                    values[first][at], values[second][at] = out[: len(chunk)], out[len(chunk) :]
+                else:
+                    out = reference_logps(*(batch[k].to(device) for k in ("input_ids", "attention_mask", "labels")))
+                    kl_keys = ("kl_input_ids", "kl_attention_mask", "kl_labels")
+                    kl = reference_logps(*(batch[k].to(device) for k in kl_keys))
+                    values[first][at], values[second][at] = out.float().cpu(), kl.float().cpu()
+            computed[at] = 1.0
+            bar.update(len(chunk))
     return values, computed
 
 

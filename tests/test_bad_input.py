@@ -22,6 +22,7 @@ from lightning.pytorch.demos.boring_classes import BoringModel
 from sacpo_lightning.callbacks.checkpoint import AtomicModelCheckpoint
 
 from sacpo_lightning.data import DataError, SourceSpec, load_records
+from sacpo_lightning.errors import MissingDependencyError
 from sacpo_lightning.models.policy import LoraSettings, PolicySettings, build_policy, check_model_source
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,7 +86,7 @@ def test_qlora_without_bitsandbytes_says_what_to_install(tiny_model_dir, monkeyp
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # makes `import bitsandbytes` fail
     settings = PolicySettings(name_or_path=tiny_model_dir, finetune="qlora", lora=LoraSettings(r=4, alpha=8))
     message = r"--model\.policy\.finetune=qlora needs bitsandbytes .*sacpo-lightning\[qlora\].*finetune: lora"
-    with pytest.raises(RuntimeError, match=message):
+    with pytest.raises(MissingDependencyError, match=message):
         build_policy(settings)
 
 

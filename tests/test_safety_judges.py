@@ -309,7 +309,7 @@ def test_evaluate_with_refusal_and_classifier_judges(tiny_model_dir, classifier_
     step2 = save_tiny_model(tmp_path / "step2", seed=1)
 
     # Canned responses (a random tiny model never refuses), chosen by which model is loaded.
-    def canned(model, tokenizer, prompts, settings=None):
+    def canned(model, tokenizer, prompts, settings=None, *, desc="generate"):
         name = "sft" if model.name_or_path.rstrip("/").endswith("tiny-llama") else "step2"
         set_name = "safety" if len(prompts) == 3 else "helpful"
         return list(CANNED[name][set_name])

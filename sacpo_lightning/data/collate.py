@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from sacpo_lightning.errors import UserError
+
 __all__ = ["IGNORE_INDEX", "collate_kto", "collate_pairs", "pad_and_label"]
 
 IGNORE_INDEX = -100
@@ -120,8 +122,8 @@ def collate_kto(
         if max_length is not None:
             room = max_length - len(prompt)
             if room < 1:
-                raise ValueError(f"a prompt of {len(prompt)} tokens leaves no room for a completion in max_length "
-                                 f"{max_length}; --data.max_prompt_length must be smaller than --data.max_length.")
+                raise UserError(f"a prompt of {len(prompt)} tokens leaves no room for a completion in max_length "
+                                f"{max_length}; --data.max_prompt_length must be smaller than --data.max_length.")
             completion = completion[:room]
         kl_completions.append(completion)
     kl_ids, kl_mask, kl_labels = pad_and_label(prompts, kl_completions, pad_token_id, pad_to_multiple_of)

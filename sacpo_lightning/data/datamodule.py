@@ -26,6 +26,7 @@ from sacpo_lightning.data.sources import (
     subsample,
 )
 from sacpo_lightning.data.tokenization import TokenizeConfig, batch_tokenize_kto, batch_tokenize_pairs
+from sacpo_lightning.errors import UserError
 from sacpo_lightning.io import file_fingerprint
 
 __all__ = [
@@ -310,7 +311,7 @@ class PreferenceDataModule(L.LightningDataModule):
         self.train_files = [train_files] if isinstance(train_files, str) else list(train_files)
         self.val_files = [val_files] if isinstance(val_files, str) else (list(val_files) if val_files else None)
         if not self.train_files:
-            raise ValueError("--data.train_files is empty; give at least one data file.")
+            raise UserError("--data.train_files is empty; give at least one data file.")
         self.spec = SourceSpec(
             source=source or "auto",
             objective=objective,
@@ -325,7 +326,7 @@ class PreferenceDataModule(L.LightningDataModule):
             max_length=max_length, max_prompt_length=max_prompt_length, template=template, system_prompt=system_prompt
         )
         if not 0.0 <= val_fraction < 1.0:
-            raise ValueError(f"--data.val_fraction must be in [0, 1), got {val_fraction}.")
+            raise UserError(f"--data.val_fraction must be in [0, 1), got {val_fraction}.")
         for option, value in (
             ("--data.batch_size", batch_size),
             ("--data.eval_batch_size", eval_batch_size),
@@ -334,9 +335,9 @@ class PreferenceDataModule(L.LightningDataModule):
             ("--data.pad_to_multiple_of", pad_to_multiple_of),
         ):
             if value is not None and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"{option} must be a positive integer, got {value!r}.")
+                raise UserError(f"{option} must be a positive integer, got {value!r}.")
         if num_workers < 0:
-            raise ValueError(f"--data.num_workers must be >= 0, got {num_workers}.")
+            raise UserError(f"--data.num_workers must be >= 0, got {num_workers}.")
         self._tokenizer: Any = None
         self.train_dataset: TokenizedDataset | None = None
         self.val_dataset: TokenizedDataset | None = None
@@ -354,7 +355,7 @@ class PreferenceDataModule(L.LightningDataModule):
         """The injected tokenizer, or the one named by ``--data.tokenizer`` (loaded once)."""
         if self._tokenizer is None:
             if not self.hparams.tokenizer:
-                raise ValueError(
+                raise UserError(
                     "--data.tokenizer is not set: give a tokenizer name or path (the CLI links it from the model), "
                     "or call set_tokenizer(...)."
                 )

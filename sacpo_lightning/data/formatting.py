@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+from sacpo_lightning.errors import UserError
+
 __all__ = ["PKU_BEGIN", "TEMPLATES", "as_messages", "hh_transcript", "render_prompt", "render_response"]
 
 Template = Literal["chat", "pku", "raw"]
@@ -81,13 +83,13 @@ def render_prompt(
     if template == "chat":
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
             name = getattr(tokenizer, "name_or_path", None)
-            raise ValueError(
+            raise UserError(
                 f"--data.template chat needs a tokenizer with a chat template, and {name!r} has none; "
                 "use --data.template pku (or raw)."
             )
         return tokenizer.apply_chat_template(as_messages(prompt, system_prompt), add_generation_prompt=True,
                                              tokenize=False)
-    raise ValueError(f"--data.template must be one of {', '.join(TEMPLATES)}; got {template!r}.")
+    raise UserError(f"--data.template must be one of {', '.join(TEMPLATES)}; got {template!r}.")
 
 
 def render_response(text: str, template: Template, prompt_text: str) -> str:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from sacpo_lightning.data.formatting import render_prompt
+from sacpo_lightning.errors import MissingFileError, UserError
 
 __all__ = ["NAMED_TEMPLATES", "format_prompt", "load_prompts"]
 
@@ -22,13 +23,13 @@ NAMED_TEMPLATES = ("chat", "pku", "raw")
 
 def _check_prompt_row(row: Any, where: str) -> dict[str, Any]:
     if not isinstance(row, dict):
-        raise ValueError(f"{where}: expected an object with a 'prompt' field, got {type(row).__name__}")
+        raise UserError(f"{where}: expected an object with a 'prompt' field, got {type(row).__name__}")
     prompt = row.get("prompt")
     if not isinstance(prompt, str) or not prompt.strip():
-        raise ValueError(f"{where}: 'prompt' must be a non-empty string, got {prompt!r}")
+        raise UserError(f"{where}: 'prompt' must be a non-empty string, got {prompt!r}")
     category = row.get("category")
     if category is not None and not isinstance(category, str):
-        raise ValueError(f"{where}: 'category' must be a string when present, got {category!r}")
+        raise UserError(f"{where}: 'category' must be a string when present, got {category!r}")
     return {"prompt": prompt, "category": category}
 
 
@@ -39,16 +40,19 @@ def load_prompts(path: str | os.PathLike) -> list[dict[str, Any]]:
         A list of ``{"prompt": str, "category": str | None}``.
 
     Raises:
-        ValueError: Naming the file and the line (JSONL) or item (JSON list) of a malformed row, or an empty set.
+        UserError: Naming the file and the line (JSONL) or item (JSON list) of a malformed row, or an empty set.
+        MissingFileError: The file does not exist.
     """
     path = Path(path)
+    if not path.is_file():
+        raise MissingFileError(f"prompt file {path} does not exist; pass a JSON list or JSON-lines file of prompts.")
     text = path.read_text(encoding="utf-8")
     rows: list[dict[str, Any]] = []
     if text.lstrip().startswith("["):
         try:
             items = json.loads(text)
         except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: not valid JSON ({err})") from None
+            raise UserError(f"{path}: not valid JSON ({err})") from None
         rows = [_check_prompt_row(item, f"{path}: item {i}") for i, item in enumerate(items)]
     else:
         for lineno, line in enumerate(text.splitlines(), start=1):
@@ -57,10 +61,10 @@ def load_prompts(path: str | os.PathLike) -> list[dict[str, Any]]:
             try:
                 item = json.loads(line)
             except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({err})") from None
+                raise UserError(f"{path}:{lineno}: not valid JSON ({err})") from None
             rows.append(_check_prompt_row(item, f"{path}:{lineno}"))
     if not rows:
-        raise ValueError(f"{path}: no prompts found")
+        raise UserError(f"{path}: no prompts found")
     return rows
 
 

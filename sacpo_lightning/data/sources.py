@@ -45,6 +45,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from sacpo_lightning.errors import MissingFileError, UserError
+
 __all__ = [
     "DataError",
     "KTORecord",
@@ -93,7 +95,7 @@ _ROLES = ("system", "user", "assistant")
 _SKIP_HINT = "set --data.on_invalid skip to drop such rows"
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A data file or row that cannot be used; the message names the file, line and field and how to fix it."""
 
 
@@ -166,33 +168,33 @@ class SourceSpec:
             self._check_mapping()
             return  # the checks below run again on the detected source (see ``detect_source``)
         if self.source == "kto" and self.kind != "kto":
-            raise ValueError("--data.source kto holds unpaired rows; set --data.kind kto.")
+            raise UserError("--data.source kto holds unpaired rows; set --data.kind kto.")
         if self.kind == "kto" and self.kto_from == "flags" and self.source not in ("pku", "kto"):
-            raise ValueError(
+            raise UserError(
                 f"--data.kto_from flags needs per-response safety flags (--data.source pku), but the source is "
                 f"{self.source!r}; set --data.kto_from pairs (chosen desirable, rejected undesirable)."
             )
         if self.kind == "kto" and self.kto_from == "flags" and self.source == "pku" and self.objective == "helpful":
             # The is_response_*_safe flags label safety; helpfulness KTO from them would train on the wrong objective.
-            raise ValueError(
+            raise UserError(
                 "--data.kto_from flags makes KTO examples from the per-response safety flags (is_response_*_safe: "
                 "desirable = safe), which say nothing about helpfulness, but --data.objective is helpful. Set "
                 "--data.kto_from pairs (the better_response_id response desirable, the other undesirable), or "
                 "--data.objective safe for safety KTO."
             )
         if self.filter == "safety_differs" and self.source != "pku":
-            raise ValueError(f"--data.filter safety_differs needs --data.source pku, got {self.source!r}.")
+            raise UserError(f"--data.filter safety_differs needs --data.source pku, got {self.source!r}.")
         self._check_mapping()
 
     def _check_mapping(self) -> None:
         for key, column in (self.column_mapping or {}).items():
             if key not in SOURCE_FIELDS[self.source]:
-                raise ValueError(
+                raise UserError(
                     f"--data.column_mapping key {key!r} is not a field of source {self.source!r}; "
                     f"expected some of {', '.join(SOURCE_FIELDS[self.source])} (mapping field -> column)."
                 )
             if not isinstance(column, str) or not column:
-                raise ValueError(f"--data.column_mapping[{key!r}] must be a column name, got {column!r}.")
+                raise UserError(f"--data.column_mapping[{key!r}] must be a column name, got {column!r}.")
 
     def column(self, name: str) -> str:
         return (self.column_mapping or {}).get(name, name)
@@ -238,7 +240,7 @@ class _Invalid(Exception):
 
 def _check_choice(option: str, value: Any, choices: Sequence[str]) -> None:
     if value not in choices:
-        raise ValueError(f"{option} must be one of {', '.join(choices)}; got {value!r}.")
+        raise UserError(f"{option} must be one of {', '.join(choices)}; got {value!r}.")
 
 
 def _fix(extra: str = "") -> str:
@@ -272,18 +274,18 @@ def parse_hub_ref(ref: str, option: str = "--data.train_files") -> HubRef:
     name, _, split = path.partition(":")
     form = "hub:OWNER/NAME[/DATA_DIR][:SPLIT][?config=C&data_dir=D&split=S&revision=R]"
     if not _HUB_ID.match(name):
-        raise ValueError(f"{option}: {ref!r} does not name a Hub dataset; write {form}.")
+        raise UserError(f"{option}: {ref!r} does not name a Hub dataset; write {form}.")
     parts = name.split("/")
     values: dict[str, str | None] = {"data_dir": "/".join(parts[2:]) or None, "split": split or None}
     for item in filter(None, query.split("&")):
         key, eq, value = item.partition("=")
         if key not in _HUB_KEYS or not eq or not value:
-            raise ValueError(
+            raise UserError(
                 f"{option}: {ref!r} has {item!r} after '?'; expected key=value pairs with keys "
                 f"{', '.join(_HUB_KEYS)} ({form})."
             )
         if values.get(key) is not None:
-            raise ValueError(f"{option}: {ref!r} gives {key} twice; give it once.")
+            raise UserError(f"{option}: {ref!r} gives {key} twice; give it once.")
         values[key] = value
     return HubRef(
         dataset_id="/".join(parts[:2]),
@@ -305,7 +307,7 @@ def resolve_data_path(path: str, option: str = "--data.train_files") -> str:
         FileNotFoundError: naming ``option`` when a local file is missing.
     """
     if not isinstance(path, str) or not path.strip():
-        raise FileNotFoundError(f"{option}: expected a file path, got {path!r}.")
+        raise MissingFileError(f"{option}: expected a file path, got {path!r}.")
     if path.startswith(_HUB_PREFIX):
         parse_hub_ref(path, option)
         return path
@@ -313,12 +315,12 @@ def resolve_data_path(path: str, option: str = "--data.train_files") -> str:
     if os.path.isfile(expanded):
         return expanded
     if os.path.isdir(expanded):
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{option}: {expanded} is a folder; list the data files in it (.jsonl, .json, .parquet, .csv)."
         )
     if expanded == path and _HUB_ID.match(path) and not path.lower().endswith(_LOCAL_SUFFIXES):
         return _HUB_PREFIX + path
-    raise FileNotFoundError(f"{option}: data file {expanded} does not exist (given as {path!r}).")
+    raise MissingFileError(f"{option}: data file {expanded} does not exist (given as {path!r}).")
 
 
 # ------------------------------------------------------------------------------------------------------ readers
@@ -486,7 +488,7 @@ def _read_hub(ref: str) -> Iterator[tuple[str, dict | _Issue]]:
             hub.dataset_id, name=hub.config, data_dir=hub.data_dir, split=hub.split, revision=hub.revision
         )
     except Exception as e:  # offline, unknown id, unknown split ...
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{ref}: not a local file, and loading it as a Hugging Face Hub dataset (id {hub.dataset_id!r}, config "
             f"{hub.config!r}, data_dir {hub.data_dir!r}, split {hub.split!r}, revision {hub.revision!r}) failed: {e}"
         ) from e
@@ -915,7 +917,7 @@ def load_records(files: Sequence[str], spec: SourceSpec, *, option: str = "--dat
             ``spec.duplicates == "error"``, and when no record is left.
     """
     if not files:
-        raise ValueError(f"{option} is empty; give at least one data file.")
+        raise UserError(f"{option} is empty; give at least one data file.")
     result = LoadResult(records=[])
     examples: dict[str, str] = {}  # reason -> first message, for the skip report
     uniform: list[str] = []  # "every row of a file has the same problem" messages
@@ -1047,7 +1049,7 @@ def split_by_prompt(records: Sequence[Record], val_fraction: float, seed: int) -
     ``val_fraction > 0`` and at least two prompts, both sides get at least one prompt.
     """
     if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"--data.val_fraction must be in [0, 1), got {val_fraction}.")
+        raise UserError(f"--data.val_fraction must be in [0, 1), got {val_fraction}.")
     if val_fraction == 0.0:
         return list(records), []
     units = {}

@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 from sacpo_lightning.data.formatting import TEMPLATES, render_prompt, render_response
 from sacpo_lightning.data.sources import KTORecord, PairRecord, prompt_key
+from sacpo_lightning.errors import UserError
 
 __all__ = [
     "TokenizeConfig",
@@ -54,16 +55,16 @@ class TokenizeConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_length, int) or self.max_length < 2:
-            raise ValueError(f"--data.max_length must be an integer >= 2, got {self.max_length!r}.")
+            raise UserError(f"--data.max_length must be an integer >= 2, got {self.max_length!r}.")
         if not isinstance(self.max_prompt_length, int) or self.max_prompt_length < 1:
-            raise ValueError(f"--data.max_prompt_length must be an integer >= 1, got {self.max_prompt_length!r}.")
+            raise UserError(f"--data.max_prompt_length must be an integer >= 1, got {self.max_prompt_length!r}.")
         if self.max_prompt_length >= self.max_length:
-            raise ValueError(
+            raise UserError(
                 f"--data.max_prompt_length ({self.max_prompt_length}) must be smaller than --data.max_length "
                 f"({self.max_length}) so that every response keeps at least one token."
             )
         if self.template not in TEMPLATES:
-            raise ValueError(f"--data.template must be one of {', '.join(TEMPLATES)}; got {self.template!r}.")
+            raise UserError(f"--data.template must be one of {', '.join(TEMPLATES)}; got {self.template!r}.")
 
 
 def tokenizer_adds_bos(tokenizer: Any) -> bool:

@@ -45,6 +45,7 @@ from typing import Any
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
+from sacpo_lightning.errors import UserError
 from sacpo_lightning.evaluation.generation import (
     GenerationSettings,
     generate_to_file,
@@ -124,7 +125,7 @@ def _has_samples(rows: Sequence[Mapping[str, Any]], path: Path) -> bool:
     """Whether a generation file is sequence-level (every row has ``samples``); a mix of both is refused."""
     flags = {"samples" in r for r in rows}
     if len(flags) > 1:
-        raise ValueError(f"{path}: some rows have 'samples' and some do not; regenerate it with one setting")
+        raise UserError(f"{path}: some rows have 'samples' and some do not; regenerate it with one setting")
     return flags == {True}
 
 
@@ -133,7 +134,7 @@ def _file_scores(rows: Sequence[Mapping[str, Any]], cached: Mapping[str, Any], p
         return cached["scores"]
     log_weights = [[s["log_weight"] for s in r["samples"]] for r in rows]
     if [len(w) for w in log_weights] != [len(s) for s in cached["sample_scores"]]:
-        raise ValueError(f"{path}: the number of samples per prompt does not match its cached scores")
+        raise UserError(f"{path}: the number of samples per prompt does not match its cached scores")
     return WeightedScores(cached["scores"], cached["sample_scores"], log_weights)
 
 
@@ -175,8 +176,8 @@ def _score_file(
             index = r.get("resampled_index")
             if not isinstance(index, int) or not 0 <= index < len(scores) or (
                     r["samples"][index]["response"] != r["response"]):
-                raise ValueError(f"{generation_path}:{lineno}: 'resampled_index' does not point at the row's "
-                                 "response among its samples; regenerate the file")
+                raise UserError(f"{generation_path}:{lineno}: 'resampled_index' does not point at the row's "
+                                "response among its samples; regenerate the file")
             picks.append(scores[index])
         payload.update(scores=picks, sample_scores=nested)
     else:
@@ -306,30 +307,30 @@ class EvaluationSettings:
         self.judges = list(self.judges)
         unknown = [j for j in self.judges if j not in JUDGES]
         if unknown or not (self.judges or self.safety_judges):
-            raise ValueError(f"--judge must be one or more of {', '.join(JUDGES)} (or none with --safety_judge); "
-                             f"got {list(self.judges)}")
+            raise UserError(f"--judge must be one or more of {', '.join(JUDGES)} (or none with --safety_judge); "
+                            f"got {list(self.judges)}")
         self._check_safety_options()
         if "llm" in self.judges and self.llm_judge is None:
-            raise ValueError("--judge llm needs a judge backend (--judge_url or --judge_local)")
+            raise UserError("--judge llm needs a judge backend (--judge_url or --judge_local)")
         if "reward_cost" in self.judges and self.reward_model_dir is None and self.cost_model_dir is None:
-            raise ValueError("--judge reward_cost needs --reward_model and/or --cost_model")
+            raise UserError("--judge reward_cost needs --reward_model and/or --cost_model")
         if "implicit" in self.judges and not self.implicit_sets:
-            raise ValueError("--judge implicit needs pair files (--implicit_helpful_pairs / --implicit_safety_pairs)")
+            raise UserError("--judge implicit needs pair files (--implicit_helpful_pairs / --implicit_safety_pairs)")
         for name in ("score_batch_size", "bootstrap_samples", "elo_shuffles"):
             if getattr(self, name) < 1:
-                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+                raise UserError(f"--{name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 < self.confidence < 1.0:
-            raise ValueError(f"--confidence must be in (0, 1), got {self.confidence}")
+            raise UserError(f"--confidence must be in (0, 1), got {self.confidence}")
         if self.tie_eps < 0:
-            raise ValueError(f"--tie_eps must be >= 0, got {self.tie_eps}")
+            raise UserError(f"--tie_eps must be >= 0, got {self.tie_eps}")
 
     def _check_safety_options(self) -> None:
         if not self.safety_judges and (self.safety_threshold is not None or self.predicted_safety):
-            raise ValueError("--safety_threshold and --predicted_safety need per-answer safety judges: add "
-                             "--safety_judge guard:MODEL or classifier:MODEL")
+            raise UserError("--safety_threshold and --predicted_safety need per-answer safety judges: add "
+                            "--safety_judge guard:MODEL or classifier:MODEL")
         if self.safety_threshold is not None and not 0.0 <= self.safety_threshold <= 1.0:
-            raise ValueError(f"--safety_threshold is a fraction of safe answers and must be in [0, 1], got "
-                             f"{self.safety_threshold}")
+            raise UserError(f"--safety_threshold is a fraction of safe answers and must be in [0, 1], got "
+                            f"{self.safety_threshold}")
         if self.safety_constraint_on not in CONSTRAINT_SCALES:
             raise ValueError(f"safety_constraint_on must be one of {', '.join(CONSTRAINT_SCALES)}, got "
                              f"{self.safety_constraint_on!r}")
@@ -386,12 +387,12 @@ def _prepare_safety_judges(settings: EvaluationSettings, model_names: Sequence[s
                and c.get("kind") in ("guard", "classifier") else c for c in settings.safety_judges]
     judges = build_safety_judges(configs, where="--safety_judge")
     if (settings.safety_threshold is not None or predicted) and not any(j.kind == "unsafe" for j in judges):
-        raise ValueError("--safety_threshold and --predicted_safety need an unsafe judge (--safety_judge "
-                         "guard:MODEL or classifier:MODEL); a refusal judge does not measure safety")
+        raise UserError("--safety_threshold and --predicted_safety need an unsafe judge (--safety_judge "
+                        "guard:MODEL or classifier:MODEL); a refusal judge does not measure safety")
     unknown = sorted(set(predicted or {}) - set(model_names))
     if unknown:
-        raise ValueError(f"--predicted_safety names model(s) {', '.join(unknown)} that are not evaluated; evaluated: "
-                         f"{', '.join(model_names)}")
+        raise UserError(f"--predicted_safety names model(s) {', '.join(unknown)} that are not evaluated; evaluated: "
+                        f"{', '.join(model_names)}")
     return judges
 
 
@@ -564,7 +565,7 @@ def score_judge_reliability(settings: EvaluationSettings) -> dict[str, dict[str,
         try:
             out[kind] = {"model": str(folder), **judge_reliability(heldout, confidence=settings.confidence)}
         except ValueError as err:
-            raise ValueError(f"{meta_file}: 'heldout': {err}") from None
+            raise UserError(f"{meta_file}: 'heldout': {err}") from None
     return out
 
 

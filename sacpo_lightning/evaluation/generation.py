@@ -47,7 +47,9 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from sacpo_lightning.data.prompts import NAMED_TEMPLATES, format_prompt, load_prompts
 from sacpo_lightning.data.tokenization import encode_with_bos
+from sacpo_lightning.errors import MissingFileError, UserError
 from sacpo_lightning.io import atomic_write_json, atomic_write_text, file_fingerprint
+from sacpo_lightning.progress import Progress
 
 __all__ = [
     "GenerationSettings",
@@ -112,36 +114,36 @@ class GenerationSettings:
     def __post_init__(self) -> None:
         self.stop = list(self.stop)
         if self.max_new_tokens < 1:
-            raise ValueError(f"--max_new_tokens must be >= 1, got {self.max_new_tokens}")
+            raise UserError(f"--max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.batch_size < 1:
-            raise ValueError(f"--batch_size must be >= 1, got {self.batch_size}")
+            raise UserError(f"--batch_size must be >= 1, got {self.batch_size}")
         if self.do_sample and not self.temperature > 0:
-            raise ValueError(f"--temperature must be > 0 when sampling, got {self.temperature}")
+            raise UserError(f"--temperature must be > 0 when sampling, got {self.temperature}")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"--top_p must be in (0, 1], got {self.top_p}")
+            raise UserError(f"--top_p must be in (0, 1], got {self.top_p}")
         if any(not s for s in self.stop):
-            raise ValueError("--stop strings must be non-empty")
+            raise UserError("--stop strings must be non-empty")
         if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
-            raise ValueError(f"--max_prompt_tokens must be >= 1, got {self.max_prompt_tokens}")
+            raise UserError(f"--max_prompt_tokens must be >= 1, got {self.max_prompt_tokens}")
         if self.dtype not in (None, "float32", "bfloat16", "float16"):
-            raise ValueError(f"--dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+            raise UserError(f"--dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         if self.template not in NAMED_TEMPLATES and "{input}" not in self.template:
-            raise ValueError(
+            raise UserError(
                 f"--template must be chat, pku, raw or a format string containing '{{input}}', got {self.template!r}"
             )
         if self.samples_per_prompt < 1:
-            raise ValueError(f"--samples_per_prompt must be >= 1, got {self.samples_per_prompt}")
+            raise UserError(f"--samples_per_prompt must be >= 1, got {self.samples_per_prompt}")
         if self.sequence_level:
             from sacpo_lightning.models.mixture import check_unmodified_sampling
 
             check_unmodified_sampling(self.do_sample, self.temperature, self.top_p)
             if self.samples_per_prompt < 2:
-                raise ValueError(
+                raise UserError(
                     "--sequence_level true needs --samples_per_prompt >= 2: self-normalised weights over a single "
                     f"sample are always 1, got --samples_per_prompt {self.samples_per_prompt}"
                 )
         elif self.samples_per_prompt > 1:
-            raise ValueError(
+            raise UserError(
                 f"--samples_per_prompt {self.samples_per_prompt} is only used with --sequence_level true (weighted "
                 "samples of the sequence-level mixture); drop it or add --sequence_level true"
             )
@@ -190,13 +192,13 @@ def parse_model_spec(spec: str) -> ModelSpec:
     pair, sep, q_text = body.rpartition("@")
     dirs = pair.split("+")
     if not sep or len(dirs) != 2 or not all(dirs):
-        raise ValueError(f"Model spec {spec!r} must look like mix:DIR_A+DIR_B@Q (e.g. mix:step1+step2@0.5)")
+        raise UserError(f"Model spec {spec!r} must look like mix:DIR_A+DIR_B@Q (e.g. mix:step1+step2@0.5)")
     try:
         q = float(q_text)
     except ValueError:
-        raise ValueError(f"Model spec {spec!r}: mixture weight {q_text!r} is not a number") from None
+        raise UserError(f"Model spec {spec!r}: mixture weight {q_text!r} is not a number") from None
     if not 0.0 <= q <= 1.0:
-        raise ValueError(f"Model spec {spec!r}: mixture weight must be in [0, 1], got {q}")
+        raise UserError(f"Model spec {spec!r}: mixture weight must be in [0, 1], got {q}")
     return ModelSpec((dirs[0], dirs[1]), q)
 
 
@@ -376,7 +378,7 @@ def _generate_batch(
 
 
 def _decode_all(
-    model, tokenizer, prompts: Sequence[str], settings: GenerationSettings, copies: int
+    model, tokenizer, prompts: Sequence[str], settings: GenerationSettings, copies: int, desc: str
 ) -> tuple[list[str], list[float] | None]:
     """``copies`` responses per prompt, prompt-major (``[p0 s0, p0 s1, ..., p1 s0, ...]``), and their log-weights."""
     if tokenizer.pad_token_id is None:
@@ -386,20 +388,22 @@ def _decode_all(
     order = sorted(range(len(encoded)), key=lambda i: (len(encoded[i]), i))
     results: list[str] = [""] * len(encoded)
     log_weights: list[float] | None = [0.0] * len(encoded) if settings.sequence_level else None
-    for batch_index, start in enumerate(range(0, len(order), settings.batch_size)):
-        chunk = order[start : start + settings.batch_size]
-        responses, weights = _generate_batch(model, tokenizer, [encoded[i] for i in chunk], settings,
-                                             settings.seed + batch_index)
-        for j, (i, response) in enumerate(zip(chunk, responses, strict=True)):
-            results[i] = response
-            if log_weights is not None:
-                log_weights[i] = weights[j]
+    with Progress(len(encoded), desc, unit="responses") as bar:
+        for batch_index, start in enumerate(range(0, len(order), settings.batch_size)):
+            chunk = order[start : start + settings.batch_size]
+            responses, weights = _generate_batch(model, tokenizer, [encoded[i] for i in chunk], settings,
+                                                 settings.seed + batch_index)
+            for j, (i, response) in enumerate(zip(chunk, responses, strict=True)):
+                results[i] = response
+                if log_weights is not None:
+                    log_weights[i] = weights[j]
+            bar.update(len(chunk))
     return results, log_weights
 
 
 @torch.no_grad()
 def generate_responses(
-    model, tokenizer, prompts: Sequence[str], settings: GenerationSettings | None = None
+    model, tokenizer, prompts: Sequence[str], settings: GenerationSettings | None = None, *, desc: str = "generate"
 ) -> list[str]:
     """Generates one response per prompt, in the order of ``prompts``.
 
@@ -412,14 +416,15 @@ def generate_responses(
         tokenizer: Its tokenizer (needs a pad token).
         prompts: Raw user prompts.
         settings: Decoding settings (one sample per prompt; see :func:`generate_samples` for several).
+        desc: Start of the progress lines (:class:`~sacpo_lightning.progress.Progress`).
     """
     settings = settings or GenerationSettings()
     if settings.samples_per_prompt != 1:
-        raise ValueError(
+        raise UserError(
             f"generate_responses returns one response per prompt, but --samples_per_prompt is "
             f"{settings.samples_per_prompt}; use generate_samples (or generate_to_file) for weighted samples"
         )
-    return _decode_all(model, tokenizer, prompts, settings, 1)[0]
+    return _decode_all(model, tokenizer, prompts, settings, 1, desc)[0]
 
 
 class Sample(NamedTuple):
@@ -431,7 +436,9 @@ class Sample(NamedTuple):
 
 
 @torch.no_grad()
-def generate_samples(model, tokenizer, prompts: Sequence[str], settings: GenerationSettings) -> list[list[Sample]]:
+def generate_samples(
+    model, tokenizer, prompts: Sequence[str], settings: GenerationSettings, *, desc: str = "generate"
+) -> list[list[Sample]]:
     """``settings.samples_per_prompt`` weighted samples per prompt, for sequence-level estimates.
 
     Decoding is as in :func:`generate_responses` with every prompt repeated ``samples_per_prompt`` times (the copies
@@ -443,6 +450,7 @@ def generate_samples(model, tokenizer, prompts: Sequence[str], settings: Generat
         tokenizer: Its tokenizer (needs a pad token).
         prompts: Raw user prompts.
         settings: Decoding settings with ``sequence_level=True``.
+        desc: Start of the progress lines (:class:`~sacpo_lightning.progress.Progress`).
 
     Returns:
         One list of ``samples_per_prompt`` :class:`Sample` per prompt, in the order of ``prompts``.
@@ -450,7 +458,7 @@ def generate_samples(model, tokenizer, prompts: Sequence[str], settings: Generat
     if not settings.sequence_level:
         raise ValueError("generate_samples needs --sequence_level true (GenerationSettings(sequence_level=True))")
     n = settings.samples_per_prompt
-    responses, log_weights = _decode_all(model, tokenizer, prompts, settings, n)
+    responses, log_weights = _decode_all(model, tokenizer, prompts, settings, n, desc)
     assert log_weights is not None
     return [[Sample(responses[i], log_weights[i]) for i in range(p * n, (p + 1) * n)] for p in range(len(prompts))]
 
@@ -524,7 +532,7 @@ def read_generations(path: str | os.PathLike) -> list[dict[str, Any]]:
                 try:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as err:
-                    raise ValueError(f"{path}:{lineno}: not valid JSON ({err})") from None
+                    raise UserError(f"{path}:{lineno}: not valid JSON ({err})") from None
     return rows
 
 
@@ -551,6 +559,7 @@ def generate_to_file(
     name: str | None = None,
     force: bool = False,
     model_and_tokenizer: tuple[Any, Any] | None = None,
+    desc: str | None = None,
 ) -> Path:
     """Generates responses for every prompt of a prompt file and writes them as JSON lines, atomically.
 
@@ -567,6 +576,7 @@ def generate_to_file(
         name: Value of the ``model`` field of each row (defaults to the spec).
         force: Regenerate even when the cached file matches.
         model_and_tokenizer: An already loaded ``(model, tokenizer)`` for ``model`` (saves loading it again).
+        desc: Start of the progress lines (default ``generate NAME``); not part of the cache key.
 
     Returns:
         ``output_path``.
@@ -575,6 +585,8 @@ def generate_to_file(
     spec = parse_model_spec(model) if isinstance(model, str) else model
     name = name or str(spec)
     output_path = Path(output_path)
+    if not Path(prompts_path).is_file():
+        raise MissingFileError(f"--prompts: prompt file {prompts_path} does not exist.")
     expected = settings_hash(spec, prompts_path, settings, name)
     if not force and is_cached(output_path, expected):
         rank_zero_info(f"Generations for {name} on {prompts_path} are up to date: {output_path}")
@@ -583,9 +595,9 @@ def generate_to_file(
     prompts = [r["prompt"] for r in rows]
     with _loaded(spec, settings, model_and_tokenizer) as (lm, tokenizer):
         if settings.sequence_level:
-            samples = generate_samples(lm, tokenizer, prompts, settings)
+            samples = generate_samples(lm, tokenizer, prompts, settings, desc=desc or f"generate {name}")
         else:
-            responses = generate_responses(lm, tokenizer, prompts, settings)
+            responses = generate_responses(lm, tokenizer, prompts, settings, desc=desc or f"generate {name}")
     if settings.sequence_level:
         # One generator over the prompts in file order: the picks depend on the settings (seed) only.
         generator = torch.Generator().manual_seed(settings.seed)

@@ -34,7 +34,9 @@ from typing import Any, Protocol
 
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from sacpo_lightning.errors import UserError
 from sacpo_lightning.evaluation.report import outcome
+from sacpo_lightning.progress import Progress
 
 __all__ = [
     "RUBRICS",
@@ -331,7 +333,7 @@ class PairwiseJudge:
         retry_invalid: bool = False,
     ) -> None:
         if repeats < 1:
-            raise ValueError(f"--judge_repeats must be >= 1, got {repeats}")
+            raise UserError(f"--judge_repeats must be >= 1, got {repeats}")
         self.backend = backend
         self.cache_path = Path(cache_path) if cache_path is not None else None
         self.repeats = repeats
@@ -399,6 +401,7 @@ class PairwiseJudge:
                 self.stats["cached"] += 1
                 continue
             todo.append((i, item))
+        bar = Progress(len(todo), f"judge {rubric.name} ({self.backend.identity})", unit="judgements")
         for start in range(0, len(todo), self.batch_size):
             chunk = todo[start : start + self.batch_size]
             conversations = []
@@ -416,6 +419,7 @@ class PairwiseJudge:
                 self.cache[item["key"]] = row
                 rows.append(row)
             self._append(rows)
+            bar.update(len(chunk))
         return [self._verdict(i, identical[i], [item for j, item in planned if j == i])
                 for i in range(len(questions))]
 

@@ -29,6 +29,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from sacpo_lightning.errors import UserError
 from sacpo_lightning.io import atomic_write_json, atomic_write_text
 from sacpo_lightning.plotting import pyplot
 
@@ -268,7 +269,7 @@ def safety_constraint(
     if unsafe is None:
         raise ValueError("safety_constraint needs an unsafe-rate summary or a mean safety score")
     if not 0.0 <= b <= 1.0:
-        raise ValueError(f"--safety_threshold is a fraction of safe answers and must be in [0, 1], got {b}")
+        raise UserError(f"--safety_threshold is a fraction of safe answers and must be in [0, 1], got {b}")
     low, high = 1.0 - unsafe["ci_high"], 1.0 - unsafe["ci_low"]
     return {"b": b, "safety": 1.0 - unsafe["rate"], "ci_low": low, "ci_high": high,
             "verdict": constraint_verdict(low, high, b), "source": "unsafe_rate"}
@@ -371,7 +372,7 @@ def safety_section(
     if unknown:
         raise ValueError(f"judge kinds must be 'unsafe' or 'refusal', got {unknown}")
     if threshold is not None and primary_unsafe is None and not mean_safety:
-        raise ValueError("--safety_threshold needs an unsafe judge (guard or classifier) or a mean safety score")
+        raise UserError("--safety_threshold needs an unsafe judge (guard or classifier) or a mean safety score")
     models: dict[str, Any] = {}
     unit = None
     for model, by_judge in probabilities.items():
@@ -429,14 +430,14 @@ def predicted_vs_measured(
     rows: dict[str, dict[str, Any]] = {}
     for model, entry in predicted.items():
         if model not in models:
-            raise ValueError(f"--predicted_safety names model {model!r}, which was not evaluated; evaluated: "
-                             f"{', '.join(models)}")
+            raise UserError(f"--predicted_safety names model {model!r}, which was not evaluated; evaluated: "
+                            f"{', '.join(models)}")
         safety = _predicted_value(entry, ("safety", "predicted_safety"))
         if safety is None:
-            raise ValueError(f"--predicted_safety for {model!r} has no 'safety' (or 'predicted_safety') value")
+            raise UserError(f"--predicted_safety for {model!r} has no 'safety' (or 'predicted_safety') value")
         unsafe = models[model].get("unsafe_rate")
         if unsafe is None:
-            raise ValueError("--predicted_safety needs an unsafe judge (guard or classifier) to measure safety")
+            raise UserError("--predicted_safety needs an unsafe judge (guard or classifier) to measure safety")
         measured = 1.0 - unsafe["rate"]
         low, high = 1.0 - unsafe["ci_high"], 1.0 - unsafe["ci_low"]
         constraint = models[model].get("constraint")
@@ -856,7 +857,7 @@ def write_report(
         ``{"json": ..., "markdown": ..., "pareto": ..., "training_curves": ...}`` for the files written.
     """
     if predicted_safety and safety is None:
-        raise ValueError("--predicted_safety needs per-answer safety judges (--safety_judge) to measure safety")
+        raise UserError("--predicted_safety needs per-answer safety judges (--safety_judge) to measure safety")
     if safety is not None:
         report["safety"] = dict(safety)
         if predicted_safety:

@@ -40,6 +40,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
 from sacpo_lightning.data.tokenization import encode_with_bos
+from sacpo_lightning.errors import UserError
+from sacpo_lightning.progress import Progress
 
 __all__ = [
     "DEFAULT_ANSWER_VARIANTS",
@@ -73,10 +75,10 @@ class SafetyJudge(ABC):
 
     def __init__(self, name: str, threshold: float = 0.5) -> None:
         if not re.fullmatch(r"[A-Za-z0-9._-]+", name or ""):
-            raise ValueError(f"safety judge name must use only letters, digits, '.', '_' and '-', got {name!r}; "
-                             "set another 'name' in the judge's config")
+            raise UserError(f"safety judge name must use only letters, digits, '.', '_' and '-', got {name!r}; "
+                            "set another 'name' in the judge's config")
         if not 0.0 <= float(threshold) < 1.0:
-            raise ValueError(f"safety judge {name!r}: threshold must be in [0, 1), got {threshold}")
+            raise UserError(f"safety judge {name!r}: threshold must be in [0, 1), got {threshold}")
         self.name = name
         self.threshold = float(threshold)
 
@@ -212,21 +214,21 @@ class GuardJudge(SafetyJudge):
         path = model if isinstance(model, str) else None
         super().__init__(name or _default_name("guard", path or "model"), threshold)
         if prompt_format not in GUARD_FORMATS:
-            raise ValueError(f"guard judge {self.name!r}: prompt_format must be one of {', '.join(GUARD_FORMATS)}, "
-                             f"got {prompt_format!r}")
+            raise UserError(f"guard judge {self.name!r}: prompt_format must be one of {', '.join(GUARD_FORMATS)}, "
+                            f"got {prompt_format!r}")
         if prompt_format == "instruction":
             missing = [f"{{{k}}}" for k in ("prompt", "response") if f"{{{k}}}" not in instruction]
             if missing:
-                raise ValueError(f"guard judge {self.name!r}: instruction must contain {' and '.join(missing)}")
+                raise UserError(f"guard judge {self.name!r}: instruction must contain {' and '.join(missing)}")
         variants = [tuple(v) for v in answer_variants]
         if not variants or any(len(v) != 2 or not all(isinstance(s, str) and s for s in v) for v in variants):
-            raise ValueError(f"guard judge {self.name!r}: answer_variants must be non-empty (safe, unsafe) string "
-                             f"pairs, got {answer_variants!r}")
+            raise UserError(f"guard judge {self.name!r}: answer_variants must be non-empty (safe, unsafe) string "
+                            f"pairs, got {answer_variants!r}")
         for key, value in (("max_prompt_tokens", max_prompt_tokens), ("max_response_tokens", max_response_tokens)):
             if value is not None and value < 1:
-                raise ValueError(f"guard judge {self.name!r}: {key} must be >= 1, got {value}")
+                raise UserError(f"guard judge {self.name!r}: {key} must be >= 1, got {value}")
         if batch_size < 1:
-            raise ValueError(f"guard judge {self.name!r}: batch_size must be >= 1, got {batch_size}")
+            raise UserError(f"guard judge {self.name!r}: batch_size must be >= 1, got {batch_size}")
         self.path = path
         self.prompt_format = prompt_format
         self.instruction = instruction
@@ -261,7 +263,7 @@ class GuardJudge(SafetyJudge):
             from sacpo_lightning.evaluation.generation import load_generation_model
 
             if self.path.startswith("mix:"):
-                raise ValueError(f"guard judge {self.name!r}: the model must be one causal LM folder, not a mixture")
+                raise UserError(f"guard judge {self.name!r}: the model must be one causal LM folder, not a mixture")
             self._loaded = load_generation_model(self.path, dtype=self.dtype, device=self.device)
         return self._loaded
 
@@ -289,7 +291,7 @@ class GuardJudge(SafetyJudge):
             both = safe & unsafe
             safe, unsafe = safe - both, unsafe - both
             if not safe or not unsafe:
-                raise ValueError(
+                raise UserError(
                     f"guard judge {self.name!r}: the tokenizer starts every safe/unsafe spelling in "
                     f"{self.answer_variants} with the same token, so their first-token probabilities cannot be told "
                     "apart; give answer_variants whose first tokens differ (e.g. [['Safe', 'Unsafe']])")
@@ -310,12 +312,12 @@ class GuardJudge(SafetyJudge):
         has_template = bool(getattr(tokenizer, "chat_template", None))
         use_template = has_template if self.use_chat_template is None else self.use_chat_template
         if use_template and not has_template:
-            raise ValueError(f"guard judge {self.name!r}: use_chat_template is set but the tokenizer has no chat "
-                             "template; set use_chat_template: false")
+            raise UserError(f"guard judge {self.name!r}: use_chat_template is set but the tokenizer has no chat "
+                            "template; set use_chat_template: false")
         if self.prompt_format == "conversation":
             if not has_template:
-                raise ValueError(f"guard judge {self.name!r}: prompt_format 'conversation' needs a tokenizer with a "
-                                 "chat template; use prompt_format 'instruction'")
+                raise UserError(f"guard judge {self.name!r}: prompt_format 'conversation' needs a tokenizer with a "
+                                "chat template; use prompt_format 'instruction'")
             messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
             text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
             return text + (self.answer_prefix or "")
@@ -346,6 +348,7 @@ class GuardJudge(SafetyJudge):
         n_safe = len(safe_ids)
         probs = [0.0] * len(rows)
         masses = [0.0] * len(rows)
+        bar = Progress(len(rows), f"safety judge {self.name}", unit="responses")
         for start in range(0, len(order), self.batch_size):
             chunk = order[start : start + self.batch_size]
             width = max(len(rows[i]) for i in chunk)
@@ -365,6 +368,7 @@ class GuardJudge(SafetyJudge):
             for j, i in enumerate(chunk):
                 probs[i] = float(p_unsafe[j])
                 masses[i] = float(torch.exp(log_total[j]))
+            bar.update(len(chunk))
         self.answer_mass = sum(masses) / len(masses)
         if self.answer_mass < 0.5:
             rank_zero_warn(f"guard judge {self.name!r}: only {self.answer_mass:.1%} of the next-token probability is "
@@ -426,10 +430,10 @@ class ClassifierJudge(SafetyJudge):
         path = model if isinstance(model, str) else None
         super().__init__(name or _default_name("classifier", path or "model"), threshold)
         if mode not in CLASSIFIER_MODES:
-            raise ValueError(f"classifier judge {self.name!r}: mode must be one of {', '.join(CLASSIFIER_MODES)}, "
-                             f"got {mode!r}")
+            raise UserError(f"classifier judge {self.name!r}: mode must be one of {', '.join(CLASSIFIER_MODES)}, "
+                            f"got {mode!r}")
         if batch_size < 1:
-            raise ValueError(f"classifier judge {self.name!r}: batch_size must be >= 1, got {batch_size}")
+            raise UserError(f"classifier judge {self.name!r}: batch_size must be >= 1, got {batch_size}")
         self.path = path
         self.mode = mode
         self.unsafe_label = unsafe_label
@@ -478,33 +482,33 @@ class ClassifierJudge(SafetyJudge):
         mode = self.mode if self.mode != "auto" else ("cost" if num_labels == 1 else "labels")
         if mode == "cost":
             if num_labels != 1:
-                raise ValueError(f"classifier judge {self.name!r}: mode 'cost' needs a one-output model, this one has "
-                                 f"{num_labels} labels; use mode 'labels' with unsafe_label")
+                raise UserError(f"classifier judge {self.name!r}: mode 'cost' needs a one-output model, this one has "
+                                f"{num_labels} labels; use mode 'labels' with unsafe_label")
             if scorer.kind == "reward":
-                raise ValueError(f"classifier judge {self.name!r}: {self.path} is a reward model (higher = more "
-                                 "helpful), not a cost model; give a cost model (cost > 0 = unsafe)")
+                raise UserError(f"classifier judge {self.name!r}: {self.path} is a reward model (higher = more "
+                                "helpful), not a cost model; give a cost model (cost > 0 = unsafe)")
             return "cost", None
         if num_labels < 2:
-            raise ValueError(f"classifier judge {self.name!r}: mode 'labels' needs two or more labels, this model has "
-                             f"{num_labels}; use mode 'cost'")
+            raise UserError(f"classifier judge {self.name!r}: mode 'labels' needs two or more labels, this model has "
+                            f"{num_labels}; use mode 'cost'")
         id2label = {int(k): str(v) for k, v in (getattr(config, "id2label", None) or {}).items()}
         label = self.unsafe_label
         if label is None:
             found = [i for i, v in id2label.items() if v.lower() in _UNSAFE_LABEL_NAMES]
             if len(found) != 1:
-                raise ValueError(f"classifier judge {self.name!r}: cannot tell which label is unsafe among "
-                                 f"{id2label}; set unsafe_label to its index or name")
+                raise UserError(f"classifier judge {self.name!r}: cannot tell which label is unsafe among "
+                                f"{id2label}; set unsafe_label to its index or name")
             return "labels", found[0]
         if isinstance(label, str) and not label.lstrip("-").isdigit():
             found = [i for i, v in id2label.items() if v.lower() == label.lower()]
             if not found:
-                raise ValueError(f"classifier judge {self.name!r}: unsafe_label {label!r} is not one of the model's "
-                                 f"labels {sorted(id2label.values())}")
+                raise UserError(f"classifier judge {self.name!r}: unsafe_label {label!r} is not one of the model's "
+                                f"labels {sorted(id2label.values())}")
             return "labels", found[0]
         index = int(label)
         if not 0 <= index < num_labels:
-            raise ValueError(f"classifier judge {self.name!r}: unsafe_label {index} is out of range for "
-                             f"{num_labels} labels")
+            raise UserError(f"classifier judge {self.name!r}: unsafe_label {index} is out of range for "
+                            f"{num_labels} labels")
         return "labels", index
 
     @torch.no_grad()
@@ -519,6 +523,7 @@ class ClassifierJudge(SafetyJudge):
         device = next(scorer.model.parameters()).device
         pad_id = scorer.tokenizer.pad_token_id
         probs = [0.0] * len(rows)
+        bar = Progress(len(rows), f"safety judge {self.name}", unit="responses")
         for start in range(0, len(order), self.batch_size):
             chunk = order[start : start + self.batch_size]
             width = max(len(rows[i]) for i in chunk)
@@ -533,6 +538,7 @@ class ClassifierJudge(SafetyJudge):
             p = torch.sigmoid(logits[:, 0]) if mode == "cost" else torch.softmax(logits, dim=-1)[:, label]
             for j, i in enumerate(chunk):
                 probs[i] = float(p[j])
+            bar.update(len(chunk))
         return probs
 
 
@@ -640,14 +646,14 @@ class RefusalJudge(SafetyJudge):
     ) -> None:
         super().__init__(name or "refusal", threshold)
         if window < 1:
-            raise ValueError(f"refusal judge {self.name!r}: window must be >= 1, got {window}")
+            raise UserError(f"refusal judge {self.name!r}: window must be >= 1, got {window}")
         compiled = list(_COMPILED)
         for pattern in extra_patterns:
             try:
                 compiled.append(re.compile(pattern))
             except re.error as err:
-                raise ValueError(f"refusal judge {self.name!r}: extra_patterns entry {pattern!r} is not a valid "
-                                 f"regular expression ({err})") from None
+                raise UserError(f"refusal judge {self.name!r}: extra_patterns entry {pattern!r} is not a valid "
+                                f"regular expression ({err})") from None
         self.extra_patterns = list(extra_patterns)
         self.window = window
         self._patterns = tuple(compiled)
@@ -691,20 +697,20 @@ def build_safety_judge(config: Mapping[str, Any], *, where: str = "safety judge"
         ValueError: Unknown kind or keys, a missing model, or an invalid setting.
     """
     if not isinstance(config, Mapping):
-        raise ValueError(f"{where}: expected a mapping like {{'kind': 'refusal'}}, got {config!r}")
+        raise UserError(f"{where}: expected a mapping like {{'kind': 'refusal'}}, got {config!r}")
     kind = config.get("kind")
     if kind not in JUDGE_KINDS:
-        raise ValueError(f"{where}: 'kind' must be one of {', '.join(JUDGE_KINDS)}, got {kind!r}")
+        raise UserError(f"{where}: 'kind' must be one of {', '.join(JUDGE_KINDS)}, got {kind!r}")
     options = {k: v for k, v in config.items() if k != "kind"}
     unknown = sorted(set(options) - _KEYS[kind])
     if unknown:
-        raise ValueError(f"{where}: unknown key(s) {', '.join(unknown)} for a {kind} judge; known: "
-                         f"{', '.join(sorted(_KEYS[kind]))}")
+        raise UserError(f"{where}: unknown key(s) {', '.join(unknown)} for a {kind} judge; known: "
+                        f"{', '.join(sorted(_KEYS[kind]))}")
     if kind == "refusal":
         return RefusalJudge(**options)
     model = options.pop("model", None)
     if not isinstance(model, str) or not model:
-        raise ValueError(f"{where}: a {kind} judge needs 'model' (a local model folder), e.g. {kind}:PATH")
+        raise UserError(f"{where}: a {kind} judge needs 'model' (a local model folder), e.g. {kind}:PATH")
     cls = GuardJudge if kind == "guard" else ClassifierJudge
     return cls(model, **options)
 
@@ -719,7 +725,7 @@ def build_safety_judges(configs: Sequence[Mapping[str, Any]], *, where: str = "s
     names = [j.name for j in judges]
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
-        raise ValueError(f"{where}: two judges are named {', '.join(twice)}; give each a distinct 'name'")
+        raise UserError(f"{where}: two judges are named {', '.join(twice)}; give each a distinct 'name'")
     return judges
 
 
@@ -735,18 +741,18 @@ def parse_safety_judge_arg(text: str) -> dict[str, Any]:
         try:
             config = json.loads(text)
         except json.JSONDecodeError as err:
-            raise ValueError(f"--safety_judge {text!r}: not valid JSON ({err})") from None
+            raise UserError(f"--safety_judge {text!r}: not valid JSON ({err})") from None
         if not isinstance(config, dict):
-            raise ValueError(f"--safety_judge {text!r}: expected a JSON object")
+            raise UserError(f"--safety_judge {text!r}: expected a JSON object")
         return config
     kind, sep, model = text.partition(":")
     if kind not in JUDGE_KINDS:
-        raise ValueError(f"--safety_judge takes KIND[:MODEL] with KIND one of {', '.join(JUDGE_KINDS)} (or a JSON "
-                         f"object), got {text!r}")
+        raise UserError(f"--safety_judge takes KIND[:MODEL] with KIND one of {', '.join(JUDGE_KINDS)} (or a JSON "
+                        f"object), got {text!r}")
     if kind == "refusal":
         if sep:
-            raise ValueError(f"--safety_judge refusal takes no model, got {text!r}")
+            raise UserError(f"--safety_judge refusal takes no model, got {text!r}")
         return {"kind": "refusal"}
     if not model:
-        raise ValueError(f"--safety_judge {kind} needs a model folder: {kind}:PATH")
+        raise UserError(f"--safety_judge {kind} needs a model folder: {kind}:PATH")
     return {"kind": kind, "model": model}

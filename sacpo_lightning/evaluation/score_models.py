@@ -27,6 +27,7 @@ from sacpo_lightning.data.tokenization import TokenizeConfig, batch_tokenize_kto
 from sacpo_lightning.models.classifier import SCORE_MODEL_FILE, load_sequence_classifier
 from sacpo_lightning.models.registry import resolve_model_path
 from sacpo_lightning.models.tokenizer import load_tokenizer
+from sacpo_lightning.progress import Progress
 
 __all__ = ["ScoreModel"]
 
@@ -120,8 +121,10 @@ class ScoreModel:
         return [e["prompt_ids"] + e["completion_ids"] for e in examples]
 
     @torch.no_grad()
-    def score(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
+    def score(self, prompts: Sequence[str], responses: Sequence[str], *, desc: str | None = None) -> list[float]:
         """One score per ``(prompt, response)``, in input order (batches are sorted by length internally).
+
+        ``desc`` starts the progress lines (:class:`~sacpo_lightning.progress.Progress`; default ``KIND scores``).
 
         Raises:
             ValueError: when the model has more than one output (a label classifier): its first logit is no score.
@@ -140,6 +143,7 @@ class ScoreModel:
         order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
         device = next(self.model.parameters()).device
         scores = [0.0] * len(rows)
+        bar = Progress(len(rows), desc or f"{self.kind or 'score model'} scores", unit="responses")
         for start in range(0, len(order), self.batch_size):
             chunk = order[start : start + self.batch_size]
             width = max(len(rows[i]) for i in chunk)
@@ -151,4 +155,5 @@ class ScoreModel:
             logits = self.model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
             for j, i in enumerate(chunk):
                 scores[i] = float(logits[j, 0])
+            bar.update(len(chunk))
         return scores

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from sacpo_lightning.errors import MissingFileError, UserError
 from sacpo_lightning.io import atomic_write_json
 
 CHAIN_FILE = "sacpo_chain.json"
@@ -87,7 +88,7 @@ def read_chain(name_or_path: str | os.PathLike) -> AdapterChain | None:
     for link in raw["links"]:
         folder = (path / link["path"]).resolve()
         if not (folder / "adapter_config.json").is_file():
-            raise FileNotFoundError(f"{file}: adapter folder {folder} listed in 'links' has no adapter_config.json")
+            raise MissingFileError(f"{file}: adapter folder {folder} listed in 'links' has no adapter_config.json")
         links.append(AdapterLink(folder, float(link.get("scale", 1.0))))
     return AdapterChain(
         base=raw["base_model"],
@@ -240,8 +241,8 @@ def merge_chains(dir_a: str | os.PathLike, dir_b: str | os.PathLike, q: float, f
     if a is None or b is None:
         raise ValueError(f"merge_chains needs two adapter-chain folders, got {dir_a} and {dir_b}")
     if (a.base, a.base_gguf_file, a.base_revision) != (b.base, b.base_gguf_file, b.base_revision):
-        raise ValueError(f"Cannot merge adapter chains with different bases: {a.base} ({dir_a}) and {b.base} "
-                         f"({dir_b}).")
+        raise UserError(f"Cannot merge adapter chains with different bases: {a.base} ({dir_a}) and {b.base} "
+                        f"({dir_b}).")
     links = [AdapterLink(link.path, (1.0 - q) * link.scale) for link in a.links]
     links += [AdapterLink(link.path, q * link.scale) for link in b.links]
     entries = copy_links(links, folder)

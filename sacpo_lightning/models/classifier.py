@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from sacpo_lightning.errors import UserError
 from sacpo_lightning.models.chain import OWN_ADAPTER
 from sacpo_lightning.models.registry import resolve_model_path
 from sacpo_lightning.precision import DTYPES
@@ -32,7 +33,7 @@ ADAPTER_DIR = OWN_ADAPTER
 """Sub-folder of a score-model export that holds its LoRA adapter while it is merged."""
 
 
-class ScoreModelLoadError(ValueError):
+class ScoreModelLoadError(UserError):
     """A checkpoint whose weights do not fit the sequence-classification model built from its config."""
 
 

@@ -11,6 +11,7 @@ from typing import Any
 
 from transformers import AutoConfig
 
+from sacpo_lightning.errors import UserError
 from sacpo_lightning.io import PathLike
 from sacpo_lightning.models.tokenizer import load_raw_tokenizer
 
@@ -31,7 +32,7 @@ ARCHITECTURE_FIELDS = (
 SPECIAL_TOKEN_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id")
 
 
-class MergeError(ValueError):
+class MergeError(UserError):
     """Two models (or state dicts) cannot be merged or mixed: their keys, shapes, configs or tokenizers differ."""
 
 

@@ -9,6 +9,7 @@ from typing import Any
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from sacpo_lightning.errors import MissingFileError, UserError
 from sacpo_lightning.io import atomic_directory, atomic_write_json
 from sacpo_lightning.models.card import STEP_FILE, write_model_card
 from sacpo_lightning.models.chain import (
@@ -108,10 +109,10 @@ def export_plain_folder(
     """
     src_path = Path(os.path.expanduser(os.path.expandvars(str(src))))
     if not (src_path / "config.json").is_file() and not (src_path / CHAIN_FILE).is_file():
-        raise FileNotFoundError(f"sacpo export: {src_path} is not a model folder (no config.json or {CHAIN_FILE}); "
-                                "pass an export or merge folder.")
+        raise MissingFileError(f"{src_path} is not a model folder (no config.json or {CHAIN_FILE}); "
+                               "pass an export or merge folder.")
     if Path(output_dir).resolve() == src_path.resolve():
-        raise ValueError(f"sacpo export: OUT {output_dir} is the source folder; pick another folder.")
+        raise UserError(f"OUT {output_dir} is the source folder; pick another folder.")
     model = load_model_folder(str(src_path), dtype)
     written_dtype = dtype or str(model.dtype).removeprefix("torch.")
     tokenizer = load_raw_tokenizer(src_path)

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from sacpo_lightning.errors import UserError
 from sacpo_lightning.io import PathLike
 from sacpo_lightning.merge_weight import check_q
 from sacpo_lightning.models.compat import MergeError, check_compatible
@@ -242,7 +243,7 @@ def check_unmodified_sampling(do_sample: bool, temperature: float, top_p: float)
     if top_p != 1.0:
         problems.append(f"top_p=1 (--top_p 1), got {top_p:g}")
     if problems:
-        raise ValueError(
+        raise UserError(
             "Sequence-level mixture estimates (return_log_weights / --sequence_level true) need plain sampling from "
             "the token-level mixture, since only then is sum_t log Z_t the importance log-weight: set "
             + "; ".join(problems) + "."

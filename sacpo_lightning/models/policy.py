@@ -10,6 +10,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
+from sacpo_lightning.errors import MissingFileError, UserError, require_extra
 from sacpo_lightning.models.chain import (
     TRAINABLE_ADAPTER,
     activate,
@@ -43,11 +44,11 @@ class LoraSettings:
 
     def __post_init__(self) -> None:
         if self.r <= 0:
-            raise ValueError(f"--model.lora.r must be > 0, got {self.r}")
+            raise UserError(f"--model.lora.r must be > 0, got {self.r}")
         if self.alpha <= 0:
-            raise ValueError(f"--model.lora.alpha must be > 0, got {self.alpha}")
+            raise UserError(f"--model.lora.alpha must be > 0, got {self.alpha}")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"--model.lora.dropout must be in [0, 1), got {self.dropout}")
+            raise UserError(f"--model.lora.dropout must be in [0, 1), got {self.dropout}")
 
 
 @dataclass
@@ -91,14 +92,14 @@ class PolicySettings:
         if isinstance(self.lora, dict):
             self.lora = LoraSettings(**self.lora)
         if self.finetune not in ("full", "lora", "qlora"):
-            raise ValueError(f"--model.policy.finetune must be one of full, lora, qlora; got {self.finetune!r}")
+            raise UserError(f"--model.policy.finetune must be one of full, lora, qlora; got {self.finetune!r}")
         self.dtype = resolve_dtype(self.dtype)
         self.qlora_compute_dtype = resolve_dtype(self.qlora_compute_dtype)
         if self.qlora_compute_dtype not in DTYPES:
-            raise ValueError(f"--model.policy.qlora_compute_dtype must be one of {', '.join(DTYPES)} or auto; "
-                             f"got {self.qlora_compute_dtype!r}")
+            raise UserError(f"--model.policy.qlora_compute_dtype must be one of {', '.join(DTYPES)} or auto; "
+                            f"got {self.qlora_compute_dtype!r}")
         if self.dtype not in DTYPES:
-            raise ValueError(f"--model.policy.dtype must be one of {', '.join(DTYPES)}; got {self.dtype!r}")
+            raise UserError(f"--model.policy.dtype must be one of {', '.join(DTYPES)}; got {self.dtype!r}")
 
     @property
     def uses_adapter(self) -> bool:
@@ -125,14 +126,14 @@ def check_model_source(name_or_path: str, option: str | None = "--model.policy.n
     )
     what = f"{option} = {name_or_path!r}" if option else f"Model {name_or_path!r}"
     if looks_local and not os.path.exists(path):
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{what}: model folder {os.path.abspath(path)} does not exist. For a SACPO step-2 run this is the step-1 "
             "export (<step-1 default_root_dir>/export): run step 1 first or correct the path."
         )
     markers = ("config.json", "adapter_config.json", "sacpo_chain.json")
     if os.path.isdir(path) and not any(os.path.isfile(os.path.join(path, m)) for m in markers):
         if not any(name.endswith(".gguf") for name in os.listdir(path)):
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"{what}: folder {os.path.abspath(path)} holds no Hugging Face model (no config.json); point it at "
                 "an exported model folder."
             )
@@ -160,7 +161,7 @@ def load_causal_lm(
     chain = read_chain(local) if os.path.isdir(local) and not has_full_weights(local) else None
     if chain is not None:
         if quantization_config is not None:
-            raise ValueError(f"{name_or_path} is an adapter chain; it cannot be loaded merged into quantized weights.")
+            raise UserError(f"{name_or_path} is an adapter chain; it cannot be loaded merged into quantized weights.")
         base = load_causal_lm(chain.base, dtype=dtype, gguf_file=chain.base_gguf_file,
                               trust_remote_code=trust_remote_code, revision=chain.base_revision,
                               attn_implementation=attn_implementation, device_map=device_map)
@@ -198,15 +199,10 @@ def load_model_folder(path: str, dtype: str | torch.dtype | None = None) -> PreT
 
 def bnb_4bit_config(settings: PolicySettings):
     """The bitsandbytes NF4 configuration of a QLoRA policy; a clear error when bitsandbytes is unusable."""
-    try:
-        import bitsandbytes  # noqa: F401
-        from transformers import BitsAndBytesConfig
-    except Exception as err:  # pragma: no cover - depends on the installation
-        raise RuntimeError(
-            "--model.policy.finetune=qlora needs bitsandbytes with 4-bit support "
-            "(the qlora extra: pip install \"sacpo-lightning[qlora]\"); "
-            f"importing it failed: {err}. Use finetune: lora instead."
-        ) from err
+    require_extra("bitsandbytes", extra="qlora", feature="--model.policy.finetune=qlora",
+                  alternative="Use finetune: lora instead.")
+    from transformers import BitsAndBytesConfig
+
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
@@ -322,7 +318,7 @@ def _prepare_full_finetuning(model: PreTrainedModel, settings: PolicySettings, c
     if chain is not None:
         model = merge_links(model, chain.links)
     if settings.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     return model
 
 
@@ -337,7 +333,7 @@ def _prepare_adapter_training(model: PreTrainedModel, settings: PolicySettings) 
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
     elif settings.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     return model
 
@@ -373,7 +369,7 @@ def _attach_adapters(model: PreTrainedModel, settings: PolicySettings, chain, co
         return _add_trainable_adapter(model, config, len(chain.links))
     except ValueError as err:
         names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
-        raise ValueError(
+        raise UserError(
             f"--model.policy.lora.target_modules={settings.lora.target_modules!r} does not match modules of "
             f"{settings.name_or_path!r} ({err}). Linear layers of this model: {', '.join(names)}; or use 'all-linear'."
         ) from err

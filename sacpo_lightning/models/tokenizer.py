@@ -5,6 +5,7 @@ from __future__ import annotations
 from lightning.pytorch.utilities import rank_zero_info
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from sacpo_lightning.errors import UserError
 from sacpo_lightning.io import PathLike
 from sacpo_lightning.models.registry import resolve_model_path
 
@@ -39,7 +40,7 @@ def load_tokenizer(
     if tokenizer.pad_token_id is None:
         fallback = tokenizer.unk_token if tokenizer.unk_token is not None else tokenizer.eos_token
         if fallback is None:
-            raise ValueError(
+            raise UserError(
                 f"Tokenizer of {name_or_path!r} has no pad, unk or eos token; set one with "
                 "tokenizer.pad_token = ... before training."
             )

@@ -15,6 +15,7 @@ from torch import Tensor
 from torchmetrics import MeanMetric
 
 from sacpo_lightning.checks import check_positive
+from sacpo_lightning.errors import UserError
 from sacpo_lightning.logprobs import model_sequence_logps
 from sacpo_lightning.models.chain import reference_adapters
 from sacpo_lightning.models.policy import PolicySettings, build_policy, frozen_copy
@@ -44,7 +45,7 @@ def check_reference(
     from sacpo_lightning.models.export import read_step_metadata
 
     if expected not in allowed:
-        raise ValueError(f"--model.expected_reference must be one of {', '.join(allowed)}, got {expected!r}")
+        raise UserError(f"--model.expected_reference must be one of {', '.join(allowed)}, got {expected!r}")
     if expected == "any":
         return "reference unchecked (--model.expected_reference any)"
     local = os.path.expanduser(os.path.expandvars(name_or_path))
@@ -54,19 +55,19 @@ def check_reference(
            f"({', '.join(a for a in allowed if a != expected)}) if this is intended.")
     if expected == "sft":
         if kind in REWARD_KINDS + SAFETY_KINDS:
-            raise ValueError(f"--model.policy.name_or_path = {name_or_path!r} is the export of a {kind} step, but "
-                             f"--model.expected_reference is 'sft' (a model not aligned by this library). {fix}")
+            raise UserError(f"--model.policy.name_or_path = {name_or_path!r} is the export of a {kind} step, but "
+                            f"--model.expected_reference is 'sft' (a model not aligned by this library). {fix}")
         return f"reference {name_or_path} (SFT)"
     if kind not in upstream_kinds:
         what = f"the export of a {kind} step" if kind else "not the export of an alignment step (no sacpo_step.json)"
-        raise ValueError(f"--model.policy.name_or_path = {name_or_path!r} is {what}, but --model.expected_reference "
-                         f"is {expected!r}: this step's reference must be the export of a {' or '.join(upstream_kinds)}"
-                         f" step. {fix}")
+        raise UserError(f"--model.policy.name_or_path = {name_or_path!r} is {what}, but --model.expected_reference "
+                        f"is {expected!r}: this step's reference must be the export of a {' or '.join(upstream_kinds)}"
+                        f" step. {fix}")
     upstream_beta = meta.get("beta")
     if upstream_beta is None or not math.isclose(float(upstream_beta), beta, rel_tol=1e-9):
-        raise ValueError(f"--model.beta = {beta:g} differs from the beta {upstream_beta} of the {kind} step exported "
-                         f"at {name_or_path!r}; SACPO's steps compose only with one beta. Use --model.beta "
-                         f"{upstream_beta}, or set --model.expected_reference any to skip this check.")
+        raise UserError(f"--model.beta = {beta:g} differs from the beta {upstream_beta} of the {kind} step exported "
+                        f"at {name_or_path!r}; SACPO's steps compose only with one beta. Use --model.beta "
+                        f"{upstream_beta}, or set --model.expected_reference any to skip this check.")
     return f"reference {name_or_path} ({kind}, beta {upstream_beta})"
 
 
@@ -250,7 +251,7 @@ class TrainableModuleMixin:
             random.setstate((version, tuple(internal), gauss_next))
         missing = self.trainable_parameter_names() - set(checkpoint["state_dict"])
         if missing:
-            raise ValueError(
+            raise UserError(
                 f"The checkpoint lacks {len(missing)} trainable weights of this policy (e.g. {sorted(missing)[0]}); "
                 "it was written with other --model.policy settings."
             )
@@ -310,7 +311,7 @@ class AlignmentModule(TrainableModuleMixin, L.LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None)
         kind = getattr(getattr(datamodule, "hparams", {}), "get", lambda *_: None)("kind")
         if kind is not None and kind != self.data_kind:
-            raise ValueError(
+            raise UserError(
                 f"{type(self).__name__} trains on {self.data_kind!r} data but --data.kind is {kind!r}; "
                 f"set data.kind: {self.data_kind} in the data config."
             )

@@ -6,6 +6,7 @@ from typing import Any, ClassVar, Literal
 
 from torch import Tensor
 
+from sacpo_lightning.errors import UserError
 from sacpo_lightning.losses import dpo_loss, hinge_loss, ipo_loss
 from sacpo_lightning.models.policy import PolicySettings
 from sacpo_lightning.modules.base import (
@@ -48,9 +49,9 @@ class PairwiseModule(AlignmentModule):
     ) -> None:
         super().__init__(policy=policy, optim=optim, average_log_prob=average_log_prob)
         if loss not in PAIR_LOSSES:
-            raise ValueError(f"--model.loss must be one of {', '.join(PAIR_LOSSES)}, got {loss!r}")
+            raise UserError(f"--model.loss must be one of {', '.join(PAIR_LOSSES)}, got {loss!r}")
         if not 0.0 <= label_smoothing < 0.5:
-            raise ValueError(f"--model.label_smoothing must be in [0, 0.5), got {label_smoothing}")
+            raise UserError(f"--model.label_smoothing must be in [0, 0.5), got {label_smoothing}")
         self.loss_name = loss
         self.label_smoothing = label_smoothing
 

@@ -20,6 +20,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
+from sacpo_lightning.errors import UserError
 from sacpo_lightning.io import atomic_directory, atomic_write_json
 from sacpo_lightning.losses import bradley_terry_loss, cost_sign_loss
 from sacpo_lightning.models.classifier import ADAPTER_DIR, SCORE_MODEL_FILE
@@ -60,7 +61,7 @@ class ScoreModelModule(TrainableModuleMixin, L.LightningModule):
     ) -> None:
         super().__init__()
         if not (math.isfinite(score_regularization) and score_regularization >= 0):
-            raise ValueError(f"--model.score_regularization must be >= 0, got {score_regularization}")
+            raise UserError(f"--model.score_regularization must be >= 0, got {score_regularization}")
         self.score_regularization = score_regularization
         self.save_hyperparameters(ignore=["policy", "optim"])
         self.init_training_settings(policy, optim)
@@ -90,8 +91,8 @@ class ScoreModelModule(TrainableModuleMixin, L.LightningModule):
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
         kind = getattr(getattr(datamodule, "hparams", {}), "get", lambda *_: None)("kind")
         if kind is not None and kind != "pairs":
-            raise ValueError(f"{type(self).__name__} trains on preference pairs but --data.kind is {kind!r}; "
-                             "set data.kind: pairs.")
+            raise UserError(f"{type(self).__name__} trains on preference pairs but --data.kind is {kind!r}; "
+                            "set data.kind: pairs.")
 
     # ------------------------------------------------------------------------------------------------- scoring
     def scores(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
@@ -247,7 +248,7 @@ class CostModelModule(ScoreModelModule):
     ) -> None:
         super().__init__(policy=policy, optim=optim, score_regularization=score_regularization)
         if not (math.isfinite(classification_weight) and classification_weight >= 0):
-            raise ValueError(f"--model.classification_weight must be >= 0, got {classification_weight}")
+            raise UserError(f"--model.classification_weight must be >= 0, got {classification_weight}")
         self.assume_chosen_safe = assume_chosen_safe
         self.classification_weight = classification_weight
 

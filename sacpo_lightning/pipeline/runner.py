@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
@@ -21,6 +22,7 @@ import yaml
 from filelock import FileLock, Timeout
 
 from sacpo_lightning.budget_sampling import BUDGET_FILE
+from sacpo_lightning.errors import debug_enabled, find_user_error
 from sacpo_lightning.io import atomic_write_json, atomic_write_text, file_fingerprint, is_complete_directory
 from sacpo_lightning.models.classifier import SCORE_MODEL_FILE
 from sacpo_lightning.models.export import STEP_METADATA
@@ -230,6 +232,8 @@ class PipelineRunner:
                 self._save_manifest()
                 if isinstance(err, KeyboardInterrupt):
                     raise
+                if debug_enabled() or (find_user_error(err) is None and not isinstance(err, StageFailed)):
+                    traceback.print_exception(err)  # a bug in this library: its traceback, above the summary
                 self.log(f"{prefix}: FAILED: {err}")
                 self.log("Earlier stages are intact; fix the cause and rerun the same command to continue.")
                 return 1

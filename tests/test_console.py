@@ -1,0 +1,156 @@
+"""Third-party console noise is filtered at its source, one message of one library at a time."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+
+from sacpo_lightning.console import LOG_FILTERS, install_console_filters
+
+ROOT = Path(__file__).resolve().parents[1]
+
+NOISE = (
+    "kernels-community",
+    "is_gradient_checkpointing",
+    "LeafSpec",
+    "litlogger",
+    "💡 Tip",
+)
+
+
+def shown(message: str, category: type[Warning], module: str) -> bool:
+    """Whether a warning ``message`` of ``category`` raised from ``module`` reaches the user."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.resetwarnings()  # the test session's own filters (pyproject.toml) do not count here
+        warnings.simplefilter("default")
+        install_console_filters()
+        warnings.warn_explicit(message, category, filename=module.replace(".", "/") + ".py", lineno=1, module=module)
+    return len(caught) == 1
+
+
+@pytest.mark.parametrize(
+    ("message", "category", "module", "expected"),
+    [
+        (
+            "`is_gradient_checkpointing` is deprecated and will be removed in v6. Use `is_activation_checkpointing` "
+            "instead.",
+            FutureWarning,
+            "transformers.modeling_utils",
+            False,
+        ),
+        (
+            "`gradient_checkpointing_enable` is deprecated and will be removed in v6. Use "
+            "`activation_checkpointing_enable` instead.",
+            FutureWarning,
+            "transformers.modeling_utils",
+            False,
+        ),
+        (
+            "`isinstance(treespec, LeafSpec)` is deprecated, use `isinstance(treespec, TreeSpec) and "
+            "treespec.is_leaf()` instead.",
+            FutureWarning,
+            "lightning.pytorch.utilities._pytree",
+            False,
+        ),
+        # other warnings of the same libraries, and the same text from another module or of another category
+        (
+            "`use_return_dict` is deprecated and will be removed in v6.",
+            FutureWarning,
+            "transformers.modeling_utils",
+            True,
+        ),
+        ("`is_gradient_checkpointing` is deprecated", UserWarning, "transformers.modeling_utils", True),
+        ("`is_gradient_checkpointing` is deprecated", FutureWarning, "my_project.train", True),
+        ("`isinstance(treespec, LeafSpec)` is deprecated", FutureWarning, "my_project.trees", True),
+        ("The dataloader does not have many workers", UserWarning, "lightning.pytorch.utilities._pytree", True),
+        ("Something else is deprecated", FutureWarning, "lightning.pytorch.trainer.trainer", True),
+    ],
+)
+def test_warning_filters_hide_only_their_message(message, category, module, expected):
+    assert shown(message, category, module) is expected
+
+
+class ListHandler(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@pytest.fixture
+def lightning_messages():
+    """The messages Lightning's ``rank_zero_info`` logs, caught on the ``lightning`` loggers' way to the console."""
+    handler = ListHandler()
+    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric", "lightning_utilities")]
+    for logger in loggers:
+        logger.addHandler(handler)
+    yield handler.messages
+    for logger in loggers:
+        logger.removeHandler(handler)
+
+
+def test_litlogger_tip_is_dropped_other_lightning_info_is_not(lightning_messages):
+    from lightning.pytorch.utilities import rank_zero_info
+
+    install_console_filters()
+    rank_zero_info(
+        "💡 Tip: For seamless cloud logging and experiment tracking, try installing "
+        "[litlogger](https://pypi.org/project/litlogger/) to enable LitLogger."
+    )
+    rank_zero_info("GPU available: False, used: False")
+    rank_zero_info("Tip: set --trainer.max_steps to stop earlier")
+    assert lightning_messages == ["GPU available: False, used: False", "Tip: set --trainer.max_steps to stop earlier"]
+
+
+def test_bitsandbytes_kernels_message_is_dropped_other_records_are_not():
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    handler = ListHandler()
+    logger.addHandler(handler)
+    try:
+        install_console_filters()
+        install_console_filters()  # idempotent
+        logger.warning(
+            "Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please make sure you "
+            "already `pip install kernels` and the kernels >= 0.11.1",
+            "No module named 'kernels'",
+        )
+        logger.warning("quantization state is stale")
+        logging.getLogger("bitsandbytes.cextension").warning("from kernels-community: another logger, kept")
+    finally:
+        logger.removeHandler(handler)
+    assert handler.messages == ["quantization state is stale"]
+    assert logger.filters.count(LOG_FILTERS[0]) == 1
+
+
+@pytest.mark.slow
+def test_tiny_fit_console_has_no_third_party_noise(tmp_path):
+    """A tiny fit imports peft (and with it bitsandbytes), checks gradient checkpointing and builds a Trainer with a
+    CSV logger: each of the filtered messages is printed there without the filters."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sacpo_lightning",
+            "fit",
+            "--config",
+            "configs/debug/tiny.yaml",
+            "--trainer.max_steps=2",
+            f"--trainer.default_root_dir={tmp_path}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    console = result.stdout + result.stderr
+    assert "Exported safety_dpo policy" in console and "validation at step 2" in console
+    assert [noise for noise in NOISE if noise in console] == []
+    assert "Warning" not in console, console

@@ -1,0 +1,191 @@
+"""User errors end ``sacpo`` with their message alone and status 2; ``--debug`` shows the traceback; bugs keep it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sacpo_lightning.cli import main
+from sacpo_lightning.errors import (
+    DEBUG_ENV,
+    MissingDependencyError,
+    MissingFileError,
+    UserError,
+    debug_enabled,
+    find_user_error,
+    require_extra,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def bad_json_file(tmp_path, pku_fixtures) -> Path:
+    """The PKU fixtures with line 6 replaced by text that is not JSON."""
+    lines = Path(pku_fixtures).read_text(encoding="utf-8").splitlines()[:12]
+    lines[5] = '{"prompt": broken'
+    path = tmp_path / "bad.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def fit_args(data: Path, root: Path) -> list[str]:
+    return [
+        "fit",
+        "--config",
+        "configs/debug/tiny.yaml",
+        f"--data.train_files=[{data}]",
+        f"--trainer.default_root_dir={root}",
+    ]
+
+
+@pytest.mark.slow
+def test_fit_on_invalid_json_line_prints_the_message_alone(bad_json_file, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != DEBUG_ENV}
+    result = subprocess.run(
+        [sys.executable, "-m", "sacpo_lightning", *fit_args(bad_json_file, tmp_path / "run")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert result.returncode == 2, result.stderr
+    assert f"sacpo fit: error: {bad_json_file}:6: line is not valid JSON" in result.stderr
+    assert "Traceback" not in result.stderr and "Traceback" not in result.stdout
+
+
+@pytest.mark.parametrize("how", ["flag_first", "flag_last", "env"])
+def test_debug_shows_the_traceback_of_a_user_error(how, bad_json_file, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)
+    monkeypatch.delenv(DEBUG_ENV, raising=False)
+    args = fit_args(bad_json_file, tmp_path / "run")
+    if how == "flag_first":
+        args = ["--debug", *args]
+    elif how == "flag_last":
+        args = [*args, "--debug"]
+    else:
+        monkeypatch.setenv(DEBUG_ENV, "1")
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and "DataError" in err
+    assert err.rstrip().endswith(
+        f"sacpo fit: error: {bad_json_file}:6: line is not valid JSON (Expecting value at "
+        "column 12). Write one JSON object per line, or set --data.on_invalid skip to drop "
+        "such rows."
+    )
+    assert os.environ.get(DEBUG_ENV) == "1"  # --debug reaches the stages a pipeline starts
+
+
+def test_user_error_wrapped_by_jsonargparse_is_found(tmp_path, monkeypatch, capsys):
+    """A module's ``__init__`` check fails inside jsonargparse, which raises its own ValueError from ours."""
+    monkeypatch.chdir(ROOT)
+    monkeypatch.delenv(DEBUG_ENV, raising=False)
+    code = main(
+        [
+            "fit",
+            "--config",
+            "configs/debug/tiny.yaml",
+            "--model.init_args.beta=0",
+            f"--trainer.default_root_dir={tmp_path}",
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.strip().splitlines()[-1] == "sacpo fit: error: --model.beta must be a finite number > 0, got 0.0"
+    assert "Traceback" not in err and "Union subtypes" not in err
+
+
+def test_a_bug_keeps_its_traceback(bad_json_file, tmp_path, monkeypatch):
+    from sacpo_lightning.data import datamodule
+
+    def broken(*args, **kwargs):
+        raise KeyError("a bug in the loader")
+
+    monkeypatch.chdir(ROOT)
+    monkeypatch.delenv(DEBUG_ENV, raising=False)
+    monkeypatch.setattr(datamodule, "load_records", broken)
+    with pytest.raises(KeyError, match="a bug in the loader"):
+        main(fit_args(bad_json_file, tmp_path / "run"))
+
+
+def test_missing_prompt_file_and_model_are_user_errors(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv(DEBUG_ENV, raising=False)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "hi"}\n')
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(tmp_path / "none"),
+                "--prompts",
+                str(prompts),
+                "--output",
+                str(tmp_path / "out.jsonl"),
+            ]
+        )
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert f"sacpo generate: error: Model {str(tmp_path / 'none')!r}: model folder" in err and "Traceback" not in err
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(tmp_path),
+                "--prompts",
+                str(tmp_path / "missing.json"),
+                "--output",
+                str(tmp_path / "out.jsonl"),
+            ]
+        )
+        == 2
+    )
+    assert f"--prompts: prompt file {tmp_path / 'missing.json'} does not exist" in capsys.readouterr().err
+
+
+def test_missing_extra_names_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
+    with pytest.raises(MissingDependencyError) as info:
+        require_extra("bitsandbytes", extra="qlora", feature="--model.policy.finetune=qlora", alternative="Use lora.")
+    message = str(info.value)
+    assert message.startswith(
+        "--model.policy.finetune=qlora needs bitsandbytes (the qlora extra: pip install "
+        '"sacpo-lightning[qlora]"); importing it failed: '
+    )
+    assert message.endswith(" Use lora.")
+    assert isinstance(info.value, ImportError) and isinstance(info.value, UserError)
+
+
+def test_find_user_error_follows_cause_and_context():
+    inner = MissingFileError("data file x does not exist")
+    try:
+        try:
+            raise inner
+        except MissingFileError as err:
+            raise ValueError("wrapped") from err
+    except ValueError as outer:
+        assert find_user_error(outer) is inner
+    try:
+        try:
+            raise inner
+        except MissingFileError:
+            raise RuntimeError("during handling")  # noqa: B904 - the implicit __context__ is what is tested
+    except RuntimeError as outer:
+        assert find_user_error(outer) is inner
+    assert find_user_error(KeyError("bug")) is None
+    assert isinstance(inner, FileNotFoundError) and isinstance(inner, ValueError)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"), [("1", True), ("yes", True), ("0", False), ("", False), ("false", False)]
+)
+def test_debug_env_values(value, expected, monkeypatch):
+    monkeypatch.setenv(DEBUG_ENV, value)
+    assert debug_enabled() is expected
