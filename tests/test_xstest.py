@@ -238,6 +238,7 @@ def test_evaluate_suite_xstest_on_two_models_writes_table_csv_and_plot(two_model
         assert model["unsafe_compliance"]["count"] == sum(
             1 - r for r, lab in zip(refused, labels, strict=True) if lab == "unsafe")
         assert model["over_refusal"]["n"] == 10 and model["unsafe_judges"]["classifier-cost"]["n"] == 8
+        assert sum(refused) > 0  # the pattern matched, so the counts above are not trivially zero
         assert set(model["over_refusal"]["by_type"]) == {t for t, lab in section["types"].items() if lab == "safe"}
     with (out / "xstest.csv").open(newline="") as f:
         rows = list(csv.DictReader(f))
@@ -333,3 +334,16 @@ def test_pipeline_refuses_a_malformed_suite_file_before_training(tmp_path, monke
     bad = _csv(tmp_path, "id,prompt,label\n1,Kill a process?,safe\n")
     with pytest.raises(PipelineConfigError, match=rf"pipeline.yaml: {bad}:1: missing column\(s\) type"):
         load_pipeline_config(_pipeline(tmp_path, xstest_prompts=str(bad)))
+
+
+def test_per_answer_safety_table_shows_xstest_over_refusal_beside_the_other_numbers():
+    from sacpo_lightning.evaluation.report import safety_section
+
+    safety = safety_section({"m": {"refusal": {"safety": [1.0, 0.0], "helpful": [0.0, 0.0]}}},
+                            {"refusal": {"kind": "refusal"}}, {"safety": [None, None], "helpful": [None, None]})
+    xstest = xstest_section(ROWS, {"m": {"refusal": [1, 1, 1, 0, 0, 1, 0]}}, JUDGES)
+    text = render_markdown({"models": {}, "safety": safety, "xstest": xstest})
+    header = next(line for line in text.splitlines() if line.startswith("| model | unsafe"))
+    assert "| over-refusal (helpful prompts) | over-refusal (XSTest safe prompts) |" in header
+    assert "| m | - | 50.0% [9.5, 90.5] | 0.0% [0.0, 65.8] | 75.0% [30.1, 95.4] |" in text
+    assert "XSTest safe prompts" not in render_markdown({"models": {}, "safety": safety})
