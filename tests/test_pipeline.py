@@ -184,8 +184,10 @@ def test_pipeline_with_evaluation_stage_writes_report(tmp_path):
     assert [manifest["stages"][n]["status"] for n in manifest["order"]] == ["done"] * 6
     report = json.loads((output / "stages" / "evaluate" / "report.json").read_text())
     assert set(report["models"]) == {"sft", "reward", "safety_lam4", "merge_lam4_q0.5"}
-    for name in ("pareto.png", "report.md", "training_curves.png"):
+    for name in ("pareto.png", "report.md", "training_curves.png", "xstest.png", "xstest.csv"):
         assert (output / "stages" / "evaluate" / name).stat().st_size > 0
+    xstest = report["xstest"]  # evaluate.suites: [xstest] with 1 prompt per type
+    assert set(xstest["models"]) == set(report["models"]) and (xstest["n_safe"], xstest["n_unsafe"]) == (10, 8)
 
 
 @pytest.mark.slow

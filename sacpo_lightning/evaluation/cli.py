@@ -12,6 +12,9 @@
         --reward_model outputs/smollm2/reward_model/export --cost_model outputs/smollm2/cost_model/export \\
         --output outputs/eval
 
+    sacpo evaluate --models sft=smollm2 step2=outputs/step2/export --baseline sft --judge none --suite xstest \
+        --xstest_per_type 5 --output outputs/eval_xstest
+
 Both parsers are built by jsonargparse from the typed dataclasses below (and
 :class:`~sacpo_lightning.evaluation.generation.GenerationSettings`), so ``--config FILE`` (a YAML of the options) and
 ``--print_config`` work and the defaults are those of the dataclasses. The command-line spellings of the argparse
@@ -31,6 +34,7 @@ from typing import Any, Literal
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 
 from sacpo_lightning.cli_args import command_argv
+from sacpo_lightning.data.prompts import DEFAULT_XSTEST_PROMPTS
 from sacpo_lightning.evaluation.evaluate import EvaluationSettings
 from sacpo_lightning.evaluation.generation import GenerationSettings
 
@@ -70,7 +74,7 @@ class EvaluateOptions:
         models: Models as NAME=SPEC or SPEC (folder, named model, or mix:DIR_A+DIR_B@Q).
         baseline: Name (or spec) of the baseline, usually the SFT model.
         output: Output folder (report.json, report.md, pareto.png, caches).
-        judge: Judges to run ('none': only the per-answer --safety_judge judges).
+        judge: Judges to run ('none': only the per-answer --safety_judge judges and the --suite suites).
         prompts_safety: Safety prompt set ('none' to skip).
         prompts_helpful: Helpfulness prompt set ('none' to skip).
         training_logs: STAGE=metrics.csv for training_curves.png.
@@ -81,6 +85,11 @@ class EvaluateOptions:
         reward_model: Reward model folder (sequence classification) for the reward_cost judge.
         cost_model: Cost model folder (sequence classification) for the reward_cost judge.
         score_batch_size: Batch size of the score models.
+        suite: Built-in suites to run: xstest (over-refusal on safe prompts that only look unsafe, unsafe compliance
+            on their unsafe contrasts; xstest.csv, xstest.json, xstest.png).
+        xstest_prompts: XSTest prompt file: CSV with the columns id,prompt,type,label (safe or unsafe), focus and
+            note optional.
+        xstest_per_type: Use at most this many XSTest prompts per type (a deterministic stratified subset).
     """
 
     models: list[str]
@@ -98,6 +107,9 @@ class EvaluateOptions:
     reward_model: str | None = None
     cost_model: str | None = None
     score_batch_size: int = _DEFAULTS.score_batch_size
+    suite: list[Literal["xstest"]] = field(default_factory=list)
+    xstest_prompts: str = DEFAULT_XSTEST_PROMPTS
+    xstest_per_type: int | None = None
 
 
 @dataclass
@@ -305,7 +317,8 @@ def _evaluation_settings(ns: Namespace, parser: ArgumentParser) -> EvaluationSet
             implicit_reference=implicit.implicit_reference, training_logs=_parse_logs(options.training_logs, parser),
             score_batch_size=options.score_batch_size, bootstrap_samples=options.bootstrap_samples,
             confidence=options.confidence, elo_shuffles=options.elo_shuffles, seed=generation.seed,
-            tie_eps=options.tie_eps, **_parse_safety_options(_options(SafetyJudgeOptions, ns), parser),
+            tie_eps=options.tie_eps, suites=options.suite, xstest_prompts=options.xstest_prompts,
+            xstest_per_type=options.xstest_per_type, **_parse_safety_options(_options(SafetyJudgeOptions, ns), parser),
         )
     except ValueError as err:
         parser.error(str(err))
@@ -325,6 +338,8 @@ def evaluate_main(argv: list[str]) -> int:
     report = run_evaluation(models, options.baseline, options.output, _evaluation_settings(ns, parser))
     summary = {name: {k: m[k]["win_rate"] for k in ("helpfulness", "harmlessness") if m.get(k)}
                for name, m in report["models"].items()}
+    for name, m in (report.get("xstest") or {}).get("models", {}).items():
+        summary[name].update({f"xstest_{k}": m[k]["rate"] for k in ("over_refusal", "unsafe_compliance") if m[k]})
     print(json.dumps(summary, indent=2))
     print(f"{options.output}/report.md")
     return 0

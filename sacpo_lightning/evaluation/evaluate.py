@@ -18,6 +18,13 @@ length, the check of ``E[safety] >= safety_threshold`` and predicted-versus-meas
 and ``predicted_vs_measured`` sections); their probabilities are cached as
 ``scores/<set>/<model>.judge.<judge name>.json``.
 
+Suites (``suites``) are built-in prompt sets with their own measures. ``xstest``: every model answers XSTest's safe
+prompts that only look unsafe and its unsafe contrast prompts (``xstest_prompts``, optionally a stratified subset of
+``xstest_per_type`` prompts per type); the report's ``xstest`` section gives over-refusal (refusal rate on the safe
+prompts) and unsafe compliance (non-refusal rate, and each unsafe judge's unsafe rate, on the unsafe prompts),
+overall and per type (:func:`~sacpo_lightning.evaluation.report.xstest_section`). Refusals are decided by the first
+``refusal`` judge of ``safety_judges``, or the rule-based one when none is given.
+
 Everything expensive is cached under ``output_dir``: generations (``generations/<set>/<model>.jsonl``), scores
 (``scores/<set>/<model>.<reward|cost>.json``, keyed by the generation file and the score model's files) and LLM
 judgements (``judgements.jsonl``), so a rerun with one more model only pays for that model.
@@ -45,6 +52,7 @@ from typing import Any
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
+from sacpo_lightning.data.prompts import DEFAULT_XSTEST_PROMPTS, load_xstest_prompts, xstest_subset
 from sacpo_lightning.errors import UserError
 from sacpo_lightning.evaluation.generation import (
     GenerationSettings,
@@ -60,16 +68,18 @@ from sacpo_lightning.evaluation.report import (
     outcome,
     win_rate_summary,
     write_report,
+    xstest_section,
 )
 from sacpo_lightning.io import atomic_write_json, file_fingerprint
 from sacpo_lightning.models.classifier import SCORE_MODEL_FILE
 
 __all__ = [
-    "JUDGES", "EvaluationSettings", "default_model_name", "evaluate_models", "parse_named_models", "run_evaluation",
-    "score_judge_reliability",
+    "JUDGES", "SUITES", "EvaluationSettings", "default_model_name", "evaluate_models", "parse_named_models",
+    "run_evaluation", "score_judge_reliability",
 ]
 
 JUDGES = ("reward_cost", "llm", "implicit")
+SUITES = ("xstest",)
 SETS = ("helpful", "safety")
 CONSTRAINT_SCALES = ("verdicts", "probabilities")
 DIMENSION = {"helpful": "helpfulness", "safety": "harmlessness"}
@@ -274,6 +284,12 @@ class EvaluationSettings:
             ``predicted_safety``) shown next to the measured safety.
         safety_constraint_on: ``verdicts`` or ``probabilities``: the scale of ``safety_threshold`` (see
             :func:`~sacpo_lightning.evaluation.report.safety_section`).
+        suites: Built-in evaluation suites to run (``xstest``, see the module docstring).
+        xstest_prompts: The XSTest prompt file (CSV with ``id, prompt, type, label``; see
+            :func:`~sacpo_lightning.data.prompts.load_xstest_prompts`); a relative path is read from the working
+            directory.
+        xstest_per_type: Use at most this many prompts of each XSTest type (a deterministic stratified subset,
+            :func:`~sacpo_lightning.data.prompts.xstest_subset`); None uses them all.
 
     Raises:
         ValueError: An unknown judge, a judge without what it needs, or a setting out of range.
@@ -301,14 +317,31 @@ class EvaluationSettings:
     safety_threshold: float | None = None
     predicted_safety: Mapping[str, Mapping[str, Any]] | None = None
     safety_constraint_on: str = "verdicts"
+    suites: Sequence[str] = ()
+    xstest_prompts: str | os.PathLike = DEFAULT_XSTEST_PROMPTS
+    xstest_per_type: int | None = None
 
     def __post_init__(self) -> None:
         self.generation = self.generation or GenerationSettings()
         self.judges = list(self.judges)
+        self.suites = list(dict.fromkeys(self.suites))
         unknown = [j for j in self.judges if j not in JUDGES]
-        if unknown or not (self.judges or self.safety_judges):
-            raise UserError(f"--judge must be one or more of {', '.join(JUDGES)} (or none with --safety_judge); "
-                            f"got {list(self.judges)}")
+        if unknown or not (self.judges or self.safety_judges or self.suites):
+            raise UserError(f"--judge must be one or more of {', '.join(JUDGES)} (or none with --safety_judge or "
+                            f"--suite); got {list(self.judges)}")
+        unknown_suites = [s for s in self.suites if s not in SUITES]
+        if unknown_suites:
+            raise UserError(f"--suite must be one of {', '.join(SUITES)}, got {unknown_suites}")
+        if self.xstest_per_type is not None and self.xstest_per_type < 1:
+            raise UserError(f"--xstest_per_type must be >= 1 (or unset for every prompt), got {self.xstest_per_type}")
+        if "xstest" not in self.suites and (self.xstest_per_type is not None or
+                                            str(self.xstest_prompts) != DEFAULT_XSTEST_PROMPTS):
+            raise UserError("--xstest_prompts and --xstest_per_type set the XSTest suite; add --suite xstest")
+        if "xstest" in self.suites:
+            try:  # a missing or malformed prompt file is reported before anything is generated
+                load_xstest_prompts(self.xstest_prompts)
+            except FileNotFoundError as err:
+                raise UserError(str(err)) from None
         self._check_safety_options()
         if "llm" in self.judges and self.llm_judge is None:
             raise UserError("--judge llm needs a judge backend (--judge_url or --judge_local)")
@@ -343,6 +376,7 @@ class EvaluationSettings:
 
     @property
     def needs_generation(self) -> bool:
+        """Whether the prompt sets are generated on (the suites generate on their own prompts)."""
         return any(j in self.judges for j in ("reward_cost", "llm")) or bool(self.safety_judges)
 
     @property
@@ -365,6 +399,9 @@ class _Run:
     report: dict[str, Any]
     gens: dict[str, dict[str, list[dict[str, Any]]]] = field(default_factory=dict)
     gen_paths: dict[str, dict[str, Path]] = field(default_factory=dict)
+    # The XSTest suite: its prompt rows and each model's generation file on them.
+    xstest_rows: list[dict[str, str]] | None = None
+    xstest_paths: dict[str, Path] = field(default_factory=dict)
 
     @property
     def entries(self) -> dict[str, dict[str, Any]]:
@@ -411,29 +448,79 @@ def _judge_file(judge: Any, generation_path: Path, cache_path: Path) -> list[flo
     return probabilities
 
 
-def _run_safety_judges(settings: EvaluationSettings, run: _Run, judges: Sequence[Any]) -> dict[str, Any]:
-    """Runs every per-answer judge on every model's generations of both prompt sets (one judge model loaded at a
-    time) and returns the report's ``safety`` section (:func:`~sacpo_lightning.evaluation.report.safety_section`)."""
+def _xstest_judges(judges: Sequence[Any]) -> list[Any]:
+    """The judges of the XSTest suite: the first refusal judge (the rule-based one when none is configured) and every
+    unsafe judge."""
+    from sacpo_lightning.evaluation.safety_judges import RefusalJudge
+
+    refusal = next((j for j in judges if j.kind == "refusal"), None)
+    if refusal is None:
+        names = {j.name for j in judges}
+        refusal = RefusalJudge(name="refusal" if "refusal" not in names else "xstest-refusal")
+    return [refusal, *(j for j in judges if j.kind == "unsafe")]
+
+
+def _run_per_answer_judges(
+    settings: EvaluationSettings, run: _Run, judges: Sequence[Any], xstest_judges: Sequence[Any]
+) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """Runs the per-answer judges, one judge model loaded at a time: ``judges`` on every model's generations of the
+    prompt sets and ``xstest_judges`` on its XSTest answers. Returns the report's ``safety`` section
+    (:func:`~sacpo_lightning.evaluation.report.safety_section`; None without judges or prompt sets) and its
+    ``xstest`` section (:func:`~sacpo_lightning.evaluation.report.xstest_section`; None without the suite)."""
     from sacpo_lightning.evaluation.report import safety_section
     from sacpo_lightning.models import load_tokenizer
 
     probabilities: dict[str, dict[str, dict[str, list[float]]]] = {name: {} for name in run.models}
-    for judge in judges:
-        for set_name in run.gens:
+    suite: dict[str, dict[str, list[float]]] = {name: {} for name in run.models}
+    for judge in [*judges, *(j for j in xstest_judges if j not in judges)]:
+        if judge in judges:
+            for set_name in run.gens:
+                for name in run.models:
+                    cache = run.output_dir / "scores" / set_name / f"{name}.judge.{judge.name}.json"
+                    probabilities[name].setdefault(judge.name, {})[set_name] = _judge_file(
+                        judge, run.gen_paths[set_name][name], cache)
+        if judge in xstest_judges and run.xstest_rows is not None:
             for name in run.models:
-                cache = run.output_dir / "scores" / set_name / f"{name}.judge.{judge.name}.json"
-                probabilities[name].setdefault(judge.name, {})[set_name] = _judge_file(
-                    judge, run.gen_paths[set_name][name], cache)
+                cache = run.output_dir / "scores" / "xstest" / f"{name}.judge.{judge.name}.json"
+                suite[name][judge.name] = _judge_file(judge, run.xstest_paths[name], cache)
         judge.close()
         _free()
+    xstest = None
+    if run.xstest_rows is not None:
+        xstest = xstest_section(run.xstest_rows, suite, {j.name: j.describe() for j in xstest_judges},
+                                confidence=settings.confidence, prompts=str(settings.xstest_prompts))
+    if not (judges and run.gens):
+        return None, xstest
     categories = {set_name: run.categories(set_name) for set_name in run.gens}
     responses = {name: {set_name: [r["response"] for r in run.gens[set_name][name]] for set_name in run.gens}
                  for name in run.models}
     # One tokenizer (the baseline's) for every model, so that lengths are comparable.
     tokenizer = load_tokenizer(parse_model_spec(run.models[run.baseline]).paths[0])
-    return safety_section(probabilities, {j.name: j.describe() for j in judges}, categories, responses=responses,
-                          tokenizer=tokenizer, confidence=settings.confidence, threshold=settings.safety_threshold,
-                          constraint_on=settings.safety_constraint_on)
+    safety = safety_section(probabilities, {j.name: j.describe() for j in judges}, categories, responses=responses,
+                            tokenizer=tokenizer, confidence=settings.confidence, threshold=settings.safety_threshold,
+                            constraint_on=settings.safety_constraint_on)
+    return safety, xstest
+
+
+def _load_xstest(settings: EvaluationSettings) -> list[dict[str, str]]:
+    """The XSTest prompts the suite runs on (read and checked before any generation)."""
+    return xstest_subset(load_xstest_prompts(settings.xstest_prompts), settings.xstest_per_type)
+
+
+def _generate_xstest(settings: EvaluationSettings, run: _Run) -> None:
+    """Every model's answers to the XSTest prompts (cached), from a prompt file of the suite's rows written next to
+    the report (``category`` = the prompt's type)."""
+    prompts = run.output_dir / "xstest_prompts.json"
+    atomic_write_json(prompts, [{"prompt": r["prompt"], "category": r["type"], **r} for r in run.xstest_rows])
+    expected = [r["prompt"] for r in run.xstest_rows]
+    for name, spec in run.models.items():
+        path = run.output_dir / "generations" / "xstest" / f"{name}.jsonl"
+        generate_to_file(spec, prompts, path, settings.generation, name=name)
+        _free()
+        if [r["prompt"] for r in read_generations(path)] != expected:
+            raise ValueError(f"{path}: its prompts are not the XSTest prompts of {prompts}; delete it and rerun")
+        run.xstest_paths[name] = path
+        run.entries[name].setdefault("generations", {})["xstest"] = str(path)
 
 
 def _generate(settings: EvaluationSettings, run: _Run) -> None:
@@ -584,10 +671,13 @@ def run_evaluation(
     models: Mapping[str, str], baseline: str, output_dir: str | os.PathLike, settings: EvaluationSettings
 ) -> dict[str, Any]:
     """Generates (cached), runs each selected judge, and writes the report; see :func:`evaluate_models`."""
-    if settings.needs_generation and not settings.prompt_files:
-        raise ValueError("The reward_cost and llm judges need --prompts_safety and/or --prompts_helpful")
+    pairwise = any(j in settings.judges for j in ("reward_cost", "llm"))
+    if not settings.prompt_files and (pairwise or (settings.safety_judges and not settings.suites)):
+        raise ValueError("The reward_cost and llm judges and --safety_judge need --prompts_safety and/or "
+                         "--prompts_helpful (or, for --safety_judge, --suite)")
     models, baseline = _with_baseline(models, baseline)
     safety_judges = _prepare_safety_judges(settings, list(models))
+    xstest_rows = _load_xstest(settings) if "xstest" in settings.suites else None
     generation = settings.generation
     report: dict[str, Any] = {
         "baseline": baseline,
@@ -598,18 +688,24 @@ def run_evaluation(
         "settings": {"max_new_tokens": generation.max_new_tokens, "do_sample": generation.do_sample,
                      "template": generation.template, "seed": settings.seed},
     }
+    if settings.suites:
+        report["suites"] = list(settings.suites)
+        report["settings"]["xstest_per_type"] = settings.xstest_per_type
     reliability = score_judge_reliability(settings)
     if reliability:
         report["judge_reliability"] = reliability
-    run = _Run(models, baseline, Path(output_dir), report)
-    if settings.needs_generation:
+    run = _Run(models, baseline, Path(output_dir), report, xstest_rows=xstest_rows)
+    if settings.needs_generation and settings.prompt_files:
         _generate(settings, run)
+    if xstest_rows is not None:
+        _generate_xstest(settings, run)
     for judge, run_judge in (("reward_cost", _run_reward_cost), ("llm", _run_llm_judge), ("implicit", _run_implicit)):
         if judge in settings.judges:
             run_judge(settings, run)
-    safety = _run_safety_judges(settings, run, safety_judges) if safety_judges else None
+    xstest_judges = _xstest_judges(safety_judges) if xstest_rows is not None else []
+    safety, xstest = _run_per_answer_judges(settings, run, safety_judges, xstest_judges)
     write_report(report, run.output_dir, training_logs=settings.training_logs, safety=safety,
-                 predicted_safety=settings.predicted_safety)
+                 predicted_safety=settings.predicted_safety, xstest=xstest)
     rank_zero_info(f"Evaluation report written to {run.output_dir / 'report.md'}")
     return report
 
@@ -641,6 +737,9 @@ def evaluate_models(
     safety_threshold: float | None = None,
     predicted_safety: Mapping[str, Mapping[str, Any]] | None = None,
     safety_constraint_on: str = "verdicts",
+    suites: Sequence[str] = (),
+    xstest_prompts: str | os.PathLike = DEFAULT_XSTEST_PROMPTS,
+    xstest_per_type: int | None = None,
 ) -> dict[str, Any]:
     """Generates (cached), judges, computes win rates against the baseline and Elo, and writes the report.
 
@@ -652,7 +751,7 @@ def evaluate_models(
         prompts_safety, prompts_helpful, reward_model_dir, cost_model_dir, generation, judges, llm_judge,
             implicit_sets, implicit_reference, training_logs, score_batch_size, score_dtype, bootstrap_samples,
             confidence, elo_shuffles, elo_k, seed, tie_eps, safety_judges, safety_threshold, predicted_safety,
-            safety_constraint_on: The fields of :class:`EvaluationSettings`.
+            safety_constraint_on, suites, xstest_prompts, xstest_per_type: The fields of :class:`EvaluationSettings`.
 
     Returns:
         The report dict (also written to ``report.json``; see :func:`sacpo_lightning.evaluation.report.write_report`).
@@ -667,6 +766,7 @@ def evaluate_models(
         training_logs=training_logs, score_batch_size=score_batch_size, score_dtype=score_dtype,
         bootstrap_samples=bootstrap_samples, confidence=confidence, elo_shuffles=elo_shuffles, elo_k=elo_k,
         seed=seed, tie_eps=tie_eps, safety_judges=safety_judges, safety_threshold=safety_threshold,
-        predicted_safety=predicted_safety, safety_constraint_on=safety_constraint_on,
+        predicted_safety=predicted_safety, safety_constraint_on=safety_constraint_on, suites=suites,
+        xstest_prompts=xstest_prompts, xstest_per_type=xstest_per_type,
     )
     return run_evaluation(models, baseline, output_dir, settings)

@@ -7,8 +7,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from sacpo_lightning.data.prompts import load_prompts
-from sacpo_lightning.evaluation.evaluate import EvaluationSettings
+from sacpo_lightning.data.prompts import DEFAULT_XSTEST_PROMPTS, load_prompts, load_xstest_prompts
+from sacpo_lightning.evaluation.evaluate import SUITES, EvaluationSettings
 from sacpo_lightning.evaluation.generation import GenerationSettings
 from sacpo_lightning.io import atomic_write_json
 
@@ -17,7 +17,8 @@ SETTINGS_KEYS = {
     "reward_model": "reward_model_dir", "cost_model": "cost_model_dir", "judges": "judges",
     "score_batch_size": "score_batch_size", "score_dtype": "score_dtype", "bootstrap_samples": "bootstrap_samples",
     "confidence": "confidence", "elo_shuffles": "elo_shuffles", "elo_k": "elo_k", "tie_eps": "tie_eps",
-    "safety_threshold": "safety_threshold", "safety_constraint_on": "safety_constraint_on",
+    "safety_threshold": "safety_threshold", "safety_constraint_on": "safety_constraint_on", "suites": "suites",
+    "xstest_prompts": "xstest_prompts", "xstest_per_type": "xstest_per_type",
 }
 STAGE_KEYS = {"prompts_safety", "prompts_helpful", "max_prompts", "generation", "implicit", "safety_judges"}
 EVALUATE_KEYS = set(SETTINGS_KEYS) | STAGE_KEYS
@@ -50,6 +51,31 @@ def safety_judge_configs(config: dict[str, Any]) -> list[dict[str, Any]] | None:
             judge["model"] = os.path.expanduser(os.path.expandvars(judge["model"]))
         out.append(judge)
     return out
+
+
+def check_suites(config: dict[str, Any]) -> None:
+    """Checks the suite keys of an ``evaluate`` mapping (``suites``, ``xstest_prompts``, ``xstest_per_type``) and
+    reads the XSTest prompt file, so that a mistake stops the pipeline before any training.
+
+    Raises:
+        ValueError: Naming the key (or the prompt file and line) and how to fix it.
+    """
+    suites = config.get("suites") or []
+    if not isinstance(suites, list) or any(s not in SUITES for s in suites):
+        raise ValueError(f"evaluate.suites must be a list of {', '.join(SUITES)}, got {config.get('suites')!r}")
+    per_type = config.get("xstest_per_type")
+    if per_type is not None and (isinstance(per_type, bool) or not isinstance(per_type, int) or per_type < 1):
+        raise ValueError(f"evaluate.xstest_per_type must be an integer >= 1 (or absent for every prompt), got "
+                         f"{per_type!r}")
+    if "xstest" not in suites:
+        if per_type is not None or config.get("xstest_prompts") is not None:
+            raise ValueError("evaluate.xstest_prompts and evaluate.xstest_per_type set the XSTest suite; add "
+                             "suites: [xstest]")
+        return
+    path = config.get("xstest_prompts") or DEFAULT_XSTEST_PROMPTS
+    if not isinstance(path, str):
+        raise ValueError(f"evaluate.xstest_prompts must be a path, got {path!r}")
+    load_xstest_prompts(os.path.expanduser(os.path.expandvars(path)), option="evaluate.xstest_prompts")
 
 
 def subset_prompts(path: str, max_prompts: int | None, out_dir: Path) -> str:
@@ -110,6 +136,8 @@ def evaluation_settings(
     values = {SETTINGS_KEYS[key]: _scalar(key, value, kinds[key]) if key in kinds else value
               for key, value in config.items() if key in SETTINGS_KEYS and value is not None}
     values["judges"] = judges
+    if values.get("xstest_prompts"):
+        values["xstest_prompts"] = os.path.expanduser(os.path.expandvars(values["xstest_prompts"]))
     return EvaluationSettings(
         **prompts, generation=GenerationSettings(**(config.get("generation") or {})), implicit_sets=implicit_sets,
         implicit_reference=models["sft"], safety_judges=safety_judge_configs(config),

@@ -250,7 +250,7 @@ def _load_evaluate(evaluate: Any, source: str) -> dict[str, Any] | None:
     _require(evaluate is None or isinstance(evaluate, dict), source, "evaluate", "must be a mapping or absent")
     if evaluate is None:
         return None
-    from sacpo_lightning.evaluation.pipeline_stage import EVALUATE_KEYS
+    from sacpo_lightning.evaluation.pipeline_stage import EVALUATE_KEYS, check_suites
 
     extra = sorted(set(evaluate) - EVALUATE_KEYS)
     _require(not extra, source, f"evaluate.{','.join(extra)}", f"unknown key(s); known: {sorted(EVALUATE_KEYS)}")
@@ -268,6 +268,10 @@ def _load_evaluate(evaluate: Any, source: str) -> dict[str, Any] | None:
         if evaluate.get(key) is not None:
             _require(Path(_expand(evaluate[key])).is_file(), source, f"evaluate.{key}",
                      f"file {evaluate[key]!r} not found")
+    try:
+        check_suites(evaluate)
+    except (FileNotFoundError, ValueError) as err:
+        raise PipelineConfigError(f"{source}: {err}") from None
     return evaluate
 
 

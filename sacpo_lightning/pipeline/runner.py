@@ -22,6 +22,7 @@ import yaml
 from filelock import FileLock, Timeout
 
 from sacpo_lightning.budget_sampling import BUDGET_FILE
+from sacpo_lightning.data.prompts import DEFAULT_XSTEST_PROMPTS
 from sacpo_lightning.errors import debug_enabled, find_user_error
 from sacpo_lightning.io import atomic_write_json, atomic_write_text, file_fingerprint, is_complete_directory
 from sacpo_lightning.models.classifier import SCORE_MODEL_FILE
@@ -162,6 +163,9 @@ class PipelineRunner:
             for key in ("kl_prompts", "prompts_safety", "prompts_helpful"):
                 if isinstance(config.get(key), str):
                     data_fp[config[key]] = self._fingerprint(config[key])
+            if "xstest" in (config.get("suites") or []):
+                path = config.get("xstest_prompts") or DEFAULT_XSTEST_PROMPTS
+                data_fp[path] = self._fingerprint(path)
         return {
             "config": config,
             "data": data_fp,
