@@ -23,6 +23,17 @@ from sacpo_lightning.errors import (
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True)
+def _restore_debug_env():
+    """``main(["--debug", ...])`` sets SACPO_DEBUG for the stages it starts; later tests must not inherit it."""
+    before = os.environ.get(DEBUG_ENV)
+    yield
+    if before is None:
+        os.environ.pop(DEBUG_ENV, None)
+    else:
+        os.environ[DEBUG_ENV] = before
+
+
 @pytest.fixture
 def bad_json_file(tmp_path, pku_fixtures) -> Path:
     """The PKU fixtures with line 6 replaced by text that is not JSON."""

@@ -94,15 +94,15 @@ def format_prompt(tokenizer, prompt: str, template: str = "chat") -> str:
 
 def _xstest_row(record: list[str], header: list[str], where: str) -> dict[str, str]:
     if len(record) != len(header):
-        raise ValueError(f"{where}: {len(record)} fields but the header has {len(header)} ({','.join(header)}); "
+        raise UserError(f"{where}: {len(record)} fields but the header has {len(header)} ({','.join(header)}); "
                          "quote a field that contains a comma")
     row = dict(zip(header, record, strict=True))
     for column in ("id", "prompt", "type"):
         if not row[column].strip():
-            raise ValueError(f"{where}: column '{column}' is empty; every row needs an id, a prompt and a type")
+            raise UserError(f"{where}: column '{column}' is empty; every row needs an id, a prompt and a type")
     label = row["label"].strip().lower()
     if label not in XSTEST_LABELS:
-        raise ValueError(f"{where}: column 'label' must be 'safe' (a prompt that only looks unsafe) or 'unsafe', got "
+        raise UserError(f"{where}: column 'label' must be 'safe' (a prompt that only looks unsafe) or 'unsafe', got "
                          f"{row['label']!r}")
     out = {"id": row["id"].strip(), "prompt": row["prompt"], "type": row["type"].strip(), "label": label}
     out.update({c: row.get(c, "") for c in XSTEST_OPTIONAL_COLUMNS})
@@ -138,13 +138,13 @@ def load_xstest_prompts(path: str | os.PathLike, *, option: str = "--xstest_prom
         try:
             header = [h.strip() for h in next(reader)]
         except StopIteration:
-            raise ValueError(f"{path}: empty file; expected a header line {','.join(XSTEST_COLUMNS)},focus,note") \
+            raise UserError(f"{path}: empty file; expected a header line {','.join(XSTEST_COLUMNS)},focus,note") \
                 from None
         except csv.Error as err:
-            raise ValueError(f"{path}:1: not valid CSV ({err})") from None
+            raise UserError(f"{path}:1: not valid CSV ({err})") from None
         missing = [c for c in XSTEST_COLUMNS if c not in header]
         if missing:
-            raise ValueError(f"{path}:1: missing column(s) {', '.join(missing)} in the header ({','.join(header)}); "
+            raise UserError(f"{path}:1: missing column(s) {', '.join(missing)} in the header ({','.join(header)}); "
                              f"the first line must name the columns {','.join(XSTEST_COLUMNS)} (focus and note are "
                              "optional)")
         line = reader.line_num + 1
@@ -154,18 +154,18 @@ def load_xstest_prompts(path: str | os.PathLike, *, option: str = "--xstest_prom
             except StopIteration:
                 break
             except csv.Error as err:
-                raise ValueError(f"{path}:{line}: not valid CSV ({err})") from None
+                raise UserError(f"{path}:{line}: not valid CSV ({err})") from None
             start, line = line, reader.line_num + 1
             if not any(field.strip() for field in record):
                 continue
             row = _xstest_row(record, header, f"{path}:{start}")
             if row["id"] in first_line:
-                raise ValueError(f"{path}:{start}: id {row['id']!r} is already used on line {first_line[row['id']]}; "
+                raise UserError(f"{path}:{start}: id {row['id']!r} is already used on line {first_line[row['id']]}; "
                                  "ids must be unique")
             first_line[row["id"]] = start
             rows.append(row)
     if not rows:
-        raise ValueError(f"{path}: no prompts found below the header")
+        raise UserError(f"{path}: no prompts found below the header")
     return rows
 
 
