@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import types
 import typing
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -28,7 +29,7 @@ def parse_command(parser: ArgumentParser, argv: list[str]) -> tuple[dict[str, An
 def _unwrap(hint: Any) -> Any:
     """``X`` of ``X | None`` (and of ``Optional[X]``); other hints unchanged."""
     args = [a for a in typing.get_args(hint) if a is not type(None)]
-    if typing.get_origin(hint) in (typing.Union, getattr(__import__("types"), "UnionType", None)) and len(args) == 1:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(args) == 1:
         return args[0]
     return hint
 
