@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-__all__ = ["label_token_counts", "model_sequence_logps", "sequence_logprobs", "token_logprobs"]
+__all__ = ["model_sequence_logps", "sequence_logprobs", "token_logprobs"]
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -219,18 +219,3 @@ def model_sequence_logps(
     else:
         logits = model(**inputs).logits
     return sequence_logprobs(logits, labels, average=average)
-
-
-def label_token_counts(labels: Tensor, *, ignore_index: int = -100) -> Tensor:
-    """Number of scored (shifted, non-ignored) labels per sequence.
-
-    Args:
-        labels: (B, S) integer token ids.
-        ignore_index: Label value to skip.
-
-    Returns:
-        (B,) int64 counts of ``labels[:, 1:] != ignore_index``.
-    """
-    if labels.dim() != 2:
-        raise ValueError(f"labels must have shape (B, S), got {tuple(labels.shape)}")
-    return (labels[:, 1:] != ignore_index).sum(dim=-1)

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from sacpo_lightning.evaluation.implicit import (
-    implicit_accuracy,
+    implicit_accuracies,
     implicit_accuracy_from_log_ratios,
     pair_dataloader,
-    pair_log_ratios,
+    pair_logps,
 )
 from sacpo_lightning.logprobs import sequence_logprobs
 from sacpo_lightning.models.tiny import save_tiny_model
@@ -38,9 +38,23 @@ def test_golden_values():
 
 
 def test_model_against_itself_is_all_ties(tiny_model_dir, safety_set):
-    result = implicit_accuracy(tiny_model_dir, tiny_model_dir, {"safety": safety_set}, device="cpu")["safety"]
+    result = implicit_accuracies({"m": tiny_model_dir}, tiny_model_dir, {"safety": safety_set}, device="cpu")["m"]
+    result = result["safety"]
     assert result["num_pairs"] == 36
     assert result["accuracy"] == 0.0 and result["ties"] == 1.0 and result["accuracy_ties_half"] == 0.5
+
+
+def _log_ratios(model, ref, loader) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chosen and rejected implicit rewards from ``pair_logps`` (each batch is chosen rows, then rejected rows)."""
+    batches = list(loader)
+    ratios = pair_logps(model, batches) - pair_logps(ref, batches)
+    chosen, rejected, start = [], [], 0
+    for batch in batches:
+        n = batch["input_ids"].shape[0] // 2
+        chosen.append(ratios[start : start + n])
+        rejected.append(ratios[start + n : start + 2 * n])
+        start += 2 * n
+    return torch.cat(chosen), torch.cat(rejected)
 
 
 def test_log_ratios_match_unbatched_and_swap(tiny_model_dir, other_model_dir, tiny_tokenizer, safety_set):
@@ -49,9 +63,9 @@ def test_log_ratios_match_unbatched_and_swap(tiny_model_dir, other_model_dir, ti
     a, _ = load_generation_model(tiny_model_dir, dtype="float32", device="cpu")
     b, _ = load_generation_model(other_model_dir, dtype="float32", device="cpu")
     kwargs = {**safety_set, "tokenizer": tiny_tokenizer}
-    chosen, rejected = pair_log_ratios(a, b, pair_dataloader(**kwargs))
+    chosen, rejected = _log_ratios(a, b, pair_dataloader(**kwargs))
     # Unbatched: one pair per batch, no padding.
-    one_c, one_r = pair_log_ratios(a, b, pair_dataloader(**{**kwargs, "batch_size": 1}))
+    one_c, one_r = _log_ratios(a, b, pair_dataloader(**{**kwargs, "batch_size": 1}))
     assert torch.allclose(chosen, one_c, atol=1e-3) and torch.allclose(rejected, one_r, atol=1e-3)
     batch = next(iter(pair_dataloader(**{**kwargs, "batch_size": 1})))
     with torch.no_grad():
@@ -59,19 +73,21 @@ def test_log_ratios_match_unbatched_and_swap(tiny_model_dir, other_model_dir, ti
         direct -= sequence_logprobs(b(**{k: batch[k] for k in ("input_ids", "attention_mask")}).logits, batch["labels"])
     assert direct[0].item() == pytest.approx(one_c[0].item(), abs=1e-4)
     forward = implicit_accuracy_from_log_ratios(chosen, rejected)
-    swapped_c, swapped_r = pair_log_ratios(b, a, pair_dataloader(**kwargs))
-    backward = implicit_accuracy_from_log_ratios(swapped_c, swapped_r)
-    assert forward.accuracy + backward.accuracy + forward.ties == pytest.approx(1.0)
+    # The library's path, with the same models as folders, gives the same accuracy, and the swap is its complement.
+    specs = {"a": tiny_model_dir}
+    assert implicit_accuracies(specs, other_model_dir, {"s": safety_set}, device="cpu")["a"]["s"] == pytest.approx(
+        forward.to_dict(), abs=1e-4)
+    backward = implicit_accuracies({"b": other_model_dir}, tiny_model_dir, {"s": safety_set}, device="cpu")["b"]["s"]
+    assert forward.accuracy + backward["accuracy"] + forward.ties == pytest.approx(1.0)
 
 
 def test_several_models_share_one_reference_pass(tiny_model_dir, tmp_path, shared_data):
     """Scoring two models in one call equals scoring each alone (the reference pass is shared, not changed)."""
-    from sacpo_lightning.evaluation.implicit import implicit_accuracies
     from sacpo_lightning.models.tiny import save_tiny_model
 
     other = str(save_tiny_model(tmp_path / "other", seed=3))
     pairs = {"safety": {"train_files": [f"{shared_data}/pku_saferlhf/safety_pairs.fixtures.jsonl"], "source": "pku",
                         "objective": "safe", "split": "all", "max_length": 96, "max_prompt_length": 48}}
     both = implicit_accuracies({"same": tiny_model_dir, "other": other}, tiny_model_dir, pairs, device="cpu")
-    assert both["other"] == implicit_accuracy(other, tiny_model_dir, pairs, device="cpu")
+    assert both["other"] == implicit_accuracies({"other": other}, tiny_model_dir, pairs, device="cpu")["other"]
     assert both["same"]["safety"]["ties"] == 1.0

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from sacpo_lightning.logprobs import label_token_counts, sequence_logprobs, token_logprobs
+from sacpo_lightning.logprobs import sequence_logprobs, token_logprobs
 
 IGNORE = -100
 
@@ -72,7 +72,6 @@ def test_hand_computed_value() -> None:
     labels = torch.tensor([[IGNORE, IGNORE, 1, 2, IGNORE]])
     assert sequence_logprobs(logits, labels).item() == pytest.approx(2 * math.log(0.25), abs=1e-6)
     assert sequence_logprobs(logits, labels, average=True).item() == pytest.approx(math.log(0.25), abs=1e-6)
-    assert label_token_counts(labels).tolist() == [2]
 
 
 def test_shift_alignment() -> None:
@@ -173,13 +172,6 @@ def test_token_logprobs_shape_and_mask() -> None:
     assert torch.equal(mask, labels[:, 1:] != IGNORE)
     assert torch.all(logps[~mask] == 0)
     torch.testing.assert_close(logps.sum(-1), sequence_logprobs(logits, labels))
-
-
-def test_label_token_counts() -> None:
-    """Counts scored shifted labels: the first label is never scored."""
-    labels = torch.tensor([[5, 1, 2, 3], [IGNORE, IGNORE, 2, IGNORE], [IGNORE] * 4])
-    assert label_token_counts(labels).tolist() == [3, 1, 0]
-    assert label_token_counts(torch.tensor([[0, 0, 7]]), ignore_index=0).tolist() == [1]
 
 
 def test_custom_ignore_index() -> None:

@@ -23,7 +23,6 @@ _EXPORTS = {
     "generate_to_file": "generation",
     "load_generation_model": "generation",
     "ScoreModel": "score_models",
-    "implicit_accuracy": "implicit",
     "PairwiseJudge": "judge",
     "OpenAIChatBackend": "judge",
     "HFLocalBackend": "judge",

@@ -28,10 +28,9 @@ from sacpo_lightning.logprobs import model_sequence_logps
 __all__ = [
     "ImplicitAccuracy",
     "implicit_accuracies",
-    "implicit_accuracy",
     "implicit_accuracy_from_log_ratios",
     "pair_dataloader",
-    "pair_log_ratios",
+    "pair_logps",
 ]
 
 
@@ -138,30 +137,6 @@ def implicit_accuracies(
     return results
 
 
-@torch.no_grad()
-def pair_log_ratios(
-    model: torch.nn.Module,
-    ref_model: torch.nn.Module,
-    batches: Iterable[Mapping[str, Tensor]],
-    *,
-    average: bool = False,
-) -> tuple[Tensor, Tensor]:
-    """Implicit rewards of every pair in ``batches``.
-
-    Args:
-        model: The policy (a causal LM, or a ``GeometricMixtureLM`` whose ``logits`` are log-probs).
-        ref_model: The reference.
-        batches: Pair batches (``input_ids``/``attention_mask``/``labels`` of shape (2B, L), chosen rows first).
-        average: Use mean instead of summed token log-probs.
-
-    Returns:
-        ``(chosen, rejected)``: (N,) float32 log-ratios on the CPU.
-    """
-    batches = list(batches)
-    ratios = pair_logps(model, batches, average=average) - pair_logps(ref_model, batches, average=average)
-    return _split_pairs(ratios, [b["input_ids"].shape[0] // 2 for b in batches])
-
-
 def pair_dataloader(
     train_files: list[str],
     *,
@@ -220,32 +195,3 @@ def pair_dataloader(
         raise ValueError(f"No {split} pairs in {train_files} (val_fraction={val_fraction}); raise val_fraction.")
     collate = functools.partial(collate_pairs, pad_token_id=dm.pad_token_id)
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
-
-
-def implicit_accuracy(
-    model: str,
-    reference: str,
-    pair_sets: Mapping[str, Mapping[str, Any]],
-    *,
-    dtype: str | None = "float32",
-    device: str | None = None,
-    average: bool = False,
-    tie_eps: float = 0.0,
-) -> dict[str, dict[str, Any]]:
-    """Implicit-reward accuracy of ``model`` against ``reference`` on several pair sets.
-
-    Args:
-        model: Model spec of the policy (folder or ``mix:A+B@q``).
-        reference: Model spec of the reference (e.g. the SFT model, or the step-1 model for a step-2 policy).
-        pair_sets: ``{name: pair_dataloader keyword arguments}``, e.g. ``{"helpful": {"train_files": [...],
-            "source": "hh", "objective": "helpful"}, "safety": {...}}``; the tokenizer is the reference's.
-        dtype: Load dtype of both models.
-        device: Device (CUDA when available by default).
-        average: Mean instead of summed token log-probs.
-        tie_eps: Tie tolerance (see :func:`implicit_accuracy_from_log_ratios`).
-
-    Returns:
-        ``{set name: ImplicitAccuracy.to_dict()}``.
-    """
-    return implicit_accuracies({"model": model}, reference, pair_sets, dtype=dtype, device=device, average=average,
-                               tie_eps=tie_eps)["model"]
