@@ -118,6 +118,7 @@ from torch import Tensor
 from sacpo_lightning.checks import check_finite, check_nonnegative, check_positive
 from sacpo_lightning.importance import normalized_weights, snis_mean
 from sacpo_lightning.io import atomic_write_file, atomic_write_json
+from sacpo_lightning.merge_weight import effective_lambda
 from sacpo_lightning.plotting import pyplot
 
 __all__ = [
@@ -726,10 +727,15 @@ def budget_from_costs(
                                     num_resamples=num_resamples, level=level, seed=seed)
     lam_star = solution.lam if solution.status in ("interior", "at_max") else None
     grid = list(lambdas) if lambdas is not None else default_lambdas(beta, lam_star)
-    if lam_star is not None and lambda_fractions:
-        grid = sorted(set(grid) | {q * lam_star for q in lambda_fractions})
+    merge_lambdas = {} if lam_star is None else {q: effective_lambda(q, lam_star) for q in lambda_fractions}
+    if merge_lambdas:
+        grid = sorted(set(grid) | set(merge_lambdas.values()))
     curve = predicted_curve(rewards, safety, beta, grid, reward_in_tilt=reward_in_tilt, tilt=tilt)
     report = budget_report(solution, curve, inputs, interval)
+    # The predictions for the P-SACPO merges, keyed by their weight q; the grid holds each q * lambda* exactly.
+    position = {lam: i for i, lam in enumerate(curve.lambdas)}
+    report["merges"] = {f"{q:g}": {"q": q, "lambda": lam, "safety": curve.safety[position[lam]]}
+                        for q, lam in merge_lambdas.items()}
     report["scales"] = {"tilt": TILT_SCALE, "constraint": CONSTRAINT_SCALES[safety_transform]}
     return solution, curve, interval, report
 

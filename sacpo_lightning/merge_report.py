@@ -16,6 +16,7 @@ from sacpo_lightning.data.prompts import load_prompts
 from sacpo_lightning.errors import MissingFileError
 from sacpo_lightning.io import PathLike, atomic_write_json
 from sacpo_lightning.merge_kl import kl_texts, mixture_vs_merge_kl
+from sacpo_lightning.merge_weight import effective_lambda
 from sacpo_lightning.merging import merge_model_folders
 from sacpo_lightning.models.tokenizer import load_tokenizer
 
@@ -73,7 +74,7 @@ def _report_entry(
         kl, num_tokens = result.mean_kl, result.num_tokens
     entry = {"q": float(q), "path": str(path), "kl_mixture_vs_merge": kl, "num_tokens": num_tokens}
     if lam is not None:
-        entry["lam_effective"] = float(q) * float(lam)
+        entry["lam_effective"] = effective_lambda(q, lam)
     return entry
 
 

@@ -19,6 +19,7 @@ import torch
 from sacpo_lightning.budget import (
     LambdaCurve,
     bootstrap_budget,
+    budget_from_costs,
     budget_report,
     default_lambdas,
     dual_derivative,
@@ -441,3 +442,19 @@ def test_estimate_budget_end_to_end(tiny_model_dir, score_dirs, tmp_path, monkey
     with pytest.raises(ValueError, match="samples_per_prompt must be an integer >= 2"):
         budget_sampling.estimate_budget(tiny_model_dir, prompts_file, 1, beta, b, score_dirs["cost"], None, out,
                                         generation=settings)
+
+
+def test_merge_predictions_are_keyed_by_q_at_q_times_lambda_star():
+    """budget.json's ``merges`` holds, for each merge weight q, the prediction at exactly q * lambda*, the value the
+    curve takes there (computed independently by predicted_curve)."""
+    costs = torch.randn(6, 16, generator=torch.Generator().manual_seed(4))
+    solution, curve, _, report = budget_from_costs(costs, 0.1, 0.6, lambda_fractions=[0.25, 0.5], num_resamples=20)
+    assert solution.status == "interior"
+    lam = solution.lam
+    assert set(report["merges"]) == {"0.25", "0.5"}
+    for q in (0.25, 0.5):
+        entry = report["merges"][f"{q:g}"]
+        assert entry["q"] == q and entry["lambda"] == q * lam
+        alone = predicted_curve(None, torch.sigmoid(-costs), 0.1, [q * lam], reward_in_tilt=False, tilt=-costs)
+        assert entry["safety"] == pytest.approx(alone.safety[0], abs=1e-6)
+    assert budget_from_costs(costs, 0.1, 0.6, num_resamples=20)[3]["merges"] == {}

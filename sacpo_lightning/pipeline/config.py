@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 import yaml
 
+from sacpo_lightning.merge_weight import effective_lambda
+
 STEP_CLASSES = {
     ("reward", "dpo"): "sacpo_lightning.modules.RewardDPO",
     ("reward", "kto"): "sacpo_lightning.modules.RewardKTO",
@@ -449,9 +451,10 @@ def build_stages(cfg: PipelineConfig) -> list[Stage]:
                 name=f"merge_lam{lam_tag(lam)}_q{q:g}", kind="merge", depends_on=["reward", other],
                 reference="stage:reward",
                 config={"base": "stage:reward", "other": f"stage:{other}", "q": q, "lam": lam,
-                        "lam_effective": q * lam, "kl_prompts": cfg.merge.kl_prompts,
+                        "lam_effective": effective_lambda(q, lam), "kl_prompts": cfg.merge.kl_prompts,
                         "kl_max_prompts": cfg.merge.kl_max_prompts, "dtype": cfg.merge.dtype},
-                description=f"P-SACPO: step 1 merged with step 2 (lambda={lam:g}) at q={q:g} ~ lambda={q * lam:g}",
+                description=(f"P-SACPO: step 1 merged with step 2 (lambda={lam:g}) at q={q:g} ~ "
+                             f"lambda={effective_lambda(q, lam):g}"),
             ))
             if cfg.merge.naive:
                 only = f"safety_only_lam{lam_tag(lam)}"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import math
 import os
 import shutil
 import signal
@@ -357,15 +356,11 @@ class PipelineRunner:
         if budget.get("step2_beta"):
             lam = float(budget["lambda_star"])
             out["safety_budget"] = {"lambda": lam, "safety": budget["predicted"]["safety"]}
-            curve = budget.get("curve") or {}
-            grid = curve.get("lambdas") or []
+            merges = budget.get("merges") or {}
             for s in self.stages:
                 q = s.config.get("q") if s.kind == "merge" and s.config.get("lam") == BUDGET_LAMBDA else None
-                if q is None:
-                    continue
-                for i, value in enumerate(grid):
-                    if math.isclose(value, q * lam, rel_tol=1e-9):
-                        out[s.name] = {"lambda": q * lam, "safety": curve["safety"][i]}
+                if q is not None and f"{q:g}" in merges:
+                    out[s.name] = {"lambda": merges[f"{q:g}"]["lambda"], "safety": merges[f"{q:g}"]["safety"]}
         return out
 
     def _run_evaluate(self, stage: Stage, inputs: dict[str, Any], digest: str) -> dict[str, Any]:
