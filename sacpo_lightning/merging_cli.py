@@ -19,7 +19,6 @@ The options are the parameters of :func:`merge` (a jsonargparse parser built fro
 
 from __future__ import annotations
 
-import math
 import sys
 import traceback
 from pathlib import Path
@@ -29,9 +28,10 @@ from jsonargparse import ActionConfigFile, ArgumentParser
 from jsonargparse.typing import PositiveInt
 
 from sacpo_lightning.cli_args import command_argv, parse_command
-from sacpo_lightning.errors import MissingFileError, UserError, debug_enabled
+from sacpo_lightning.errors import MissingFileError, debug_enabled
 from sacpo_lightning.merge_kl import KL_MAX_LENGTH
 from sacpo_lightning.merge_report import REPORT_FILE, format_report, merge_with_report, read_kl_prompts
+from sacpo_lightning.merge_weight import check_q
 from sacpo_lightning.models.compat import MergeError
 
 __all__ = ["KL_MAX_LENGTH", "REPORT_FILE", "build_parser", "main", "merge"]
@@ -76,9 +76,7 @@ def merge(
     Returns:
         The report written to ``output/merge_report.json``.
     """
-    for q in weights:
-        if not (math.isfinite(q) and 0.0 <= q <= 1.0):
-            raise UserError(f"--weights: weights must be in [0, 1], got {q}")
+    weights = [check_q(q, "--weights: weights") for q in weights]
     _check_model_folder("--base", base)
     _check_model_folder("--other", other)
     prompts = None if kl_prompts is None else read_kl_prompts(kl_prompts, kl_max_prompts)

@@ -49,6 +49,7 @@ from sacpo_lightning.data.prompts import NAMED_TEMPLATES, format_prompt, load_pr
 from sacpo_lightning.data.tokenization import encode_with_bos
 from sacpo_lightning.errors import MissingFileError, UserError
 from sacpo_lightning.io import atomic_write_json, atomic_write_text, file_fingerprint
+from sacpo_lightning.merge_weight import check_q
 from sacpo_lightning.progress import Progress
 
 __all__ = [
@@ -193,13 +194,7 @@ def parse_model_spec(spec: str) -> ModelSpec:
     dirs = pair.split("+")
     if not sep or len(dirs) != 2 or not all(dirs):
         raise UserError(f"Model spec {spec!r} must look like mix:DIR_A+DIR_B@Q (e.g. mix:step1+step2@0.5)")
-    try:
-        q = float(q_text)
-    except ValueError:
-        raise UserError(f"Model spec {spec!r}: mixture weight {q_text!r} is not a number") from None
-    if not 0.0 <= q <= 1.0:
-        raise UserError(f"Model spec {spec!r}: mixture weight must be in [0, 1], got {q}")
-    return ModelSpec((dirs[0], dirs[1]), q)
+    return ModelSpec((dirs[0], dirs[1]), check_q(q_text, f"Model spec {spec!r}: mixture weight"))
 
 
 def _resolve(path: str) -> str:
