@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import csv
 import hashlib
 import json
 import os
@@ -100,3 +101,20 @@ def _fsync_dir(path: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def numbered_csv_rows(reader: Iterator[list[str]], path: Any, error: type[Exception] = ValueError,
+                      ) -> Iterator[tuple[int, list[str]]]:
+    """``(first line number, cells)`` of each non-blank row of a ``csv.reader`` whose header was read; a row that
+    spans several lines is numbered by its first. A malformed row raises ``error`` naming ``path`` and the line."""
+    line = reader.line_num + 1
+    while True:
+        try:
+            cells = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as err:
+            raise error(f"{path}:{line}: cannot read the CSV row ({err}); fix its quoting.") from None
+        start, line = line, reader.line_num + 1
+        if any(cell.strip() for cell in cells):
+            yield start, cells

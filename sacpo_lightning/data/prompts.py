@@ -20,6 +20,7 @@ from typing import Any
 
 from sacpo_lightning.data.formatting import render_prompt
 from sacpo_lightning.errors import MissingFileError, UserError
+from sacpo_lightning.io import numbered_csv_rows
 
 __all__ = [
     "DEFAULT_XSTEST_PROMPTS", "NAMED_TEMPLATES", "XSTEST_COLUMNS", "XSTEST_LABELS", "format_prompt", "load_prompts",
@@ -147,17 +148,7 @@ def load_xstest_prompts(path: str | os.PathLike, *, option: str = "--xstest_prom
             raise UserError(f"{path}:1: missing column(s) {', '.join(missing)} in the header ({','.join(header)}); "
                              f"the first line must name the columns {','.join(XSTEST_COLUMNS)} (focus and note are "
                              "optional)")
-        line = reader.line_num + 1
-        while True:
-            try:
-                record = next(reader)
-            except StopIteration:
-                break
-            except csv.Error as err:
-                raise UserError(f"{path}:{line}: not valid CSV ({err})") from None
-            start, line = line, reader.line_num + 1
-            if not any(field.strip() for field in record):
-                continue
+        for start, record in numbered_csv_rows(reader, path, UserError):
             row = _xstest_row(record, header, f"{path}:{start}")
             if row["id"] in first_line:
                 raise UserError(f"{path}:{start}: id {row['id']!r} is already used on line {first_line[row['id']]}; "

@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from sacpo_lightning.errors import MissingFileError, UserError
+from sacpo_lightning.io import numbered_csv_rows
 
 __all__ = [
     "DataError",
@@ -441,18 +442,9 @@ def _read_csv(path: str) -> Iterator[tuple[str, dict | _Issue]]:
         raise DataError(
             f"{path}:1: the CSV header {header} has an empty or repeated column name; name every column once."
         )
-    line = reader.line_num + 1
     rows = 0
-    while True:
-        try:
-            cells = next(reader)
-        except StopIteration:
-            break
-        except csv.Error as e:
-            raise DataError(f"{path}:{line}: cannot read the CSV row ({e}); fix its quoting.") from None
-        origin, line = f"{path}:{line}", reader.line_num + 1
-        if not any(c.strip() for c in cells):
-            continue
+    for start, cells in numbered_csv_rows(reader, path, DataError):
+        origin = f"{path}:{start}"
         rows += 1
         if len(cells) != len(header):
             yield origin, _Issue(
