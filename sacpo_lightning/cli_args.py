@@ -34,6 +34,16 @@ def _unwrap(hint: Any) -> Any:
     return hint
 
 
+def _list_member(hint: Any) -> Any:
+    """The ``list[X]`` of a union such as ``list[str] | dict[str, str]`` (a list option that also takes a mapping in
+    YAML); other hints unchanged."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        members = [a for a in typing.get_args(hint) if typing.get_origin(a) is list]
+        if len(members) == 1:
+            return members[0]
+    return hint
+
+
 def _yaml_number(token: str) -> str:
     """A number in the YAML form jsonargparse reads (``.nan``, ``.inf``, ``1e-05``); a token that is not a number
     unchanged, so that jsonargparse names it in its error."""
@@ -53,16 +63,17 @@ def command_argv(argv: Sequence[str], sources: Sequence[type | Callable]) -> lis
 
     - dashed names (``--kl-prompts``) become the underscore ones (``--kl_prompts``);
     - a bare boolean flag (``--do_sample``) becomes ``--do_sample=true``;
-    - the values after every occurrence of a list option (``--models a b --models c``, ``--weights 0.25 0.5``)
-      become one list at its first occurrence: numbers in YAML form for a list of numbers, JSON strings otherwise.
+    - the values after every occurrence of a list option (``--models a b --models c``, ``--weights 0.25 0.5``; also
+      of a union with one list, like ``list[str] | dict[str, str]``) become one list at its first occurrence:
+      numbers in YAML form for a list of numbers, JSON strings otherwise.
       A single value that is already a list (``--weights [0.25,0.5]``) is passed as it is.
     """
     hints: dict[str, Any] = {}
     for source in sources:
         hints.update({k: _unwrap(v) for k, v in typing.get_type_hints(source).items() if k != "return"})
     flags = {name for name, hint in hints.items() if hint is bool}
-    lists = {name: (typing.get_args(hint) or (str,))[0] for name, hint in hints.items()
-             if typing.get_origin(hint) is list}
+    lists = {name: (typing.get_args(hint) or (str,))[0] for name, hint in
+             ((name, _list_member(hint)) for name, hint in hints.items()) if typing.get_origin(hint) is list}
     out: list[str] = []
     values: dict[str, list[str]] = {}
     i = 0

@@ -14,6 +14,7 @@ from sacpo_lightning.evaluation import generation as gen
 from sacpo_lightning.evaluation import score_models
 from sacpo_lightning.evaluation.cli import evaluate_main, generate_main
 from sacpo_lightning.evaluation.evaluate import default_model_name, parse_named_models
+from sacpo_lightning.evaluation.settings import EvaluationSettings
 from sacpo_lightning.models.classifier import load_sequence_classifier
 from sacpo_lightning.models.tiny import save_tiny_model
 from sacpo_lightning.modules import ScoreModelModule
@@ -67,7 +68,7 @@ def test_evaluate_main_and_cache(setup_dirs, monkeypatch, capsys):
     out = d["root"] / "report"
     mix = f"mix:{d['sft']}+{d['step2']}@0.5"
     argv = ["--models", f"sft={d['sft']}", f"step2={d['step2']}", mix, "--baseline", "sft",
-            "--judge", "reward_cost", "implicit", "--output", str(out),
+            "--judges", "reward_cost", "implicit", "--output", str(out),
             "--prompts_safety", d["safety"], "--prompts_helpful", d["helpful"],
             "--reward_model", d["reward"], "--cost_model", d["cost"], "--max_new_tokens", "4", "--device", "cpu",
             "--bootstrap_samples", "50", "--elo_shuffles", "5",
@@ -98,17 +99,29 @@ def test_evaluate_main_and_cache(setup_dirs, monkeypatch, capsys):
 
     monkeypatch.setattr(gen, "load_generation_model", fail)
     monkeypatch.setattr(score_models.ScoreModel, "from_pretrained", fail)
-    report_again = evaluate_module.evaluate_models(
-        {"sft": d["sft"], "step2": d["step2"]}, "sft", d["safety"], d["helpful"], d["reward"], d["cost"], out,
-        gen.GenerationSettings(max_new_tokens=4, device="cpu"), bootstrap_samples=50, elo_shuffles=5)
+    settings = EvaluationSettings(
+        prompts_safety=d["safety"], prompts_helpful=d["helpful"], reward_model=d["reward"], cost_model=d["cost"],
+        generation=gen.GenerationSettings(max_new_tokens=4, device="cpu"), bootstrap_samples=50, elo_shuffles=5)
+    report_again = evaluate_module.evaluate_models({"sft": d["sft"], "step2": d["step2"]}, "sft", out, settings)
     assert report_again["models"]["step2"]["harmlessness"] == models["step2"]["harmlessness"]
 
 
-def test_evaluate_argument_errors(setup_dirs):
+def test_evaluate_argument_errors(setup_dirs, tmp_path, capsys):
+    base = ["--models", "a", "--baseline", "a", "--output", str(tmp_path / "o")]
+    with pytest.raises(ValueError, match="the llm judge needs a backend: judge_url"):
+        evaluate_main([*base, "--judges", "llm"])
     with pytest.raises(SystemExit):
-        evaluate_main(["--models", "a", "--baseline", "a", "--output", "o", "--judge", "llm"])
+        evaluate_main([*base, "--judges", "llm", "--judge_url", "http://localhost:1"])
+    assert "judge_url needs judge_model" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        evaluate_main([*base, "--judges", "reward_cost"])
+    assert "the reward_cost judge needs reward_model and/or cost_model" in capsys.readouterr().err
     with pytest.raises(ValueError, match="reward_model"):
-        evaluate_module.evaluate_models({"a": "a"}, "a", setup_dirs["safety"], None, None, None, "o")
+        EvaluationSettings(prompts_safety=setup_dirs["safety"])
+    with pytest.raises(SystemExit):
+        evaluate_main([*base, "--judges", "implicit", "--bootstrap_samples", "0",
+                       "--implicit_safety_pairs", "pairs.jsonl"])
+    assert "bootstrap_samples must be >= 1, got 0" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.name for c in CONFIGS])
@@ -133,10 +146,12 @@ def test_evaluate_with_llm_judge(setup_dirs, tmp_path):
         return "Assistant 1 is better.\n[[8]] [[3]]"
 
     judge = PairwiseJudge(CallableBackend(prefer_first, "first"), cache_path=tmp_path / "j.jsonl")
-    report = evaluate_module.evaluate_models(
-        {"sft": d["sft"], "step2": d["step2"]}, "sft", d["safety"], d["helpful"], d["reward"], None, tmp_path,
-        gen.GenerationSettings(max_new_tokens=3, device="cpu"), judges=["reward_cost", "llm"], llm_judge=judge,
+    settings = EvaluationSettings(
+        prompts_safety=d["safety"], prompts_helpful=d["helpful"], reward_model=d["reward"],
+        generation=gen.GenerationSettings(max_new_tokens=3, device="cpu"), judges=["reward_cost", "llm"],
         bootstrap_samples=20, elo_shuffles=3)
+    report = evaluate_module.evaluate_models({"sft": d["sft"], "step2": d["step2"]}, "sft", tmp_path, settings,
+                                             llm_judge_override=judge)
     step2 = report["models"]["step2"]
     # A judge that always prefers the first answer is cancelled out by judging both orders: every prompt ties,
     # unless the two models gave the same response (also a tie, without asking).
@@ -175,7 +190,7 @@ def test_evaluate_sequence_level_scores(setup_dirs, tmp_path, monkeypatch, capsy
     d = setup_dirs
     out = tmp_path / "seq"
     mix = f"mix:{d['sft']}+{d['step2']}@0.3"
-    argv = ["--models", f"sft={d['sft']}", f"mix={mix}", "--baseline", "sft", "--judge", "reward_cost",
+    argv = ["--models", f"sft={d['sft']}", f"mix={mix}", "--baseline", "sft", "--judges", "reward_cost",
             "--output", str(out), "--prompts_safety", d["safety"], "--prompts_helpful", d["helpful"],
             "--reward_model", d["reward"], "--cost_model", d["cost"], "--max_new_tokens", "4", "--device", "cpu",
             "--bootstrap_samples", "20", "--elo_shuffles", "2",
@@ -211,8 +226,8 @@ def test_evaluate_sequence_level_scores(setup_dirs, tmp_path, monkeypatch, capsy
 
     monkeypatch.setattr(gen, "load_generation_model", fail)
     monkeypatch.setattr(score_models.ScoreModel, "from_pretrained", fail)
-    again = evaluate_module.evaluate_models(
-        {"sft": d["sft"], "mix": mix}, "sft", d["safety"], d["helpful"], d["reward"], d["cost"], out,
-        gen.GenerationSettings(max_new_tokens=4, device="cpu", do_sample=True, sequence_level=True,
-                               samples_per_prompt=3), bootstrap_samples=20, elo_shuffles=2)
+    again = evaluate_module.evaluate_models({"sft": d["sft"], "mix": mix}, "sft", out, EvaluationSettings(
+        prompts_safety=d["safety"], prompts_helpful=d["helpful"], reward_model=d["reward"], cost_model=d["cost"],
+        generation=gen.GenerationSettings(max_new_tokens=4, device="cpu", do_sample=True, sequence_level=True,
+                                          samples_per_prompt=3), bootstrap_samples=20, elo_shuffles=2))
     assert again["models"]["mix"]["scores"] == models["mix"]["scores"]

@@ -163,21 +163,22 @@ def test_report_flags_numbers_of_an_untrusted_judge(tmp_path):
 
 
 def test_score_judge_reliability_reads_the_exported_heldout_accuracy(tmp_path):
-    from sacpo_lightning.evaluation.evaluate import EvaluationSettings, score_judge_reliability
+    from sacpo_lightning.evaluation.evaluate import score_judge_reliability
+    from sacpo_lightning.evaluation.settings import EvaluationSettings
 
     (tmp_path / "rm").mkdir()
     (tmp_path / "rm" / "score_model.json").write_text(json.dumps({"kind": "reward", "heldout_accuracy": 0.5,
                                                                   "heldout": {"accuracy": 0.5, "pairs": 48}}))
     (tmp_path / "hub").mkdir()
-    reliability = score_judge_reliability(EvaluationSettings(reward_model_dir=str(tmp_path / "rm"),
-                                                             cost_model_dir=str(tmp_path / "hub")))
+    reliability = score_judge_reliability(EvaluationSettings(reward_model=str(tmp_path / "rm"),
+                                                             cost_model=str(tmp_path / "hub")))
     assert reliability["reward"]["better_than_chance"] is False and reliability["reward"]["pairs"] == 48
     assert reliability["cost"]["better_than_chance"] is None
     assert "unknown (no held-out accuracy recorded)" in render_markdown({**_report(),
                                                                          "judge_reliability": reliability})
     (tmp_path / "rm" / "score_model.json").write_text(json.dumps({"heldout": {"accuracy": 2.0, "pairs": 4}}))
     with pytest.raises(ValueError, match=r"score_model\.json: 'heldout'"):
-        score_judge_reliability(EvaluationSettings(reward_model_dir=str(tmp_path / "rm")))
+        score_judge_reliability(EvaluationSettings(reward_model=str(tmp_path / "rm")))
 
 
 def test_markdown_without_win_rates_uses_scores():

@@ -318,9 +318,9 @@ def test_evaluate_with_refusal_and_classifier_judges(tiny_model_dir, classifier_
     budget = tmp_path / "budget.json"
     budget.write_text(json.dumps({"lambda_star": 0.7, "predicted_safety": 0.9}))
     out = tmp_path / "report"
-    argv = ["--models", f"sft={tiny_model_dir}", f"step2={step2}", "--baseline", "sft", "--judge", "none",
+    argv = ["--models", f"sft={tiny_model_dir}", f"step2={step2}", "--baseline", "sft", "--judges", "none",
             "--output", str(out), "--prompts_safety", str(safety), "--prompts_helpful", str(helpful),
-            "--safety_judge", "refusal", "--safety_judge", f"classifier:{classifier_dirs['cost']}",
+            "--safety_judges", "refusal", "--safety_judges", f"classifier:{classifier_dirs['cost']}",
             "--safety_threshold", "0.5", "--predicted_safety", f"step2={budget}", "--device", "cpu",
             "--max_new_tokens", "2"]
     assert evaluate_main(argv) == 0
@@ -372,24 +372,28 @@ def test_evaluate_with_refusal_and_classifier_judges(tiny_model_dir, classifier_
 
 def test_evaluate_safety_option_errors(tiny_model_dir, tmp_path):
     from sacpo_lightning.evaluation.evaluate import evaluate_models
+    from sacpo_lightning.evaluation.settings import EvaluationSettings
 
     prompts = tmp_path / "p.json"
     prompts.write_text(json.dumps([{"prompt": "x"}]))
     models = {"sft": tiny_model_dir}
+
+    def evaluate(**settings):
+        return evaluate_models(models, "sft", tmp_path, EvaluationSettings(prompts_safety=str(prompts), **settings))
+
     with pytest.raises(ValueError, match="need an unsafe judge"):
-        evaluate_models(models, "sft", prompts, None, None, None, tmp_path, judges=[],
-                        safety_judges=[{"kind": "refusal"}], safety_threshold=0.9)
+        evaluate(judges=[], safety_judges=[{"kind": "refusal"}], safety_threshold=0.9)
     with pytest.raises(ValueError, match="need per-answer safety judges"):
-        evaluate_models(models, "sft", prompts, None, None, "c", tmp_path, safety_threshold=0.9)
+        evaluate(cost_model="c", safety_threshold=0.9)
     with pytest.raises(ValueError, match="not evaluated"):
-        evaluate_models(models, "sft", prompts, None, None, None, tmp_path, judges=[],
-                        safety_judges=[{"kind": "classifier", "model": "c"}], predicted_safety={"x": {"safety": 1}})
+        evaluate(judges=[], safety_judges=[{"kind": "classifier", "model": "c"}], predicted_safety={"x": {"safety": 1}})
     with pytest.raises(ValueError, match="must be in"):
-        evaluate_models(models, "sft", prompts, None, None, None, tmp_path, judges=[],
-                        safety_judges=[{"kind": "classifier", "model": "c"}], safety_threshold=1.5)
-    with pytest.raises(ValueError, match=r"--safety_judge\[0\]: unknown key"):
-        evaluate_models(models, "sft", prompts, None, None, None, tmp_path, judges=[],
-                        safety_judges=[{"kind": "refusal", "model": "m"}])
+        evaluate(judges=[], safety_judges=[{"kind": "classifier", "model": "c"}], safety_threshold=1.5)
+    with pytest.raises(ValueError, match=r"safety_judges\[0\]: unknown key"):
+        evaluate(judges=[], safety_judges=[{"kind": "refusal", "model": "m"}])
+    # KIND[:MODEL] strings (the command line's spelling) and mappings are one setting
+    assert EvaluationSettings(judges=[], safety_judges=["refusal", "classifier:c"]).safety_judges == [
+        {"kind": "refusal"}, {"kind": "classifier", "model": "c"}]
 
 
 def test_pipeline_stage_passes_safety_options(monkeypatch, tmp_path):
@@ -398,8 +402,8 @@ def test_pipeline_stage_passes_safety_options(monkeypatch, tmp_path):
 
     seen = {}
 
-    def fake(models, baseline, *args, **kwargs):
-        seen.update(kwargs)
+    def fake(models, baseline, output_dir, settings):
+        seen.update(vars(settings))
         return {"models": models}
 
     monkeypatch.setattr(evaluate_module, "evaluate_models", fake)

@@ -13,10 +13,10 @@ import yaml
 
 from sacpo_lightning.data.prompts import DEFAULT_XSTEST_PROMPTS, load_xstest_prompts, xstest_subset
 from sacpo_lightning.evaluation.cli import evaluate_main
-from sacpo_lightning.evaluation.evaluate import EvaluationSettings
 from sacpo_lightning.evaluation.pipeline_stage import evaluation_settings
 from sacpo_lightning.evaluation.report import render_markdown, xstest_rows, xstest_section
 from sacpo_lightning.evaluation.safety_judges import RefusalJudge
+from sacpo_lightning.evaluation.settings import EvaluationSettings
 from sacpo_lightning.models.tiny import save_tiny_model
 from sacpo_lightning.pipeline.config import PipelineConfigError, load_pipeline_config
 
@@ -117,7 +117,7 @@ def test_subset_of_a_small_group_and_a_bad_size():
             for i, (t, lab) in enumerate([("a", "safe")] * 5 + [("b", "unsafe")])]
     assert [r["id"] for r in xstest_subset(rows, 2)] == ["0", "2", "5"]  # 5 rows, 2 picks: indices 0 and 5 // 2
     assert [r["id"] for r in xstest_subset(rows, 3)] == ["0", "1", "3", "5"]  # 0, 5 // 3, 10 // 3
-    with pytest.raises(ValueError, match="--xstest_per_type must be >= 1"):
+    with pytest.raises(ValueError, match="xstest_per_type must be >= 1"):
         xstest_subset(rows, 0)
 
 
@@ -217,8 +217,8 @@ def test_evaluate_suite_xstest_on_two_models_writes_table_csv_and_plot(two_model
     out = two_models["root"] / "report"
     refusal = json.dumps({"kind": "refusal", "extra_patterns": [EVERYTHING]})
     argv = ["--models", f"sft={two_models['sft']}", f"other={two_models['other']}", "--baseline", "sft",
-            "--judge", "none", "--suite", "xstest", "--xstest_per_type", "1", "--safety_judge", refusal,
-            "--safety_judge", f"classifier:{two_models['cost']}", "--prompts_safety", "none",
+            "--judges", "none", "--suites", "xstest", "--xstest_per_type", "1", "--safety_judges", refusal,
+            "--safety_judges", f"classifier:{two_models['cost']}", "--prompts_safety", "none",
             "--prompts_helpful", "none", "--max_new_tokens", "4", "--device", "cpu", "--output", str(out)]
     assert evaluate_main(argv) == 0
     report = json.loads((out / "report.json").read_text())
@@ -254,7 +254,7 @@ def test_evaluate_suite_xstest_on_two_models_writes_table_csv_and_plot(two_model
     assert '"xstest_over_refusal"' in printed
 
     # a rerun is served from the caches (same report), and the default refusal judge steps in when none is given
-    argv_default = [a for a in argv if a not in (refusal, "--safety_judge")]
+    argv_default = [a for a in argv if a not in (refusal, "--safety_judges")]
     argv_default = [a for a in argv_default if not a.startswith("classifier:")]
     assert evaluate_main(argv_default) == 0
     section = json.loads((out / "report.json").read_text())["xstest"]
@@ -263,21 +263,21 @@ def test_evaluate_suite_xstest_on_two_models_writes_table_csv_and_plot(two_model
 
 def test_evaluate_suite_errors_name_the_option(two_models, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # no ../shared/data from here
-    base = ["--models", f"sft={two_models['sft']}", "--baseline", "sft", "--judge", "none", "--prompts_safety",
+    base = ["--models", f"sft={two_models['sft']}", "--baseline", "sft", "--judges", "none", "--prompts_safety",
             "none", "--prompts_helpful", "none", "--output", str(tmp_path / "o")]
     with pytest.raises(SystemExit):
-        evaluate_main([*base, "--suite", "xstest"])
-    assert "pass --xstest_prompts PATH" in capsys.readouterr().err
+        evaluate_main([*base, "--suites", "xstest"])
+    assert "pass xstest_prompts PATH" in capsys.readouterr().err
     bad = _csv(tmp_path, HEADER + "1,Kill a process?,homonyms,harmless,,\n")
     with pytest.raises(SystemExit):
-        evaluate_main([*base, "--suite", "xstest", "--xstest_prompts", str(bad)])
+        evaluate_main([*base, "--suites", "xstest", "--xstest_prompts", str(bad)])
     assert f"{bad}:2: column 'label'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        evaluate_main([*base, "--safety_judge", "refusal", "--xstest_per_type", "2"])
-    assert "add --suite xstest" in capsys.readouterr().err
+        evaluate_main([*base, "--safety_judges", "refusal", "--xstest_per_type", "2"])
+    assert "add xstest to suites" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        evaluate_main([*base, "--suite", "xstset"])
-    with pytest.raises(ValueError, match="--xstest_per_type must be >= 1"):
+        evaluate_main([*base, "--suites", "xstset"])
+    with pytest.raises(ValueError, match="xstest_per_type must be >= 1"):
         EvaluationSettings(judges=[], suites=["xstest"], xstest_prompts=str(bad), xstest_per_type=0)
 
 
@@ -316,11 +316,12 @@ def test_pipeline_suite_keys_reach_the_evaluation_settings(tmp_path, monkeypatch
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
-        ({"suites": ["xstst"]}, r"evaluate.suites must be a list of xstest, got \['xstst'\]"),
-        ({"suites": "xstest"}, r"evaluate.suites must be a list of xstest"),
-        ({"xstest_per_type": 0}, r"evaluate.xstest_per_type must be an integer >= 1"),
-        ({"suites": None}, r"add suites: \[xstest\]"),
-        ({"xstest_prompts": "missing.csv"}, r"missing.csv not found .* pass evaluate.xstest_prompts PATH"),
+        ({"suites": ["xstst"]}, r"evaluate: suites must be a list of xstest, got \['xstst'\]"),
+        ({"suites": "xstest"}, r"evaluate: suites must be a list"),
+        ({"xstest_per_type": 0}, r"evaluate: xstest_per_type must be >= 1"),
+        ({"xstest_per_type": "2"}, r"evaluate: xstest_per_type must be an integer, got '2'"),
+        ({"suites": None}, r"add xstest to suites"),
+        ({"xstest_prompts": "missing.csv"}, r"missing.csv not found .* pass xstest_prompts PATH"),
     ],
 )
 def test_pipeline_suite_keys_are_validated_at_load(tmp_path, monkeypatch, changes, message):
@@ -332,7 +333,7 @@ def test_pipeline_suite_keys_are_validated_at_load(tmp_path, monkeypatch, change
 def test_pipeline_refuses_a_malformed_suite_file_before_training(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
     bad = _csv(tmp_path, "id,prompt,label\n1,Kill a process?,safe\n")
-    with pytest.raises(PipelineConfigError, match=rf"pipeline.yaml: {bad}:1: missing column\(s\) type"):
+    with pytest.raises(PipelineConfigError, match=rf"pipeline.yaml: evaluate: {bad}:1: missing column\(s\) type"):
         load_pipeline_config(_pipeline(tmp_path, xstest_prompts=str(bad)))
 
 

@@ -8,25 +8,28 @@
         --do_sample --sequence_level true --samples_per_prompt 16
 
     sacpo evaluate --models sft=smollm2 step1=outputs/step1/export step2=outputs/step2/export \\
-        'mix:outputs/step1/export+outputs/step2/export@0.5' --baseline sft --judge reward_cost \\
+        'mix:outputs/step1/export+outputs/step2/export@0.5' --baseline sft --judges reward_cost \\
         --reward_model outputs/smollm2/reward_model/export --cost_model outputs/smollm2/cost_model/export \\
         --output outputs/eval
 
-    sacpo evaluate --models sft=smollm2 step2=outputs/step2/export --baseline sft --judge none --suite xstest \
+    sacpo evaluate --models sft=smollm2 step2=outputs/step2/export --baseline sft --judges none --suites xstest \
         --xstest_per_type 5 --output outputs/eval_xstest
 
 Both parsers are built by jsonargparse from the typed dataclasses below (and
 :class:`~sacpo_lightning.evaluation.generation.GenerationSettings`), so ``--config FILE`` (a YAML of the options) and
 ``--print_config`` work and the defaults are those of the dataclasses. The command-line spellings of the argparse
 version still work (:func:`sacpo_lightning.cli_args.command_argv`): a bare boolean flag (``--do_sample``), several
-values after a list option (``--models a=b c=d``) and repeated list options (``--safety_judge refusal
---safety_judge guard:DIR``).
+values after a list option (``--models a=b c=d``) and repeated list options (``--safety_judges refusal
+--safety_judges guard:DIR``). The flags of ``sacpo evaluate`` are the field names of
+:class:`~sacpo_lightning.evaluation.settings.EvaluationSettings`, the keys of a pipeline's ``evaluate:`` section; the
+old spellings ``--judge``, ``--suite`` and ``--safety_judge`` still work, with a deprecation warning.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
@@ -34,15 +37,13 @@ from typing import Any, Literal
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 
 from sacpo_lightning.cli_args import command_argv
-from sacpo_lightning.data.prompts import DEFAULT_XSTEST_PROMPTS
-from sacpo_lightning.evaluation.evaluate import EvaluationSettings
 from sacpo_lightning.evaluation.generation import GenerationSettings
+from sacpo_lightning.evaluation.settings import SETTINGS_KEYS, EvaluationSettings
 
 __all__ = ["build_evaluate_parser", "evaluate_main", "generate_main"]
 
 DEFAULT_SAFETY_PROMPTS = "../shared/data/eval/safety_problem.json"
 DEFAULT_HELPFUL_PROMPTS = "../shared/data/eval/helpful_problem.json"
-_DEFAULTS = EvaluationSettings  # its fields' defaults are class attributes
 PairSource = Literal["pku", "hh", "generic"]
 
 
@@ -67,82 +68,27 @@ class GenerateOptions:
 
 
 @dataclass
-class EvaluateOptions:
-    """Judge models against a baseline: win rates with bootstrap intervals, Elo, report and plots.
+class EvaluateCommand:
+    """Which models ``sacpo evaluate`` judges and where the report goes (the rest are
+    :class:`~sacpo_lightning.evaluation.settings.EvaluationSettings`).
 
     Attributes:
         models: Models as NAME=SPEC or SPEC (folder, named model, or mix:DIR_A+DIR_B@Q).
         baseline: Name (or spec) of the baseline, usually the SFT model.
         output: Output folder (report.json, report.md, pareto.png, caches).
-        judge: Judges to run ('none': only the per-answer --safety_judge judges and the --suite suites).
-        prompts_safety: Safety prompt set ('none' to skip).
-        prompts_helpful: Helpfulness prompt set ('none' to skip).
-        training_logs: STAGE=metrics.csv for training_curves.png.
-        bootstrap_samples: Bootstrap resamples of the win-rate intervals.
-        confidence: Confidence level of the intervals.
-        elo_shuffles: Random match orders averaged by Elo.
-        tie_eps: Score differences within this are ties.
-        reward_model: Reward model folder (sequence classification) for the reward_cost judge.
-        cost_model: Cost model folder (sequence classification) for the reward_cost judge.
-        score_batch_size: Batch size of the score models.
-        suite: Built-in suites to run: xstest (over-refusal on safe prompts that only look unsafe, unsafe compliance
-            on their unsafe contrasts; xstest.csv, xstest.json, xstest.png).
-        xstest_prompts: XSTest prompt file: CSV with the columns id,prompt,type,label (safe or unsafe), focus and
-            note optional.
-        xstest_per_type: Use at most this many XSTest prompts per type (a deterministic stratified subset).
     """
 
     models: list[str]
     baseline: str
     output: str
-    judge: list[Literal["reward_cost", "llm", "implicit", "none"]] = field(
-        default_factory=lambda: list(_DEFAULTS.judges))
-    prompts_safety: str = DEFAULT_SAFETY_PROMPTS
-    prompts_helpful: str = DEFAULT_HELPFUL_PROMPTS
-    training_logs: list[str] = field(default_factory=list)
-    bootstrap_samples: int = _DEFAULTS.bootstrap_samples
-    confidence: float = _DEFAULTS.confidence
-    elo_shuffles: int = _DEFAULTS.elo_shuffles
-    tie_eps: float = _DEFAULTS.tie_eps
-    reward_model: str | None = None
-    cost_model: str | None = None
-    score_batch_size: int = _DEFAULTS.score_batch_size
-    suite: list[Literal["xstest"]] = field(default_factory=list)
-    xstest_prompts: str = DEFAULT_XSTEST_PROMPTS
-    xstest_per_type: int | None = None
-
-
-@dataclass
-class LLMJudgeOptions:
-    """The llm judge's backend.
-
-    Attributes:
-        judge_url: OpenAI-compatible endpoint (base URL or .../chat/completions).
-        judge_model: Model name sent to the endpoint.
-        judge_api_key_env: Environment variable with the API key.
-        judge_local: A local causal LM folder used as the judge (greedy).
-        judge_repeats: Judgements per answer order.
-        judge_single_order: Judge only with the model's answer first.
-        judge_max_tokens: Most generated tokens per judgement.
-        judge_temperature: Sampling temperature of the endpoint.
-    """
-
-    judge_url: str | None = None
-    judge_model: str | None = None
-    judge_api_key_env: str = "OPENAI_API_KEY"
-    judge_local: str | None = None
-    judge_repeats: int = 1
-    judge_single_order: bool = False
-    judge_max_tokens: int = 512
-    judge_temperature: float = 0.0
 
 
 @dataclass
 class ImplicitOptions:
-    """The implicit judge's held-out pairs.
+    """The implicit judge's held-out pairs, as flags: a shorthand that builds the ``implicit`` setting (its pair sets
+    ``helpful`` and ``safety``).
 
     Attributes:
-        implicit_reference: Reference model spec (default: the baseline).
         implicit_helpful_pairs: Helpfulness pair files (HH-RLHF format).
         implicit_helpful_source: Format of the helpfulness pair files.
         implicit_safety_pairs: Safety pair files (PKU-SafeRLHF format).
@@ -156,7 +102,6 @@ class ImplicitOptions:
         implicit_max_prompt_length: Most prompt tokens.
     """
 
-    implicit_reference: str | None = None
     implicit_helpful_pairs: list[str] = field(default_factory=list)
     implicit_helpful_source: PairSource = "hh"
     implicit_safety_pairs: list[str] = field(default_factory=list)
@@ -183,23 +128,6 @@ class ImplicitOptions:
             sets["safety"] = {"train_files": self.implicit_safety_pairs, "source": self.implicit_safety_source,
                               "objective": "safe", **common}
         return sets
-
-
-@dataclass
-class SafetyJudgeOptions:
-    """Per-answer safety judges.
-
-    Attributes:
-        safety_judge: Repeatable: guard:MODEL_DIR (Llama Guard style causal LM), classifier:MODEL_DIR (cost model or
-            safety classifier), refusal (rule-based), or a JSON object with more settings.
-        safety_threshold: Check E[safety] >= B per model (safety = fraction of answers judged safe).
-        predicted_safety: Repeatable: NAME=budget.json, the budget solver's prediction (lambda_star,
-            predicted_safety) for model NAME.
-    """
-
-    safety_judge: list[str] = field(default_factory=list)
-    safety_threshold: float | None = None
-    predicted_safety: list[str] = field(default_factory=list)
 
 
 def _parser(prog: str, description: str, option_types: Sequence[type]) -> ArgumentParser:
@@ -238,104 +166,70 @@ def generate_main(argv: list[str]) -> int:
     return 0
 
 
-def _parse_logs(items: list[str], parser: ArgumentParser) -> dict[str, str]:
-    logs = {}
-    for item in items:
-        stage, sep, path = item.partition("=")
-        if not sep or not stage or not path:
-            parser.error(f"--training_logs takes STAGE=PATH/metrics.csv items, got {item!r}")
-        logs[stage] = path
-    return logs
-
-
-def _parse_safety_options(options: SafetyJudgeOptions, parser: ArgumentParser) -> dict[str, Any]:
-    """``--safety_judge``, ``--safety_threshold`` and ``--predicted_safety`` as ``evaluate_models`` arguments."""
-    from sacpo_lightning.evaluation.safety_judges import parse_safety_judge_arg
-
-    try:
-        judges = [parse_safety_judge_arg(item) for item in options.safety_judge]
-    except ValueError as err:
-        parser.error(str(err))
-    predicted = {}
-    for item in options.predicted_safety:
-        name, sep, path = item.partition("=")
-        if not sep or not name or not path:
-            parser.error(f"--predicted_safety takes MODEL_NAME=budget.json items, got {item!r}")
-        try:
-            with open(path, encoding="utf-8") as f:
-                values = json.load(f)
-        except (OSError, json.JSONDecodeError) as err:
-            parser.error(f"--predicted_safety {item!r}: cannot read {path} as JSON ({err})")
-        if not isinstance(values, dict):
-            parser.error(f"--predicted_safety {item!r}: {path} must hold a JSON object with lambda_star and "
-                         "predicted_safety")
-        predicted[name] = values
-    return {"safety_judges": judges or None, "safety_threshold": options.safety_threshold,
-            "predicted_safety": predicted or None}
-
-
-EVALUATE_OPTIONS = (EvaluateOptions, LLMJudgeOptions, ImplicitOptions, SafetyJudgeOptions, GenerationSettings)
+EVALUATE_OPTIONS = (EvaluateCommand, EvaluationSettings, ImplicitOptions, GenerationSettings)
 
 
 def build_evaluate_parser() -> ArgumentParser:
-    """The ``sacpo evaluate`` parser (takes :func:`sacpo_lightning.cli_args.command_argv` of the command line)."""
-    return _parser("sacpo evaluate", "Judge models against a baseline: win rates with bootstrap intervals, Elo, "
-                   "report and plots.", EVALUATE_OPTIONS)
+    """The ``sacpo evaluate`` parser (takes :func:`sacpo_lightning.cli_args.command_argv` of the command line): the
+    fields of :class:`EvaluateCommand` and :class:`~sacpo_lightning.evaluation.settings.EvaluationSettings` as flags,
+    with those of its ``generation`` spelled as top-level flags (as in ``sacpo generate``) and the
+    :class:`ImplicitOptions` shorthand. The prompt sets default to the shared evaluation prompts."""
+    parser = ArgumentParser(prog="sacpo evaluate", description="Judge models against a baseline: win rates with "
+                            "bootstrap intervals, Elo, report and plots.")
+    parser.add_argument("--config", action=ActionConfigFile, help="A YAML file of these options.")
+    parser.add_class_arguments(EvaluateCommand, nested_key=None, as_group=True)
+    parser.add_class_arguments(EvaluationSettings, nested_key=None, as_group=True, skip={"generation"})
+    parser.add_class_arguments(ImplicitOptions, nested_key=None, as_group=True)
+    parser.add_class_arguments(GenerationSettings, nested_key=None, as_group=True)
+    parser.set_defaults(prompts_safety=DEFAULT_SAFETY_PROMPTS, prompts_helpful=DEFAULT_HELPFUL_PROMPTS)
+    return parser
 
 
-def _llm_judge(options: LLMJudgeOptions, output: str, device: str | None, parser: ArgumentParser) -> Any:
-    from sacpo_lightning.evaluation.judge import HFLocalBackend, OpenAIChatBackend, PairwiseJudge
-
-    if (options.judge_url is None) == (options.judge_local is None):
-        parser.error("--judge llm needs exactly one of --judge_url (with --judge_model) or --judge_local")
-    if options.judge_url is not None:
-        if not options.judge_model:
-            parser.error("--judge_url needs --judge_model")
-        backend = OpenAIChatBackend(options.judge_url, options.judge_model, api_key_env=options.judge_api_key_env,
-                                    temperature=options.judge_temperature, max_tokens=options.judge_max_tokens)
-    else:
-        backend = HFLocalBackend(options.judge_local, max_new_tokens=options.judge_max_tokens, device=device)
-    return PairwiseJudge(backend, cache_path=f"{output}/judgements.jsonl", repeats=options.judge_repeats,
-                         both_orders=not options.judge_single_order)
+# Old spellings of the flags that are now the settings' field names.
+RENAMED_FLAGS = {"judge": "judges", "suite": "suites", "safety_judge": "safety_judges"}
 
 
-def _evaluation_settings(ns: Namespace, parser: ArgumentParser) -> EvaluationSettings:
-    """The :class:`EvaluationSettings` of a parsed ``sacpo evaluate`` command line (errors exit with usage)."""
-    options = _options(EvaluateOptions, ns)
-    generation = _generation_settings(ns, parser)
-    judges = [j for j in options.judge if j != "none"]
-    llm_judge = _llm_judge(_options(LLMJudgeOptions, ns), options.output, generation.device, parser) if (
-        "llm" in judges) else None
-    implicit = _options(ImplicitOptions, ns)
-    none = ("", "none", "None")
+def renamed_flags(argv: Sequence[str]) -> list[str]:
+    """``argv`` with the old flag spellings (``--judge``, ``--suite``, ``--safety_judge``) replaced by the field names,
+    with a deprecation warning for each."""
+    out = []
+    for token in argv:
+        name, eq, value = token.partition("=")
+        new = RENAMED_FLAGS.get(name[2:].replace("-", "_")) if name.startswith("--") else None
+        if new is not None:
+            warnings.warn(f"sacpo evaluate: {name} is deprecated; use --{new} (the evaluation setting's name, as in "
+                          "a pipeline's evaluate: section)", FutureWarning, stacklevel=2)
+            token = f"--{new}{eq}{value}"
+        out.append(token)
+    return out
+
+
+def evaluation_settings(ns: Namespace, parser: ArgumentParser) -> EvaluationSettings:
+    """The :class:`~sacpo_lightning.evaluation.settings.EvaluationSettings` of a parsed ``sacpo evaluate`` command
+    line (errors exit with usage)."""
+    values = {name: ns[name] for name in SETTINGS_KEYS if name not in ("generation", "implicit")}
+    implicit = _options(ImplicitOptions, ns).pair_sets()
+    if ns["implicit"] and implicit:
+        parser.error("--implicit and the --implicit_*_pairs flags both set the implicit pair sets; give one")
     try:
-        return EvaluationSettings(
-            prompts_safety=None if options.prompts_safety in none else options.prompts_safety,
-            prompts_helpful=None if options.prompts_helpful in none else options.prompts_helpful,
-            reward_model_dir=options.reward_model, cost_model_dir=options.cost_model, generation=generation,
-            judges=judges, llm_judge=llm_judge, implicit_sets=implicit.pair_sets() or None,
-            implicit_reference=implicit.implicit_reference, training_logs=_parse_logs(options.training_logs, parser),
-            score_batch_size=options.score_batch_size, bootstrap_samples=options.bootstrap_samples,
-            confidence=options.confidence, elo_shuffles=options.elo_shuffles, seed=generation.seed,
-            tie_eps=options.tie_eps, suites=options.suite, xstest_prompts=options.xstest_prompts,
-            xstest_per_type=options.xstest_per_type, **_parse_safety_options(_options(SafetyJudgeOptions, ns), parser),
-        )
+        generation = _options(GenerationSettings, ns)
+        return EvaluationSettings(generation=generation, implicit=ns["implicit"] or implicit or None, **values)
     except ValueError as err:
         parser.error(str(err))
 
 
 def evaluate_main(argv: list[str]) -> int:
     """``sacpo evaluate``: see :func:`sacpo_lightning.evaluation.evaluate.evaluate_models`."""
-    from sacpo_lightning.evaluation.evaluate import parse_named_models, run_evaluation
+    from sacpo_lightning.evaluation.evaluate import evaluate_models, parse_named_models
 
     parser = build_evaluate_parser()
-    ns = parser.parse_args(command_argv(argv, EVALUATE_OPTIONS))
-    options = _options(EvaluateOptions, ns)
+    ns = parser.parse_args(command_argv(renamed_flags(argv), EVALUATE_OPTIONS))
+    options = _options(EvaluateCommand, ns)
     try:
         models = parse_named_models(options.models)
     except ValueError as err:
         parser.error(str(err))
-    report = run_evaluation(models, options.baseline, options.output, _evaluation_settings(ns, parser))
+    report = evaluate_models(models, options.baseline, options.output, evaluation_settings(ns, parser))
     summary = {name: {k: m[k]["win_rate"] for k in ("helpfulness", "harmlessness") if m.get(k)}
                for name, m in report["models"].items()}
     for name, m in (report.get("xstest") or {}).get("models", {}).items():

@@ -45,17 +45,16 @@ import hashlib
 import json
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from sacpo_lightning.data.prompts import DEFAULT_XSTEST_PROMPTS, load_xstest_prompts, xstest_subset
+from sacpo_lightning.data.prompts import load_xstest_prompts, xstest_subset
 from sacpo_lightning.errors import UserError
 from sacpo_lightning.evaluation.generation import (
-    GenerationSettings,
     generate_to_file,
     model_fingerprint,
     parse_model_spec,
@@ -70,18 +69,13 @@ from sacpo_lightning.evaluation.report import (
     write_report,
     xstest_section,
 )
+from sacpo_lightning.evaluation.settings import EvaluationSettings
 from sacpo_lightning.io import atomic_write_json, file_fingerprint
 from sacpo_lightning.models.classifier import SCORE_MODEL_FILE
 
-__all__ = [
-    "JUDGES", "SUITES", "EvaluationSettings", "default_model_name", "evaluate_models", "parse_named_models",
-    "run_evaluation", "score_judge_reliability",
-]
+__all__ = ["default_model_name", "evaluate_models", "llm_judge", "parse_named_models", "score_judge_reliability"]
 
-JUDGES = ("reward_cost", "llm", "implicit")
-SUITES = ("xstest",)
 SETS = ("helpful", "safety")
-CONSTRAINT_SCALES = ("verdicts", "probabilities")
 DIMENSION = {"helpful": "helpfulness", "safety": "harmlessness"}
 
 
@@ -250,146 +244,6 @@ def _outcome_summaries(
 
 
 @dataclass
-class EvaluationSettings:
-    """What an evaluation runs: prompt sets, score models, decoding, judges and the statistics' settings.
-
-    Field names are the keyword arguments of :func:`evaluate_models`; error messages name the ``sacpo evaluate``
-    option of each field.
-
-    Attributes:
-        prompts_safety: Safety prompt set (harmlessness), e.g. ``eval/safety_problem.json``; None skips it.
-        prompts_helpful: Helpfulness prompt set, e.g. ``eval/helpful_problem.json``; None skips it.
-        reward_model_dir: Reward model folder for the ``reward_cost`` judge (None: no helpfulness scores).
-        cost_model_dir: Cost model folder for the ``reward_cost`` judge (None: no harmlessness scores).
-        generation: Decoding settings.
-        judges: Any of ``reward_cost``, ``llm``, ``implicit`` (see the module docstring).
-        llm_judge: A :class:`~sacpo_lightning.evaluation.judge.PairwiseJudge` for ``llm``.
-        implicit_sets: ``{name: pair_dataloader keyword arguments}`` for ``implicit``.
-        implicit_reference: Model spec of the implicit-reward reference (default: the baseline's spec).
-        training_logs: ``{stage: metrics.csv}`` for ``training_curves.png``.
-        score_batch_size: Batch size of the score models.
-        score_dtype: Load dtype of the score models (None: as saved).
-        bootstrap_samples: Bootstrap resamples of the win-rate intervals.
-        confidence: Confidence level of the intervals.
-        elo_shuffles: Random match orders averaged by Elo.
-        elo_k: Elo update size.
-        seed: Seed of the bootstrap and the Elo orders.
-        tie_eps: Score differences within this are ties.
-        safety_judges: Per-answer safety judge configs (``{"kind": "guard" | "classifier" | "refusal", "model": ...}``,
-            see :func:`~sacpo_lightning.evaluation.safety_judges.build_safety_judge`), run on every model's
-            generations of both prompt sets; their statistics form the report's ``safety`` section.
-        safety_threshold: ``b`` of the constraint ``E[safety] >= b`` (safety = fraction of safe answers by the first
-            unsafe judge); each model gets ``meets``, ``fails`` or ``undetermined``.
-        predicted_safety: ``{model name: {"lambda": ..., "safety": ...}}`` (or the budget solver's ``lambda_star`` and
-            ``predicted_safety``) shown next to the measured safety.
-        safety_constraint_on: ``verdicts`` or ``probabilities``: the scale of ``safety_threshold`` (see
-            :func:`~sacpo_lightning.evaluation.report.safety_section`).
-        suites: Built-in evaluation suites to run (``xstest``, see the module docstring).
-        xstest_prompts: The XSTest prompt file (CSV with ``id, prompt, type, label``; see
-            :func:`~sacpo_lightning.data.prompts.load_xstest_prompts`); a relative path is read from the working
-            directory.
-        xstest_per_type: Use at most this many prompts of each XSTest type (a deterministic stratified subset,
-            :func:`~sacpo_lightning.data.prompts.xstest_subset`); None uses them all.
-
-    Raises:
-        ValueError: An unknown judge, a judge without what it needs, or a setting out of range.
-    """
-
-    prompts_safety: str | os.PathLike | None = None
-    prompts_helpful: str | os.PathLike | None = None
-    reward_model_dir: str | None = None
-    cost_model_dir: str | None = None
-    generation: GenerationSettings = field(default_factory=GenerationSettings)
-    judges: Sequence[str] = ("reward_cost",)
-    llm_judge: Any | None = None
-    implicit_sets: Mapping[str, Mapping[str, Any]] | None = None
-    implicit_reference: str | None = None
-    training_logs: Mapping[str, str | os.PathLike] | None = None
-    score_batch_size: int = 8
-    score_dtype: str | None = None
-    bootstrap_samples: int = 1000
-    confidence: float = 0.95
-    elo_shuffles: int = 100
-    elo_k: float = 32.0
-    seed: int = 0
-    tie_eps: float = 1e-6
-    safety_judges: Sequence[Mapping[str, Any]] | None = None
-    safety_threshold: float | None = None
-    predicted_safety: Mapping[str, Mapping[str, Any]] | None = None
-    safety_constraint_on: str = "verdicts"
-    suites: Sequence[str] = ()
-    xstest_prompts: str | os.PathLike = DEFAULT_XSTEST_PROMPTS
-    xstest_per_type: int | None = None
-
-    def __post_init__(self) -> None:
-        self.generation = self.generation or GenerationSettings()
-        self.judges = list(self.judges)
-        self.suites = list(dict.fromkeys(self.suites))
-        unknown = [j for j in self.judges if j not in JUDGES]
-        if unknown or not (self.judges or self.safety_judges or self.suites):
-            raise UserError(f"--judge must be one or more of {', '.join(JUDGES)} (or none with --safety_judge or "
-                            f"--suite); got {list(self.judges)}")
-        unknown_suites = [s for s in self.suites if s not in SUITES]
-        if unknown_suites:
-            raise UserError(f"--suite must be one of {', '.join(SUITES)}, got {unknown_suites}")
-        if self.xstest_per_type is not None and self.xstest_per_type < 1:
-            raise UserError(f"--xstest_per_type must be >= 1 (or unset for every prompt), got {self.xstest_per_type}")
-        if "xstest" not in self.suites and (self.xstest_per_type is not None or
-                                            str(self.xstest_prompts) != DEFAULT_XSTEST_PROMPTS):
-            raise UserError("--xstest_prompts and --xstest_per_type set the XSTest suite; add --suite xstest")
-        if "xstest" in self.suites:
-            try:  # a missing or malformed prompt file is reported before anything is generated
-                load_xstest_prompts(self.xstest_prompts)
-            except FileNotFoundError as err:
-                raise UserError(str(err)) from None
-        self._check_safety_options()
-        if "llm" in self.judges and self.llm_judge is None:
-            raise UserError("--judge llm needs a judge backend (--judge_url or --judge_local)")
-        if "reward_cost" in self.judges and self.reward_model_dir is None and self.cost_model_dir is None:
-            raise UserError("--judge reward_cost needs --reward_model and/or --cost_model")
-        if "implicit" in self.judges and not self.implicit_sets:
-            raise UserError("--judge implicit needs pair files (--implicit_helpful_pairs / --implicit_safety_pairs)")
-        for name in ("score_batch_size", "bootstrap_samples", "elo_shuffles"):
-            if getattr(self, name) < 1:
-                raise UserError(f"--{name} must be >= 1, got {getattr(self, name)}")
-        if not 0.0 < self.confidence < 1.0:
-            raise UserError(f"--confidence must be in (0, 1), got {self.confidence}")
-        if self.tie_eps < 0:
-            raise UserError(f"--tie_eps must be >= 0, got {self.tie_eps}")
-
-    def _check_safety_options(self) -> None:
-        if not self.safety_judges and (self.safety_threshold is not None or self.predicted_safety):
-            raise UserError("--safety_threshold and --predicted_safety need per-answer safety judges: add "
-                            "--safety_judge guard:MODEL or classifier:MODEL")
-        if self.safety_threshold is not None and not 0.0 <= self.safety_threshold <= 1.0:
-            raise UserError(f"--safety_threshold is a fraction of safe answers and must be in [0, 1], got "
-                            f"{self.safety_threshold}")
-        if self.safety_constraint_on not in CONSTRAINT_SCALES:
-            raise ValueError(f"safety_constraint_on must be one of {', '.join(CONSTRAINT_SCALES)}, got "
-                             f"{self.safety_constraint_on!r}")
-
-    @property
-    def prompt_files(self) -> dict[str, str | os.PathLike]:
-        """``{set name: prompt file}`` of the prompt sets that are evaluated."""
-        pairs = (("helpful", self.prompts_helpful), ("safety", self.prompts_safety))
-        return {k: v for k, v in pairs if v is not None}
-
-    @property
-    def needs_generation(self) -> bool:
-        """Whether the prompt sets are generated on (the suites generate on their own prompts)."""
-        return any(j in self.judges for j in ("reward_cost", "llm")) or bool(self.safety_judges)
-
-    @property
-    def bootstrap(self) -> dict[str, Any]:
-        """Keyword arguments of the win-rate summaries."""
-        return {"n_resamples": self.bootstrap_samples, "confidence": self.confidence, "seed": self.seed}
-
-    def keywords(self) -> dict[str, Any]:
-        """The settings as keyword arguments of :func:`evaluate_models`."""
-        return {f.name: getattr(self, f.name) for f in fields(self)}
-
-
-@dataclass
 class _Run:
     """What the judges share: the models, the baseline, the generations and the report they fill."""
 
@@ -402,6 +256,8 @@ class _Run:
     # The XSTest suite: its prompt rows and each model's generation file on them.
     xstest_rows: list[dict[str, str]] | None = None
     xstest_paths: dict[str, Path] = field(default_factory=dict)
+    # The llm judge (a PairwiseJudge), when it runs.
+    llm_judge: Any | None = None
 
     @property
     def entries(self) -> dict[str, dict[str, Any]]:
@@ -422,13 +278,13 @@ def _prepare_safety_judges(settings: EvaluationSettings, model_names: Sequence[s
     # The judges run where generation runs unless their config says otherwise.
     configs = [{"device": device, **c} if device is not None and isinstance(c, Mapping)
                and c.get("kind") in ("guard", "classifier") else c for c in settings.safety_judges]
-    judges = build_safety_judges(configs, where="--safety_judge")
+    judges = build_safety_judges(configs, where="safety_judges")
     if (settings.safety_threshold is not None or predicted) and not any(j.kind == "unsafe" for j in judges):
-        raise UserError("--safety_threshold and --predicted_safety need an unsafe judge (--safety_judge "
-                        "guard:MODEL or classifier:MODEL); a refusal judge does not measure safety")
+        raise UserError("safety_threshold and predicted_safety need an unsafe judge (guard:MODEL or "
+                        "classifier:MODEL in safety_judges); a refusal judge does not measure safety")
     unknown = sorted(set(predicted or {}) - set(model_names))
     if unknown:
-        raise UserError(f"--predicted_safety names model(s) {', '.join(unknown)} that are not evaluated; evaluated: "
+        raise UserError(f"predicted_safety names model(s) {', '.join(unknown)} that are not evaluated; evaluated: "
                         f"{', '.join(model_names)}")
     return judges
 
@@ -543,7 +399,7 @@ def _reward_cost_scores(settings: EvaluationSettings, run: _Run) -> dict[str, di
     go to each model's ``scores`` entry."""
     score_kwargs = {"batch_size": settings.score_batch_size, "dtype": settings.score_dtype}
     scores: dict[str, dict[str, dict[str, list[float]]]] = {"reward": {}, "cost": {}}
-    for kind, scorer_dir in (("reward", settings.reward_model_dir), ("cost", settings.cost_model_dir)):
+    for kind, scorer_dir in (("reward", settings.reward_model), ("cost", settings.cost_model)):
         if scorer_dir is None:
             continue
         state: dict[str, Any] = {}
@@ -595,7 +451,7 @@ def _llm_judge_set(settings: EvaluationSettings, run: _Run, set_name: str, rubri
     matches = []
     for name in run.models:
         rows = run.gens[set_name][name]
-        verdicts = settings.llm_judge.judge(rubric, [r["prompt"] for r in base_rows], [r["response"] for r in rows],
+        verdicts = run.llm_judge.judge(rubric, [r["prompt"] for r in base_rows], [r["response"] for r in rows],
                                             [r["response"] for r in base_rows])
         kept = [(v.outcome, c) for v, c in zip(verdicts, categories, strict=True) if v.outcome is not None]
         target = run.entries[name] if primary else run.entries[name].setdefault("llm_judge", {})
@@ -624,7 +480,7 @@ def _run_llm_judge(settings: EvaluationSettings, run: _Run) -> None:
         key = rubric if primary else f"llm_{rubric}"
         run.report["elo"][key] = elo_ratings(matches, k=settings.elo_k, n_shuffles=settings.elo_shuffles,
                                              seed=settings.seed, players=list(run.models))
-    run.report["llm_judge"] = {"identity": settings.llm_judge.backend.identity, **settings.llm_judge.report_stats()}
+    run.report["llm_judge"] = {"identity": run.llm_judge.backend.identity, **run.llm_judge.report_stats()}
 
 
 def _run_implicit(settings: EvaluationSettings, run: _Run) -> None:
@@ -634,7 +490,7 @@ def _run_implicit(settings: EvaluationSettings, run: _Run) -> None:
     reference = settings.implicit_reference or run.models[run.baseline]
     run.report["implicit_reference"] = reference
     scored = {name: spec for name, spec in run.models.items() if spec != reference}
-    for name, result in implicit_accuracies(scored, reference, settings.implicit_sets,
+    for name, result in implicit_accuracies(scored, reference, settings.implicit,
                                             device=settings.generation.device).items():
         run.entries[name]["implicit"] = result
     _free()
@@ -644,7 +500,7 @@ def score_judge_reliability(settings: EvaluationSettings) -> dict[str, dict[str,
     """``{reward|cost: judge_reliability(...) + {"model"}}`` for each score model set, from the held-out accuracy in
     its folder's ``score_model.json`` (unknown for a model without one, e.g. a Hub model)."""
     out = {}
-    for kind, folder in (("reward", settings.reward_model_dir), ("cost", settings.cost_model_dir)):
+    for kind, folder in (("reward", settings.reward_model), ("cost", settings.cost_model)):
         if folder is None:
             continue
         meta_file = Path(os.path.expanduser(str(folder))) / SCORE_MODEL_FILE
@@ -667,14 +523,51 @@ def _with_baseline(models: Mapping[str, str], baseline: str) -> tuple[dict[str, 
     return models, baseline
 
 
-def run_evaluation(
-    models: Mapping[str, str], baseline: str, output_dir: str | os.PathLike, settings: EvaluationSettings
+def llm_judge(settings: EvaluationSettings, output_dir: str | os.PathLike) -> Any:
+    """The llm judge of the settings' ``judge_*`` fields, caching its judgements in ``output_dir/judgements.jsonl``.
+
+    Raises:
+        UserError: Neither ``judge_url`` nor ``judge_local`` is set.
+    """
+    from sacpo_lightning.evaluation.judge import HFLocalBackend, OpenAIChatBackend, PairwiseJudge
+
+    if settings.judge_url is not None:
+        backend = OpenAIChatBackend(settings.judge_url, settings.judge_model, api_key_env=settings.judge_api_key_env,
+                                    temperature=settings.judge_temperature, max_tokens=settings.judge_max_tokens)
+    elif settings.judge_local is not None:
+        backend = HFLocalBackend(settings.judge_local, max_new_tokens=settings.judge_max_tokens,
+                                 device=settings.generation.device)
+    else:
+        raise UserError("the llm judge needs a backend: judge_url (with judge_model) or judge_local")
+    return PairwiseJudge(backend, cache_path=Path(output_dir) / "judgements.jsonl", repeats=settings.judge_repeats,
+                         both_orders=not settings.judge_single_order)
+
+
+def evaluate_models(
+    models: Mapping[str, str], baseline: str, output_dir: str | os.PathLike, settings: EvaluationSettings, *,
+    llm_judge_override: Any | None = None,
 ) -> dict[str, Any]:
-    """Generates (cached), runs each selected judge, and writes the report; see :func:`evaluate_models`."""
+    """Generates (cached), judges, computes win rates against the baseline and Elo, and writes the report.
+
+    Args:
+        models: ``{name: model spec}`` (folders or ``mix:A+B@q``), the baseline included.
+        baseline: Name of the baseline in ``models`` (usually the SFT model), or a spec that is added under its
+            default name.
+        output_dir: Where generations, caches and the report go.
+        settings: What runs (see :class:`~sacpo_lightning.evaluation.settings.EvaluationSettings`).
+        llm_judge_override: A ready :class:`~sacpo_lightning.evaluation.judge.PairwiseJudge` for the llm judge
+            instead of the one of the settings' ``judge_*`` fields (e.g. with a custom backend).
+
+    Returns:
+        The report dict (also written to ``report.json``; see :func:`sacpo_lightning.evaluation.report.write_report`).
+
+    Raises:
+        ValueError: Settings that do not fit the models (e.g. judges without prompt sets), or invalid safety judges.
+    """
     pairwise = any(j in settings.judges for j in ("reward_cost", "llm"))
     if not settings.prompt_files and (pairwise or (settings.safety_judges and not settings.suites)):
-        raise ValueError("The reward_cost and llm judges and --safety_judge need --prompts_safety and/or "
-                         "--prompts_helpful (or, for --safety_judge, --suite)")
+        raise UserError("The reward_cost and llm judges and safety_judges need prompts_safety and/or "
+                        "prompts_helpful (or, for safety_judges, suites)")
     models, baseline = _with_baseline(models, baseline)
     safety_judges = _prepare_safety_judges(settings, list(models))
     xstest_rows = _load_xstest(settings) if "xstest" in settings.suites else None
@@ -695,6 +588,8 @@ def run_evaluation(
     if reliability:
         report["judge_reliability"] = reliability
     run = _Run(models, baseline, Path(output_dir), report, xstest_rows=xstest_rows)
+    if "llm" in settings.judges:
+        run.llm_judge = llm_judge_override or llm_judge(settings, output_dir)
     if settings.needs_generation and settings.prompt_files:
         _generate(settings, run)
     if xstest_rows is not None:
@@ -708,65 +603,3 @@ def run_evaluation(
                  predicted_safety=settings.predicted_safety, xstest=xstest)
     rank_zero_info(f"Evaluation report written to {run.output_dir / 'report.md'}")
     return report
-
-
-def evaluate_models(
-    models: Mapping[str, str],
-    baseline: str,
-    prompts_safety: str | os.PathLike | None,
-    prompts_helpful: str | os.PathLike | None,
-    reward_model_dir: str | None,
-    cost_model_dir: str | None,
-    output_dir: str | os.PathLike,
-    generation: GenerationSettings | None = None,
-    *,
-    judges: Sequence[str] = ("reward_cost",),
-    llm_judge: Any | None = None,
-    implicit_sets: Mapping[str, Mapping[str, Any]] | None = None,
-    implicit_reference: str | None = None,
-    training_logs: Mapping[str, str | os.PathLike] | None = None,
-    score_batch_size: int = 8,
-    score_dtype: str | None = None,
-    bootstrap_samples: int = 1000,
-    confidence: float = 0.95,
-    elo_shuffles: int = 100,
-    elo_k: float = 32.0,
-    seed: int = 0,
-    tie_eps: float = 1e-6,
-    safety_judges: Sequence[Mapping[str, Any]] | None = None,
-    safety_threshold: float | None = None,
-    predicted_safety: Mapping[str, Mapping[str, Any]] | None = None,
-    safety_constraint_on: str = "verdicts",
-    suites: Sequence[str] = (),
-    xstest_prompts: str | os.PathLike = DEFAULT_XSTEST_PROMPTS,
-    xstest_per_type: int | None = None,
-) -> dict[str, Any]:
-    """Generates (cached), judges, computes win rates against the baseline and Elo, and writes the report.
-
-    Args:
-        models: ``{name: model spec}`` (folders or ``mix:A+B@q``), the baseline included.
-        baseline: Name of the baseline in ``models`` (usually the SFT model), or a spec that is added under its
-            default name.
-        output_dir: Where generations, caches and the report go.
-        prompts_safety, prompts_helpful, reward_model_dir, cost_model_dir, generation, judges, llm_judge,
-            implicit_sets, implicit_reference, training_logs, score_batch_size, score_dtype, bootstrap_samples,
-            confidence, elo_shuffles, elo_k, seed, tie_eps, safety_judges, safety_threshold, predicted_safety,
-            safety_constraint_on, suites, xstest_prompts, xstest_per_type: The fields of :class:`EvaluationSettings`.
-
-    Returns:
-        The report dict (also written to ``report.json``; see :func:`sacpo_lightning.evaluation.report.write_report`).
-
-    Raises:
-        ValueError: Invalid settings (see :class:`EvaluationSettings`), or invalid safety judges.
-    """
-    settings = EvaluationSettings(
-        prompts_safety=prompts_safety, prompts_helpful=prompts_helpful, reward_model_dir=reward_model_dir,
-        cost_model_dir=cost_model_dir, generation=generation or GenerationSettings(), judges=judges,
-        llm_judge=llm_judge, implicit_sets=implicit_sets, implicit_reference=implicit_reference,
-        training_logs=training_logs, score_batch_size=score_batch_size, score_dtype=score_dtype,
-        bootstrap_samples=bootstrap_samples, confidence=confidence, elo_shuffles=elo_shuffles, elo_k=elo_k,
-        seed=seed, tie_eps=tie_eps, safety_judges=safety_judges, safety_threshold=safety_threshold,
-        predicted_safety=predicted_safety, safety_constraint_on=safety_constraint_on, suites=suites,
-        xstest_prompts=xstest_prompts, xstest_per_type=xstest_per_type,
-    )
-    return run_evaluation(models, baseline, output_dir, settings)

@@ -252,10 +252,8 @@ def _load_evaluate(evaluate: Any, source: str) -> dict[str, Any] | None:
     _require(evaluate is None or isinstance(evaluate, dict), source, "evaluate", "must be a mapping or absent")
     if evaluate is None:
         return None
-    from sacpo_lightning.evaluation.pipeline_stage import EVALUATE_KEYS, check_suites
+    from sacpo_lightning.evaluation.pipeline_stage import evaluation_settings
 
-    extra = sorted(set(evaluate) - EVALUATE_KEYS)
-    _require(not extra, source, f"evaluate.{','.join(extra)}", f"unknown key(s); known: {sorted(EVALUATE_KEYS)}")
     for key in ("reward_model", "cost_model"):
         value = evaluate.get(key)
         if isinstance(value, dict):
@@ -267,11 +265,15 @@ def _load_evaluate(evaluate: Any, source: str) -> dict[str, Any] | None:
         else:
             _require(value is None or isinstance(value, str), source, f"evaluate.{key}", "must be a path or a mapping")
     for key in ("prompts_safety", "prompts_helpful"):
-        if evaluate.get(key) is not None:
+        if isinstance(evaluate.get(key), str) and evaluate[key] not in ("", "none", "None"):
             _require(Path(_expand(evaluate[key])).is_file(), source, f"evaluate.{key}",
                      f"file {evaluate[key]!r} not found")
+    # The settings' own checks (keys, types, ranges, the XSTest prompt file), with a trained score model standing in
+    # for the folder it will be, so that a mistake stops the pipeline before any training.
+    checked = {key: f"stage:{key}" if key in ("reward_model", "cost_model") and isinstance(value, dict) else value
+               for key, value in evaluate.items()}
     try:
-        check_suites(evaluate)
+        evaluation_settings(checked, {"sft": "sft"}, None)
     except (FileNotFoundError, ValueError) as err:
         raise PipelineConfigError(f"{source}: {err}") from None
     return evaluate
