@@ -105,3 +105,99 @@ def test_budget_pipeline_without_safety_judges_fails_at_load(tmp_path):
     path.write_text(yaml.safe_dump(raw))
     with pytest.raises(PipelineConfigError, match="evaluate.safety_judges: a safety_budget pipeline"):
         load_pipeline_config(path)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# evaluate: one settings shape with sacpo evaluate
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _eval_pipeline(tmp_path: Path, **evaluate_changes) -> Path:
+    raw = yaml.safe_load((ROOT / "configs" / "pipelines" / "tiny_eval.yaml").read_text())
+    raw["evaluate"].update(evaluate_changes)
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_evaluate_keys_are_the_settings_fields_and_the_cli_flags():
+    """The pipeline accepts exactly EvaluationSettings' fields plus its one stage key, and `sacpo evaluate` has a flag
+    for every field (those of `generation` spelled as its own fields' flags)."""
+    from dataclasses import fields
+
+    from sacpo_lightning.evaluation.cli import EvaluateCommand, ImplicitOptions, build_evaluate_parser
+    from sacpo_lightning.evaluation.generation import GenerationSettings
+    from sacpo_lightning.evaluation.pipeline_stage import EVALUATE_KEYS
+    from sacpo_lightning.evaluation.settings import EvaluationSettings
+
+    names = {f.name for f in fields(EvaluationSettings)}
+    assert EVALUATE_KEYS == names | {"max_prompts"}
+    flags = {a.dest for a in build_evaluate_parser()._actions} - {"help", "config", "print_config"}
+    expected = (names - {"generation"}) | {f.name for f in fields(GenerationSettings)} | {
+        f.name for f in fields(EvaluateCommand)} | {f.name for f in fields(ImplicitOptions)}
+    assert flags == expected
+    # the names users wrote before the settings had one shape
+    assert {"reward_model", "cost_model", "judges", "suites", "safety_judges", "implicit"} <= names
+
+
+@pytest.mark.parametrize("key", ["reward_model_dir", "judge", "seeds"])
+def test_unknown_evaluate_key_is_named_with_the_known_ones(tmp_path, key):
+    with pytest.raises(PipelineConfigError, match=rf"pipeline.yaml: evaluate: unknown key\(s\) {key}; known: .*"
+                                                  r"bootstrap_samples, .*max_prompts, .*xstest_prompts"):
+        load_pipeline_config(_eval_pipeline(tmp_path, **{key: 1}))
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"bootstrap_samples": 0}, "evaluate: bootstrap_samples must be >= 1, got 0"),
+        ({"bootstrap_samples": "100"}, "evaluate: bootstrap_samples must be an integer, got '100'"),
+        ({"confidence": 1.5}, r"evaluate: confidence must be in \(0, 1\), got 1.5"),
+        ({"judges": ["reward_cost", "llm"]}, None),
+        ({"judges": ["oracle"]}, "evaluate: judges must be one or more of reward_cost, llm, implicit"),
+        ({"generation": {"max_new_tokens": 8, "beams": 2}}, "evaluate: generation: unknown key.s. beams; known: "),
+        ({"max_prompts": 0}, "evaluate.max_prompts must be an integer >= 1"),
+        ({"judge_url": "http://localhost:1"}, "evaluate: judge_url needs judge_model"),
+    ],
+)
+def test_evaluate_values_are_checked_at_load(tmp_path, changes, message):
+    path = _eval_pipeline(tmp_path, **changes)
+    if message is None:  # the llm judge's backend is only needed when it runs
+        assert load_pipeline_config(path).evaluate["judges"] == ["reward_cost", "llm"]
+        return
+    with pytest.raises(PipelineConfigError, match=message):
+        load_pipeline_config(path)
+
+
+def test_evaluate_mapping_builds_the_settings_the_cli_builds(tmp_path):
+    """One YAML mapping and the equivalent command line give equal settings."""
+    from sacpo_lightning.cli_args import command_argv
+    from sacpo_lightning.evaluation.cli import EVALUATE_OPTIONS, build_evaluate_parser, evaluation_settings
+    from sacpo_lightning.evaluation.pipeline_stage import evaluation_settings as stage_settings
+
+    safety = "../shared/data/eval/safety_problem.json"
+    config = {"prompts_safety": safety, "prompts_helpful": "none", "cost_model": "models/cost",
+              "judges": ["reward_cost"], "safety_judges": [{"kind": "classifier", "model": "cost_model"}, "refusal"],
+              "safety_threshold": 0.7, "bootstrap_samples": 50, "elo_k": 16.0, "tie_eps": 0.01,
+              "training_logs": {"reward": "logs/metrics.csv"},
+              "generation": {"max_new_tokens": 8, "do_sample": True, "seed": 3}}
+    from_yaml = stage_settings(config, {"sft": "sft-model"}, None)
+    parser = build_evaluate_parser()
+    argv = ["--models", "sft=sft-model", "--baseline", "sft", "--output", str(tmp_path), "--prompts_safety", safety,
+            "--prompts_helpful", "none", "--cost_model", "models/cost", "--judges", "reward_cost",
+            "--safety_judges", "classifier:models/cost", "--safety_judges", "refusal", "--safety_threshold", "0.7",
+            "--bootstrap_samples", "50", "--elo_k", "16", "--tie_eps", "0.01", "--training_logs",
+            "reward=logs/metrics.csv", "--max_new_tokens", "8", "--do_sample", "--seed", "3",
+            "--implicit_reference", "sft-model"]
+    from_cli = evaluation_settings(parser.parse_args(command_argv(argv, EVALUATE_OPTIONS)), parser)
+    assert from_cli == from_yaml
+    assert from_yaml.seed == 3 and from_yaml.prompts_helpful is None
+    assert from_yaml.safety_judges == [{"kind": "classifier", "model": "models/cost"}, {"kind": "refusal"}]
+
+
+def test_old_evaluate_flag_spellings_still_work_with_a_warning():
+    from sacpo_lightning.evaluation.cli import renamed_flags
+
+    with pytest.warns(FutureWarning, match="--judge is deprecated; use --judges"):
+        argv = renamed_flags(["--judge", "none", "--suite=xstest", "--safety-judge", "refusal", "--judges_x", "1"])
+    assert argv == ["--judges", "none", "--suites=xstest", "--safety_judges", "refusal", "--judges_x", "1"]

@@ -7,6 +7,8 @@
 - :mod:`~sacpo_lightning.evaluation.judge`: pairwise LLM judge (HTTP endpoint or local model), cached.
 - :mod:`~sacpo_lightning.evaluation.safety_judges`: per-answer safety judges (guard LM, classifier, refusal rules).
 - :mod:`~sacpo_lightning.evaluation.report`: win rates, bootstrap intervals, Elo, safety rates, report files and plots.
+- :mod:`~sacpo_lightning.evaluation.settings`: :class:`EvaluationSettings`, what an evaluation runs (the flags of
+  ``sacpo evaluate`` and the keys of a pipeline's ``evaluate:`` section).
 - :mod:`~sacpo_lightning.evaluation.evaluate`: :func:`evaluate_models`, the whole evaluation in one call.
 
 Submodules are imported on first use, so ``import sacpo_lightning.evaluation`` stays cheap.
@@ -37,6 +39,7 @@ _EXPORTS = {
     "safety_section": "report",
     "predicted_vs_measured": "report",
     "write_report": "report",
+    "EvaluationSettings": "settings",
     "evaluate_models": "evaluate",
 }
 
