@@ -255,18 +255,6 @@ class EvaluationSettings:
             raise UserError(f"safety_constraint_on must be one of {', '.join(CONSTRAINT_SCALES)}, got "
                             f"{self.safety_constraint_on!r}")
 
-    @classmethod
-    def from_mapping(cls, values: Mapping[str, Any], *, where: str = "evaluate") -> EvaluationSettings:
-        """The settings of a mapping whose keys are field names (a pipeline's ``evaluate:`` section).
-
-        Raises:
-            UserError: An unknown key (named, with the known ones), or an invalid value.
-        """
-        unknown = sorted(set(values) - SETTINGS_KEYS)
-        if unknown:
-            raise UserError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(SETTINGS_KEYS))}")
-        return cls(**{k: v for k, v in values.items() if v is not None})
-
     @property
     def seed(self) -> int:
         """Seed of the bootstrap and the Elo orders: the generation seed, so one seed fixes the whole run."""
