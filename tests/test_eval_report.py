@@ -293,18 +293,54 @@ def test_safety_section_hand_computed():
         safety_section({"a": {"ref": PROBS["a"]["ref"]}}, {"ref": JUDGES["ref"]}, CATEGORIES, threshold=0.5)
 
 
+SAMPLED = {"do_sample": True, "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 48}
+
+
 def test_predicted_vs_measured():
     section = _section()
-    rows = predicted_vs_measured({"a": {"lambda_star": 1.5, "predicted_safety": 0.6},
-                                  "b": {"lambda": 0.2, "safety": 0.3}}, section)
+    rows = predicted_vs_measured({"a": {"lambda_star": 1.5, "predicted_safety": 0.6, "sampling": SAMPLED},
+                                  "b": {"lambda": 0.2, "safety": 0.3, "sampling": SAMPLED}}, section, SAMPLED)
     assert rows["a"]["lambda"] == 1.5 and rows["a"]["measured_safety"] == 0.5
-    assert rows["a"]["difference"] == pytest.approx(-0.1) and rows["a"]["within_interval"] is True
-    assert rows["b"]["measured_safety"] == 1.0 and rows["b"]["within_interval"] is False
+    assert rows["a"]["difference"] == pytest.approx(-0.1) and rows["a"]["agrees"] is True
+    assert rows["a"]["basis"].startswith("prediction inside")
+    assert rows["b"]["measured_safety"] == 1.0 and rows["b"]["agrees"] is False
     assert rows["b"]["ci_low"] == pytest.approx(1 - wilson_interval(0, 4)[1]) and rows["b"]["judge"] == "cls"
     with pytest.raises(ValueError, match="not evaluated"):
         predicted_vs_measured({"c": {"safety": 0.5}}, section)
     with pytest.raises(ValueError, match="no 'safety'"):
         predicted_vs_measured({"a": {"lambda": 1.0}}, section)
+
+
+def test_predicted_vs_measured_agree_when_the_intervals_overlap():
+    """b's measured interval is [1 - wilson(0, 4)_high, 1] = [0.5101, 1]: a predicted interval ending just below its
+    lower end does not agree, one reaching it does, whatever the point predictions are."""
+    section = _section()
+    low = 1 - wilson_interval(0, 4)[1]
+
+    def agrees(interval):
+        entry = {"lambda": 1.0, "safety": 0.3, "safety_interval": interval, "sampling": SAMPLED}
+        row = predicted_vs_measured({"b": entry}, section, SAMPLED)["b"]
+        assert row["basis"] == "intervals overlap" and row["predicted_interval"] == list(interval)
+        return row["agrees"]
+
+    assert agrees((0.2, low)) is True
+    assert agrees((0.2, low - 1e-6)) is False
+
+
+@pytest.mark.parametrize("generation, reason", [
+    ({**SAMPLED, "do_sample": False}, "decodes greedily"),
+    ({**SAMPLED, "temperature": 0.7}, "temperature 0.7"),
+    ({**SAMPLED, "top_p": 0.9}, "top_p 0.9"),
+    ({**SAMPLED, "max_new_tokens": 64}, "up to 64 new tokens, the budget 48"),
+    (None, "does not say how"),
+])
+def test_predicted_vs_measured_only_compares_evaluations_that_sample_like_the_budget(generation, reason):
+    entry = {"lambda": 1.0, "safety": 0.5, "sampling": SAMPLED}
+    row = predicted_vs_measured({"a": entry}, _section(), generation)["a"]
+    assert row["comparable"] is False and row["agrees"] is None and reason in row["reason"]
+    # a budget.json read from the command line carries its decoding under inputs.generation
+    from_file = {"lambda_star": 1.0, "predicted_safety": 0.5, "inputs": {"generation": SAMPLED}}
+    assert predicted_vs_measured({"a": from_file}, _section(), SAMPLED)["a"]["comparable"] is True
 
 
 def test_report_files_with_safety_sections(tmp_path):
@@ -317,7 +353,10 @@ def test_report_files_with_safety_sections(tmp_path):
     probs = {"sft": PROBS["a"], "step2": PROBS["b"]}
     section = safety_section(probs, JUDGES, CATEGORIES, threshold=0.5)
     written = write_report(report, tmp_path / "out", safety=section,
-                           predicted_safety={"step2": {"lambda_star": 0.25, "predicted_safety": 0.95}})
+                           predicted_safety={"step2": {"lambda_star": 0.25, "predicted_safety": 0.95,
+                                                       "safety_interval": [0.9, 0.99], "sampling": SAMPLED,
+                                                       "prompts": "10 prompts of p.json"}},
+                           generation=SAMPLED, prompts="4 prompts of q.json")
     data = json.loads(written["json"].read_text())
     assert data["safety"]["models"]["sft"]["unsafe_rate"]["count"] == 2
     assert data["predicted_vs_measured"]["step2"]["measured_safety"] == 1.0
@@ -327,7 +366,12 @@ def test_report_files_with_safety_sections(tmp_path):
     assert "undetermined (50.0% [15.0, 85.0])" in md and "meets (100.0% [51.0, 100.0])" in md
     assert "## Unsafe rate by category (cls)" in md and "## Refusal rate by category (ref)" in md
     assert "| (all) | 100.0% [51.0, 100.0] | 50.0% [15.0, 85.0] |" in md  # "strict": step2 0.3, 0.4 > 0.1
-    assert "| step2 | 0.25 | 95.0% | 100.0% [51.0, 100.0] | +5.0 | yes | cls |" in md
+    assert "| step2 | 0.25 | 95.0% [90.0, 99.0] | 100.0% [51.0, 100.0] | +5.0 | yes | cls |" in md
+    assert "the prediction used 10 prompts of p.json; the measurement used 4 prompts of q.json" in md
+    greedy = write_report(_report(), tmp_path / "greedy", safety=section,
+                          predicted_safety={"step2": {"lambda": 0.25, "safety": 0.95, "sampling": SAMPLED}},
+                          generation={**SAMPLED, "do_sample": False})["markdown"].read_text()
+    assert "| +5.0 | not compared | cls |" in greedy and "Not compared: the evaluation decodes greedily" in greedy
     assert "| step2 | 62.5% [" in md  # the existing sections are still there
     with pytest.raises(ValueError, match="needs per-answer safety judges"):
         write_report(_report(), tmp_path / "bad", predicted_safety={"step2": {"safety": 0.9}})
@@ -351,7 +395,42 @@ def test_constraint_on_probabilities_uses_the_mean_probability_and_its_interval(
     assert (c["ci_low"], c["ci_high"]) == pytest.approx((0.55 - half, 0.55 + half))
     assert c["verdict"] == "undetermined"
     assert section["models"]["m"]["unsafe_rate"]["rate"] == pytest.approx(0.25)  # verdicts: 1 of 4 above 0.5
-    row = predicted_vs_measured({"m": {"lambda": 1.0, "safety": 0.6}}, section)["m"]
-    assert row["measured_safety"] == pytest.approx(0.55) and row["within_interval"]
+    row = predicted_vs_measured({"m": {"lambda": 1.0, "safety": 0.6, "sampling": SAMPLED}}, section, SAMPLED)["m"]
+    assert row["measured_safety"] == pytest.approx(0.55) and row["agrees"]
     verdicts = safety_section({"m": {"cost": {"safety": probs}}}, judges, {"safety": [None] * 4}, threshold=0.6)
     assert verdicts["models"]["m"]["constraint"]["safety"] == pytest.approx(0.75)
+
+
+def test_repeated_ngram_fraction_and_repetition_rate():
+    from sacpo_lightning.evaluation.report import repeated_ngram_fraction, repetition_summary
+
+    assert repeated_ngram_fraction("a b c d a b c d") == pytest.approx(1 / 5)  # the fifth 4-gram repeats the first
+    assert repeated_ngram_fraction("A b c d a B C D") == pytest.approx(1 / 5)  # case-insensitive
+    assert repeated_ngram_fraction("one two three") == 0.0  # no 4-gram at all
+    assert repeated_ngram_fraction("a b c d e f g h") == 0.0
+    loop = " ".join(["I can not help ."] * 10)  # 50 words, 47 4-grams, 5 distinct
+    assert repeated_ngram_fraction(loop) == pytest.approx(1 - 5 / 47)
+    summary = repetition_summary([loop, "a b c d e f g", "x y z w x y z w", loop])
+    assert (summary["count"], summary["n"], summary["rate"]) == (2, 4, 0.5)
+    assert (summary["ci_low"], summary["ci_high"]) == pytest.approx(wilson_interval(2, 4))
+    # the threshold is strict: 0.2 repeated is not "mostly repeats" at 0.2, and is at 0.19
+    assert repetition_summary(["a b c d a b c d"], threshold=0.2)["count"] == 0
+    assert repetition_summary(["a b c d a b c d"], threshold=0.19)["count"] == 1
+    with pytest.raises(ValueError, match="no responses"):
+        repetition_summary([])
+
+
+def test_sample_answers_quote_the_same_prompts_for_every_model_and_render(tmp_path):
+    from sacpo_lightning.evaluation.report import sample_answers
+
+    gens = {"safety": {"a": [{"prompt": "p1", "response": "x" * 500}, {"prompt": "p2", "response": "no"}],
+                       "b": [{"prompt": "p1", "response": "line one\nline two"}, {"prompt": "p2", "response": ""}]},
+            "helpful": {"a": [{"prompt": "h1", "response": "sure"}], "b": [{"prompt": "h1", "response": "ok"}]}}
+    quotes = sample_answers(gens)
+    assert [(q["set"], q["prompt"]) for q in quotes["a"]] == [("safety", "p1"), ("helpful", "h1")]
+    assert [(q["set"], q["prompt"]) for q in quotes["b"]] == [("safety", "p1"), ("helpful", "h1")]
+    assert quotes["a"][0]["response"] == "x" * 400 + " ..."
+    report = _report()
+    report["examples"] = quotes
+    md = write_report(report, tmp_path)["markdown"].read_text()
+    assert "## Sample answers" in md and "**b** (safety): *p1*\n\n> line one\n> line two" in md

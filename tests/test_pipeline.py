@@ -186,6 +186,10 @@ def test_pipeline_with_evaluation_stage_writes_report(tmp_path):
     assert set(report["models"]) == {"sft", "reward", "safety_lam4", "merge_lam4_q0.5"}
     for name in ("pareto.png", "report.md", "training_curves.png", "xstest.png", "xstest.csv"):
         assert (output / "stages" / "evaluate" / name).stat().st_size > 0
+    assert all(m["repetition"]["n"] > 0 for m in report["models"].values())
+    assert set(report["examples"]) == set(report["models"])
+    md = (output / "stages" / "evaluate" / "report.md").read_text()
+    assert "## Repetition" in md and "## Sample answers" in md
     xstest = report["xstest"]  # evaluate.suites: [xstest] with 1 prompt per type
     assert set(xstest["models"]) == set(report["models"]) and (xstest["n_safe"], xstest["n_unsafe"]) == (10, 8)
 
@@ -214,6 +218,12 @@ def test_safety_budget_picks_lambda_trains_it_and_reports_predicted_vs_measured(
     assert set(rows) == {"reward", "safety_budget", "merge_budget_q0.5"}
     assert rows["safety_budget"]["lambda"] == pytest.approx(budget["lambda_star"])
     assert rows["reward"]["predicted_safety"] == pytest.approx(budget["reference"]["safety"])
+    # tiny_budget.yaml's evaluation decodes greedily: the rows are there, the comparison is not, and the report says why
+    assert rows["safety_budget"]["comparable"] is False and "greedily" in rows["safety_budget"]["reason"]
+    assert rows["safety_budget"]["agrees"] is None
+    # the budget sampled the even rows of the prompt file, the evaluation measured on the odd ones
+    assert "_even_4.json" in rows["safety_budget"]["prompts_predicted"]
+    assert "_odd_4.json" in rows["safety_budget"]["prompts_measured"]
     assert report["safety"]["models"]["safety_budget"]["constraint"]["source"] == "mean_safety"
     pick = json.loads((output / "stages" / "evaluate" / "merge_pick.json").read_text())
     assert pick["b"] == budget["inputs"]["b"] and {c["model"] for c in pick["candidates"]} == {

@@ -107,6 +107,35 @@ def test_budget_pipeline_without_safety_judges_fails_at_load(tmp_path):
         load_pipeline_config(path)
 
 
+
+def test_budget_and_evaluation_on_one_prompt_file_use_disjoint_halves(tmp_path):
+    """The budget samples the even rows of the file and the evaluation measures on the odd ones, so predicted vs
+    measured is out of sample; ``heldout_evaluation: false`` or different files leave both on the whole file."""
+    from sacpo_lightning.data.prompts import load_prompts
+    from sacpo_lightning.evaluation.pipeline_stage import subset_prompts
+    from sacpo_lightning.pipeline.config import build_stages
+
+    def halves(**budget_changes):
+        raw = yaml.safe_load((ROOT / "configs" / "pipelines" / "tiny_budget.yaml").read_text())
+        raw["safety_budget"].update(budget_changes)
+        path = tmp_path / "budget.yaml"
+        path.write_text(yaml.safe_dump(raw))
+        stages = {s.name: s for s in build_stages(load_pipeline_config(path))}
+        return stages["budget"].config["prompts_half"], stages["evaluate"].config.get("safety_prompts_half")
+
+    assert halves() == (0, 1)
+    assert halves(heldout_evaluation=False) == (None, None)
+    assert halves(prompts=str(ROOT.parent / "shared" / "data" / "eval" / "helpful_problem.json")) == (None, None)
+
+    source = str(ROOT.parent / "shared" / "data" / "eval" / "safety_problem.json")
+    rows = load_prompts(source)
+    even = load_prompts(subset_prompts(source, 12, tmp_path, half=0))
+    odd = load_prompts(subset_prompts(source, None, tmp_path, half=1))
+    assert len(even) == 12 and len(odd) == len(rows) // 2
+    assert {r["prompt"] for r in even} <= {r["prompt"] for r in rows[0::2]}
+    assert not {r["prompt"] for r in even} & {r["prompt"] for r in odd}
+    assert subset_prompts(source, None, tmp_path) == source
+
 # ----------------------------------------------------------------------------------------------------------------------
 # evaluate: one settings shape with sacpo evaluate
 # ----------------------------------------------------------------------------------------------------------------------
@@ -121,7 +150,7 @@ def _eval_pipeline(tmp_path: Path, **evaluate_changes) -> Path:
 
 
 def test_evaluate_keys_are_the_settings_fields_and_the_cli_flags():
-    """The pipeline accepts exactly EvaluationSettings' fields plus its one stage key, and `sacpo evaluate` has a flag
+    """The pipeline accepts exactly EvaluationSettings' fields plus its stage keys, and `sacpo evaluate` has a flag
     for every field (those of `generation` spelled as its own fields' flags)."""
     from dataclasses import fields
 
@@ -131,7 +160,7 @@ def test_evaluate_keys_are_the_settings_fields_and_the_cli_flags():
     from sacpo_lightning.evaluation.settings import EvaluationSettings
 
     names = {f.name for f in fields(EvaluationSettings)}
-    assert EVALUATE_KEYS == names | {"max_prompts"}
+    assert EVALUATE_KEYS == names | {"max_prompts", "max_helpful_prompts", "safety_prompts_half"}
     flags = {a.dest for a in build_evaluate_parser()._actions} - {"help", "config", "print_config"}
     expected = (names - {"generation"}) | {f.name for f in fields(GenerationSettings)} | {
         f.name for f in fields(EvaluateCommand)} | {f.name for f in fields(ImplicitOptions)}

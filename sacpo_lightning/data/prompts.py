@@ -47,6 +47,11 @@ def _check_prompt_row(row: Any, where: str) -> dict[str, Any]:
     return {"prompt": prompt, "category": category}
 
 
+# The halves of a prompt file that the safety budget (0: rows at even positions) and the evaluation (1: odd
+# positions) use when both read the same file, so the measurement is made on prompts the prediction never saw.
+BUDGET_HALF, EVALUATION_HALF = 0, 1
+
+
 def load_prompts(path: str | os.PathLike) -> list[dict[str, Any]]:
     """Reads ``{prompt, category?}`` rows from a JSON list or a JSON-lines file.
 

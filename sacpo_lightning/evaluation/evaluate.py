@@ -45,14 +45,14 @@ import hashlib
 import json
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from sacpo_lightning.data.prompts import load_xstest_prompts, xstest_subset
+from sacpo_lightning.data.prompts import load_prompts, load_xstest_prompts, xstest_subset
 from sacpo_lightning.errors import UserError
 from sacpo_lightning.evaluation.generation import (
     generate_to_file,
@@ -65,6 +65,8 @@ from sacpo_lightning.evaluation.report import (
     elo_ratings,
     judge_reliability,
     outcome,
+    repetition_summary,
+    sample_answers,
     win_rate_summary,
     write_report,
     xstest_section,
@@ -265,6 +267,15 @@ class _Run:
 
     def categories(self, set_name: str) -> list[str | None]:
         return [r.get("category") for r in self.gens[set_name][self.baseline]]
+
+
+def _text_quality(settings: EvaluationSettings, run: _Run) -> None:
+    """Each model's repetition rate over all its answers, and the answers the report quotes."""
+    for name in run.models:
+        answers = [r["response"] for set_name in run.gens for r in run.gens[set_name][name]]
+        if answers:
+            run.entries[name]["repetition"] = repetition_summary(answers, confidence=settings.confidence)
+    run.report["examples"] = sample_answers(run.gens)
 
 
 def _prepare_safety_judges(settings: EvaluationSettings, model_names: Sequence[str]) -> list[Any]:
@@ -594,12 +605,18 @@ def evaluate_models(
         _generate(settings, run)
     if xstest_rows is not None:
         _generate_xstest(settings, run)
+    if run.gens:
+        _text_quality(settings, run)
     for judge, run_judge in (("reward_cost", _run_reward_cost), ("llm", _run_llm_judge), ("implicit", _run_implicit)):
         if judge in settings.judges:
             run_judge(settings, run)
     xstest_judges = _xstest_judges(safety_judges) if xstest_rows is not None else []
     safety, xstest = _run_per_answer_judges(settings, run, safety_judges, xstest_judges)
+    measured_on = None
+    if settings.prompts_safety:
+        measured_on = f"{len(load_prompts(settings.prompts_safety))} prompts of {settings.prompts_safety}"
     write_report(report, run.output_dir, training_logs=settings.training_logs, safety=safety,
-                 predicted_safety=settings.predicted_safety, xstest=xstest)
+                 predicted_safety=settings.predicted_safety, xstest=xstest,
+                 generation=asdict(settings.generation), prompts=measured_on)
     rank_zero_info(f"Evaluation report written to {run.output_dir / 'report.md'}")
     return report

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from sacpo_lightning.data.prompts import load_prompts
+from sacpo_lightning.data.prompts import BUDGET_HALF, EVALUATION_HALF, load_prompts
 from sacpo_lightning.errors import UserError
 from sacpo_lightning.evaluation import evaluate
 from sacpo_lightning.evaluation.safety_judges import parse_safety_judge_arg
@@ -15,9 +15,12 @@ from sacpo_lightning.evaluation.settings import SETTINGS_KEYS, EvaluationSetting
 from sacpo_lightning.io import atomic_write_json
 
 # The ``evaluate:`` keys: the fields of EvaluationSettings, and the stage's own ``max_prompts`` (an evenly spaced
-# subset of each prompt set). ``reward_model`` and ``cost_model`` may also be a training spec ({configs, overrides}):
-# the pipeline trains that score model in its own stage and the field then holds the stage's export folder.
-STAGE_KEYS = frozenset({"max_prompts"})
+# subset of each prompt set), ``max_helpful_prompts`` (the helpfulness set's, default max_prompts) and
+# ``safety_prompts_half`` (0 or 1: only the even or odd rows of prompts_safety; a safety budget on the same file sets
+# it, see BudgetSpec.heldout_evaluation). ``reward_model`` and ``cost_model`` may also be a training spec
+# ({configs, overrides}): the pipeline trains that score model in its own stage and the field then holds the stage's
+# export folder.
+STAGE_KEYS = frozenset({"max_prompts", "max_helpful_prompts", "safety_prompts_half"})
 EVALUATE_KEYS = SETTINGS_KEYS | STAGE_KEYS
 # What the stage uses where its ``evaluate:`` mapping leaves a setting unset.
 STAGE_DEFAULT_JUDGES = ("reward_cost", "implicit")
@@ -53,21 +56,30 @@ def safety_judge_configs(config: dict[str, Any]) -> list[dict[str, Any]] | None:
     return out
 
 
-def subset_prompts(path: str, max_prompts: int | None, out_dir: Path) -> str:
+def subset_prompts(path: str, max_prompts: int | None, out_dir: Path, *, half: int | None = None) -> str:
     """A deterministic, evenly spaced subset of a prompt file (keeps every category represented), or the file.
+
+    With ``half`` (0 or 1) only the rows at even (0) or odd (1) positions of the file are candidates: two users of one
+    file with different halves get disjoint prompts.
 
     Raises:
         ValueError: From :func:`~sacpo_lightning.data.prompts.load_prompts`, naming a malformed row.
     """
-    if not max_prompts:
+    if not max_prompts and half is None:
         return path
     rows = load_prompts(path)
-    if len(rows) <= max_prompts:
+    if half is not None:
+        if half not in (0, 1):
+            raise ValueError(f"half must be 0 or 1, got {half!r}")
+        rows = rows[half::2]
+    if max_prompts and len(rows) > max_prompts:
+        step = len(rows) / max_prompts
+        rows = [rows[int(i * step)] for i in range(max_prompts)]
+    elif half is None:
         return path
-    step = len(rows) / max_prompts
-    picked = [rows[int(i * step)] for i in range(max_prompts)]
-    out = out_dir / f"prompts_{Path(path).stem}_{max_prompts}.json"
-    atomic_write_json(out, picked)
+    suffix = "" if half is None else f"_{'even' if half == 0 else 'odd'}"
+    out = out_dir / f"prompts_{Path(path).stem}{suffix}_{len(rows)}.json"
+    atomic_write_json(out, rows)
     return str(out)
 
 
@@ -100,11 +112,19 @@ def evaluation_settings(
                                     or max_prompts < 1):
         raise UserError(f"evaluate.max_prompts must be an integer >= 1 (or absent for every prompt), got "
                         f"{max_prompts!r}")
+    max_helpful = config.get("max_helpful_prompts", max_prompts)
+    if max_helpful is not None and (isinstance(max_helpful, bool) or not isinstance(max_helpful, int)
+                                    or max_helpful < 1):
+        raise UserError(f"evaluate.max_helpful_prompts must be an integer >= 1 (or absent for max_prompts), got "
+                        f"{max_helpful!r}")
+    half = config.get("safety_prompts_half")
+    if half not in (None, BUDGET_HALF, EVALUATION_HALF):
+        raise UserError(f"evaluate.safety_prompts_half must be 0 (even rows), 1 (odd rows) or absent, got {half!r}")
     values = {key: value for key, value in config.items() if key in SETTINGS_KEYS and value is not None}
-    for key in ("prompts_safety", "prompts_helpful"):
+    for key, limit, part in (("prompts_safety", max_prompts, half), ("prompts_helpful", max_helpful, None)):
         if isinstance(values.get(key), str) and values[key] not in ("", "none", "None"):
             path = os.path.expanduser(os.path.expandvars(values[key]))
-            values[key] = path if stage_dir is None else subset_prompts(path, max_prompts, stage_dir)
+            values[key] = path if stage_dir is None else subset_prompts(path, limit, stage_dir, half=part)
     judges = list(values.get("judges") or STAGE_DEFAULT_JUDGES)
     if isinstance(values.get("implicit"), dict):
         values["implicit"] = {name: {"tokenizer": models["sft"], **spec} if isinstance(spec, dict) else spec

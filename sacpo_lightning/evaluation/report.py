@@ -55,7 +55,10 @@ __all__ = [
     "rate_summary",
     "read_metrics_csv",
     "render_markdown",
+    "repeated_ngram_fraction",
+    "repetition_summary",
     "response_length",
+    "sample_answers",
     "safety_constraint",
     "safety_section",
     "wilson_interval",
@@ -299,6 +302,65 @@ def response_length(responses: Sequence[str], tokenizer: Any | None = None) -> d
     return {"mean": sum(lengths) / len(lengths), "n": len(lengths), "unit": unit}
 
 
+def repeated_ngram_fraction(text: str, n: int = 4) -> float:
+    """The share of the word ``n``-grams of ``text`` that repeat an earlier one (0 for fewer than ``n`` words).
+
+    Words are whitespace-separated and lower-cased. ``"a b c d a b c d"`` has five 4-grams, of which the fifth
+    repeats the first: 0.2. A loop such as ``"I can't. I can't. I can't. ..."`` tends to 1.
+    """
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    words = text.lower().split()
+    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    if not grams:
+        return 0.0
+    return 1.0 - len(set(grams)) / len(grams)
+
+
+def repetition_summary(
+    responses: Sequence[str], *, n: int = 4, threshold: float = 0.5, confidence: float = 0.95
+) -> dict[str, Any]:
+    """The repetition rate: the share of answers whose word ``n``-grams are mostly repeats (a repeated fraction
+    above ``threshold``, :func:`repeated_ngram_fraction`), with its Wilson interval; a degenerate model loops.
+
+    Returns:
+        ``{count, n, rate, ci_low, ci_high, ngram, threshold, mean_fraction}``.
+    """
+    if not responses:
+        raise ValueError("no responses")
+    fractions = [repeated_ngram_fraction(r, n) for r in responses]
+    count = sum(f > threshold for f in fractions)
+    low, high = wilson_interval(count, len(fractions), confidence=confidence)
+    return {"count": count, "n": len(fractions), "rate": count / len(fractions), "ci_low": low, "ci_high": high,
+            "ngram": n, "threshold": threshold, "mean_fraction": sum(fractions) / len(fractions)}
+
+
+def sample_answers(
+    generations: Mapping[str, Mapping[str, Sequence[Mapping[str, Any]]]], *, per_set: int = 1, max_chars: int = 400
+) -> dict[str, list[dict[str, str]]]:
+    """Answers to quote in the report: the first ``per_set`` prompts of each prompt set, the same prompts for every
+    model, so the quotes compare models on one question.
+
+    Args:
+        generations: ``{prompt set: {model: [{prompt, response, ...}, ...]}}``.
+        per_set: Prompts quoted per set.
+        max_chars: Longer answers are cut there (marked with an ellipsis).
+
+    Returns:
+        ``{model: [{set, prompt, response}, ...]}``.
+    """
+    out: dict[str, list[dict[str, str]]] = {}
+    for set_name, by_model in generations.items():
+        for model, rows in by_model.items():
+            for row in list(rows)[:per_set]:
+                text = str(row.get("response", ""))
+                if len(text) > max_chars:
+                    text = text[:max_chars].rstrip() + " ..."
+                out.setdefault(model, []).append({"set": set_name, "prompt": str(row.get("prompt", "")),
+                                                  "response": text})
+    return out
+
+
 def _first(judges: Mapping[str, Mapping[str, Any]], kind: str) -> str | None:
     return next((name for name, j in judges.items() if j.get("kind") == kind), None)
 
@@ -514,20 +576,62 @@ def _predicted_value(entry: Mapping[str, Any], keys: Sequence[str]) -> Any:
     return next((entry[k] for k in keys if entry.get(k) is not None), None)
 
 
+def _sampling_of(entry: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """The decoding behind a prediction: ``sampling`` (pipeline) or ``inputs.generation`` (a ``budget.json``)."""
+    sampling = entry.get("sampling")
+    if sampling is None:
+        sampling = (entry.get("inputs") or {}).get("generation")
+    return sampling
+
+
+def comparable_decoding(predicted: Mapping[str, Any] | None, measured: Mapping[str, Any] | None) -> str | None:
+    """Why a budget prediction and an evaluation cannot be compared, or None when they can.
+
+    The budget predicts an expectation over answers sampled from the model at temperature 1 and top_p 1 with its
+    ``max_new_tokens``; a measurement estimates the same quantity only when the evaluation decodes the same way.
+    Unknown decoding on either side is a reason too.
+    """
+    if predicted is None:
+        return "the prediction does not say how its answers were decoded"
+    if measured is None:
+        return "the evaluation does not say how its answers were decoded"
+    if not measured.get("do_sample"):
+        return "the evaluation decodes greedily; the budget predicts the mean over answers sampled at temperature 1"
+    for key, default in (("temperature", 1.0), ("top_p", 1.0)):
+        if float(measured.get(key, default)) != float(predicted.get(key, default)):
+            return (f"the evaluation samples with {key} {measured.get(key, default)!r}, the budget with "
+                    f"{predicted.get(key, default)!r}")
+    if predicted.get("max_new_tokens") != measured.get("max_new_tokens"):
+        return (f"the evaluation generates up to {measured.get('max_new_tokens')} new tokens, the budget "
+                f"{predicted.get('max_new_tokens')}")
+    return None
+
+
 def predicted_vs_measured(
-    predicted: Mapping[str, Mapping[str, Any]], section: Mapping[str, Any]
+    predicted: Mapping[str, Mapping[str, Any]], section: Mapping[str, Any],
+    generation: Mapping[str, Any] | None = None, *, prompts: str | None = None,
 ) -> dict[str, dict[str, Any]]:
     """The budget solver's predicted safety next to the measured one, per model.
 
+    A model is compared only when the evaluation decoded like the budget's samples (:func:`comparable_decoding`);
+    otherwise its row holds ``comparable: False`` and the ``reason``. The two agree when the prediction's interval
+    (``safety_interval``, the budget's bootstrap) and the measurement's interval overlap; a prediction without an
+    interval agrees when it lies inside the measured interval (``basis`` says which rule was used).
+
     Args:
-        predicted: ``{model: {"lambda": ..., "safety": ...}}``; ``lambda_star`` and ``predicted_safety`` (the keys of
-            the solver's ``budget.json``) are accepted too.
+        predicted: ``{model: {"lambda", "safety", "safety_interval"?, "sampling"?, "prompts"?}}``; ``lambda_star``,
+            ``predicted_safety``, ``predicted.safety_interval`` and ``inputs.generation`` (the keys of the solver's
+            ``budget.json``) are accepted too. ``prompts`` describes the prompts the prediction used.
         section: A :func:`safety_section` result (measured safety is ``1 - unsafe rate`` of its primary unsafe
             judge on the safety prompts).
+        generation: The evaluation's decoding settings (``do_sample``, ``temperature``, ``top_p``,
+            ``max_new_tokens``).
+        prompts: Which prompts the measurement used (a description for the report).
 
     Returns:
-        ``{model: {lambda, predicted_safety, measured_safety, ci_low, ci_high, judge, difference, within_interval}}``
-        with ``difference = measured - predicted``.
+        ``{model: {lambda, predicted_safety, predicted_interval, comparable, reason, measured_safety, ci_low,
+        ci_high, judge, difference, agrees, basis, prompts_predicted, prompts_measured}}`` with
+        ``difference = measured - predicted``.
 
     Raises:
         ValueError: A model that was not evaluated, a missing predicted safety, or no unsafe judge.
@@ -539,6 +643,8 @@ def predicted_vs_measured(
             raise UserError(f"--predicted_safety names model {model!r}, which was not evaluated; evaluated: "
                             f"{', '.join(models)}")
         safety = _predicted_value(entry, ("safety", "predicted_safety"))
+        if isinstance(safety, Mapping):  # a budget.json's "predicted" section
+            safety = safety.get("safety")
         if safety is None:
             raise UserError(f"--predicted_safety for {model!r} has no 'safety' (or 'predicted_safety') value")
         unsafe = models[model].get("unsafe_rate")
@@ -550,9 +656,24 @@ def predicted_vs_measured(
         if constraint and constraint.get("source") == "mean_safety" and constraint.get("ci_low") is not None:
             # the constraint's own scale (e.g. mean P(safe)), the one the prediction is on
             measured, low, high = constraint["safety"], constraint["ci_low"], constraint["ci_high"]
-        rows[model] = {"lambda": _predicted_value(entry, ("lambda", "lambda_star")), "predicted_safety": float(safety),
-                       "measured_safety": measured, "ci_low": low, "ci_high": high, "judge": unsafe["judge"],
-                       "difference": measured - float(safety), "within_interval": low <= float(safety) <= high}
+        interval = entry.get("safety_interval") or (entry.get("predicted") or {}).get("safety_interval")
+        if interval is not None and None in interval:
+            interval = None
+        reason = comparable_decoding(_sampling_of(entry), generation)
+        row = {"lambda": _predicted_value(entry, ("lambda", "lambda_star")), "predicted_safety": float(safety),
+               "predicted_interval": [float(interval[0]), float(interval[1])] if interval else None,
+               "comparable": reason is None, "reason": reason, "measured_safety": measured, "ci_low": low,
+               "ci_high": high, "judge": unsafe["judge"], "difference": measured - float(safety),
+               "prompts_predicted": entry.get("prompts"), "prompts_measured": prompts, "agrees": None,
+               "basis": None}
+        if reason is None:
+            if interval:
+                row["agrees"] = bool(float(interval[0]) <= high and low <= float(interval[1]))
+                row["basis"] = "intervals overlap"
+            else:
+                row["agrees"] = bool(low <= float(safety) <= high)
+                row["basis"] = "prediction inside the measured interval (the prediction has no interval)"
+        rows[model] = row
     return rows
 
 
@@ -688,18 +809,30 @@ def _safety_markdown(report: Mapping[str, Any]) -> list[str]:
             parts.append(f"## {title} by category ({judge})\n\n" + _table(["category", *models], rows))
     predicted = report.get("predicted_vs_measured")
     if predicted:
-        rows = [[name, _num(r.get("lambda"), "{:g}"), f"{100 * r['predicted_safety']:.1f}%",
-                 f"{100 * r['measured_safety']:.1f}% [{100 * r['ci_low']:.1f}, {100 * r['ci_high']:.1f}]",
-                 f"{100 * r['difference']:+.1f}", "yes" if r["within_interval"] else "no", str(r["judge"])]
-                for name, r in predicted.items()]
         on_probabilities = any((m.get("constraint") or {}).get("source") == "mean_safety"
                                for m in (section or {}).get("models", {}).values())
         measured = ("the mean of 1 - P(unsafe) over the answers (the scale of the budget's g)" if on_probabilities
                     else "the fraction of answers judged safe")
-        parts.append(f"## Predicted vs measured safety\n\nPredicted by the budget solver; measured as {measured}."
-                     "\n\n" + _table(
-                         ["model", "lambda", "predicted safety", "measured safety", "difference (points)",
-                          "prediction inside interval", "judge"], rows))
+        text = [f"## Predicted vs measured safety\n\nPredicted by the budget solver (with its bootstrap interval); "
+                f"measured as {measured}, with its 95% interval. They agree when the two intervals overlap."]
+        rows = [[name, _num(r.get("lambda"), "{:g}"),
+                 f"{100 * r['predicted_safety']:.1f}%" + (f" [{100 * r['predicted_interval'][0]:.1f}, "
+                                                         f"{100 * r['predicted_interval'][1]:.1f}]"
+                                                         if r.get("predicted_interval") else ""),
+                 f"{100 * r['measured_safety']:.1f}% [{100 * r['ci_low']:.1f}, {100 * r['ci_high']:.1f}]",
+                 f"{100 * r['difference']:+.1f}", {True: "yes", False: "no"}.get(r.get("agrees"), "not compared"),
+                 str(r["judge"])]
+                for name, r in predicted.items()]
+        text.append(_table(["model", "lambda", "predicted safety", "measured safety", "difference (points)",
+                            "agree", "judge"], rows))
+        reasons = sorted({r["reason"] for r in predicted.values() if r.get("reason")})
+        if reasons:
+            text.append("Not compared: " + "; ".join(reasons) + ".")
+        sides = [(r.get("prompts_predicted"), r.get("prompts_measured")) for r in predicted.values()]
+        if sides and (sides[0][0] or sides[0][1]):
+            text.append(f"Prompts: the prediction used {sides[0][0] or 'unstated prompts'}; the measurement used "
+                        f"{sides[0][1] or 'unstated prompts'}.")
+        parts.append("\n\n".join(text))
     return parts
 
 
@@ -823,11 +956,34 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     implicit_rows = []
     for name, m in models.items():
         for set_name, acc in m.get("implicit", {}).items():
-            implicit_rows.append([name, set_name, f"{acc['accuracy']:.3f}", f"{acc['accuracy_ties_half']:.3f}",
-                                  f"{acc['ties']:.3f}", f"{acc['mean_margin']:.3f}", str(acc["num_pairs"])])
+            n = int(acc["num_pairs"])
+            low, high = wilson_interval(round(acc["accuracy"] * n), n, confidence=report.get("confidence", 0.95))
+            implicit_rows.append([name, set_name, f"{acc['accuracy']:.3f} [{low:.3f}, {high:.3f}]",
+                                  f"{acc['accuracy_ties_half']:.3f}", f"{acc['ties']:.3f}",
+                                  f"{acc['mean_margin']:.3f}", str(n)])
     if implicit_rows:
-        parts.append(f"## Implicit-reward accuracy (reference: {report.get('implicit_reference')})\n\n" + _table(
-            ["model", "pairs", "accuracy", "ties as half", "ties", "mean margin", "N"], implicit_rows))
+        parts.append(f"## Implicit-reward accuracy (reference: {report.get('implicit_reference')})\n\n"
+                     "The share of held-out pairs whose chosen answer gains more log-probability over the reference "
+                     "than the rejected one, with its Wilson interval; above 0.5 (the whole interval) the model "
+                     "prefers what people preferred more than the reference does.\n\n" + _table(
+                         ["model", "pairs", "accuracy", "ties as half", "ties", "mean margin", "N"], implicit_rows))
+    repetition = [(name, m["repetition"]) for name, m in models.items() if m.get("repetition")]
+    if repetition:
+        r0 = repetition[0][1]
+        parts.append(f"## Repetition\n\nThe share of answers (all prompt sets) whose word {r0['ngram']}-grams are "
+                     f"mostly repeats (more than {r0['threshold']:.0%} of them repeat an earlier one): a model that "
+                     "degenerates into loops scores high.\n\n" + _table(
+                         ["model", "repetitive answers", "mean repeated 4-gram fraction", "N"],
+                         [[name, _rate(r), f"{r['mean_fraction']:.3f}", str(r["n"])] for name, r in repetition]))
+    examples = report.get("examples") or {}
+    if examples:
+        lines = ["## Sample answers\n\nThe same prompts for every model (decoded as the evaluation decodes)."]
+        for name, rows in examples.items():
+            for row in rows:
+                prompt = " ".join(row["prompt"].split())
+                answer = "\n> ".join(row["response"].strip().splitlines()) or "(empty)"
+                lines.append(f"**{name}** ({row['set']}): *{prompt}*\n\n> {answer}")
+        parts.append("\n\n".join(lines))
 
     parts += _safety_markdown(report)
     parts += _xstest_markdown(report)
@@ -1023,6 +1179,8 @@ def write_report(
     safety: Mapping[str, Any] | None = None,
     predicted_safety: Mapping[str, Mapping[str, Any]] | None = None,
     xstest: Mapping[str, Any] | None = None,
+    generation: Mapping[str, Any] | None = None,
+    prompts: str | None = None,
 ) -> dict[str, Path]:
     """Writes ``report.json``, ``report.md``, ``pareto.png`` (when points exist) and ``training_curves.png``, and
     with ``xstest`` also ``xstest.json``, ``xstest.csv`` and ``xstest.png``.
@@ -1037,6 +1195,8 @@ def write_report(
         predicted_safety: ``{model: {"lambda", "safety"}}`` from the budget solver (``lambda_star`` and
             ``predicted_safety`` accepted); needs ``safety``. Stored as ``report["predicted_vs_measured"]``
             (:func:`predicted_vs_measured`).
+        generation: The evaluation's decoding settings, which decide whether predictions are compared.
+        prompts: Which safety prompts the measurement used (a description for the report).
         xstest: The XSTest suite's statistics (:func:`xstest_section`), stored as ``report["xstest"]``, written
             as ``xstest.json`` and, one row per model, measure and type, ``xstest.csv`` (:func:`xstest_rows`), and
             drawn as ``xstest.png`` (:func:`plot_xstest`).
@@ -1050,7 +1210,8 @@ def write_report(
     if safety is not None:
         report["safety"] = dict(safety)
         if predicted_safety:
-            report["predicted_vs_measured"] = predicted_vs_measured(predicted_safety, safety)
+            report["predicted_vs_measured"] = predicted_vs_measured(predicted_safety, safety, generation,
+                                                                    prompts=prompts)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     written: dict[str, Path] = {}

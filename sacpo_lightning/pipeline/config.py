@@ -6,12 +6,13 @@ import copy
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
+from sacpo_lightning.data.prompts import BUDGET_HALF, EVALUATION_HALF
 from sacpo_lightning.merge_weight import effective_lambda
 
 STEP_CLASSES = {
@@ -65,9 +66,6 @@ class MergeSpec:
 
 PIPELINE_KEYS = {"sft", "beta", "lambdas", "reward_step", "safety_step", "orders", "merge", "baselines", "evaluate",
                  "safety_budget"}
-BUDGET_KEYS = {"b", "samples_per_prompt", "prompts", "max_prompts", "safety_transform", "max_new_tokens", "batch_size",
-               "cost_model", "reward_model", "lam_max", "merge_weights", "seed", "allow_at_max",
-               "allow_approximate_loss"}
 
 
 @dataclass
@@ -97,6 +95,10 @@ class BudgetSpec:
             by default such a budget is skipped like an infeasible one.
         allow_approximate_loss: Accept a step-2 loss whose optimum is not the Gibbs tilt ``pi_r exp(lambda h /
             beta)`` the budget solves for (KTO, IPO, hinge, label smoothing): lambda* then only approximates.
+        heldout_evaluation: When the evaluation's ``prompts_safety`` is the same file as ``prompts``, the budget
+            samples the prompts at even positions of the file and the evaluation measures on those at odd
+            positions, so the measured safety of the lambda* model is not read off the prompts that chose lambda*.
+            ``false`` lets both use the whole file.
     """
 
     b: float
@@ -113,6 +115,11 @@ class BudgetSpec:
     seed: int = 0
     allow_at_max: bool = False
     allow_approximate_loss: bool = False
+    heldout_evaluation: bool = True
+
+
+# derived from the dataclass, so a new budget setting is a known key
+BUDGET_KEYS = frozenset(f.name for f in fields(BudgetSpec))
 
 
 @dataclass
@@ -315,7 +322,7 @@ def _load_budget(
             _require(Path(getattr(spec, name)).is_dir(), source, f"{key}.{name}", f"folder {value!r} not found")
     _require(spec.cost_model is not None, source, f"{key}.cost_model",
              "required: a cost model folder, or train one with evaluate.cost_model")
-    for name in ("allow_at_max", "allow_approximate_loss"):
+    for name in ("allow_at_max", "allow_approximate_loss", "heldout_evaluation"):
         _require(isinstance(getattr(spec, name), bool), source, f"{key}.{name}",
                  f"must be true or false, got {getattr(spec, name)!r}")
     _check_budget_loss(spec, safety_step, source)
@@ -473,12 +480,26 @@ def build_stages(cfg: PipelineConfig) -> list[Stage]:
             if isinstance(evaluate.get(key), dict):
                 _add_score_stage(cfg, key, add)
                 evaluate[key] = f"stage:{key}"
+        if budget_prompts_half(cfg) is not None:
+            evaluate["safety_prompts_half"] = EVALUATION_HALF
         add(Stage(name="evaluate", kind="evaluate", depends_on=[s.name for s in stages], reference=sft,
                   config=evaluate, description="evaluation of every produced model against the SFT model"))
     return stages
 
 
 BUDGET_LAMBDA = "budget:lambda_star"
+
+
+def budget_prompts_half(cfg: PipelineConfig) -> int | None:
+    """The half of its prompt file the budget samples (:data:`BUDGET_HALF`), or None for the whole file: halves are
+    used when ``heldout_evaluation`` is on and the evaluation measures safety on the same file."""
+    spec = cfg.safety_budget
+    if spec is None or not spec.heldout_evaluation or cfg.evaluate is None:
+        return None
+    measured = cfg.evaluate.get("prompts_safety")
+    if not isinstance(measured, str) or not Path(_expand(measured)).is_file():
+        return None
+    return BUDGET_HALF if Path(_expand(measured)).resolve() == Path(spec.prompts).resolve() else None
 
 
 def _add_budget_stages(cfg: PipelineConfig, safety_cfg: dict, add) -> None:
@@ -492,8 +513,8 @@ def _add_budget_stages(cfg: PipelineConfig, safety_cfg: dict, add) -> None:
             upstream.append(ref.split(":", 1)[1])
             _add_score_stage(cfg, ref.split(":", 1)[1], add)
     add(Stage(name="budget", kind="budget", depends_on=upstream, reference="stage:reward",
-              config={"reference": "stage:reward", "beta": cfg.beta, **{k: v for k, v in asdict(spec).items()
-                                                                         if k != "merge_weights"}},
+              config={"reference": "stage:reward", "beta": cfg.beta, "prompts_half": budget_prompts_half(cfg),
+                      **{k: v for k, v in asdict(spec).items() if k not in ("merge_weights", "heldout_evaluation")}},
               description=f"safety budget: lambda* for E[g] >= {spec.b:g} from {spec.samples_per_prompt} samples per "
                           "prompt of step 1"))
     add(_train_stage("safety_budget", "safety", cfg.safety_step, safety_cfg, "stage:reward", ["reward", "budget"],

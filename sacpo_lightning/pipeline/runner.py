@@ -330,7 +330,7 @@ class PipelineRunner:
         config = inputs["config"]
         root = self.stage_dir(stage.name)
         root.mkdir(parents=True, exist_ok=True)
-        prompts = subset_prompts(config["prompts"], config.get("max_prompts"), root)
+        prompts = subset_prompts(config["prompts"], config.get("max_prompts"), root, half=config.get("prompts_half"))
         generation = GenerationSettings(max_new_tokens=int(config["max_new_tokens"]), do_sample=True,
                                         batch_size=int(config["batch_size"]), seed=int(config["seed"]))
         kwargs = dict(safety_transform=config["safety_transform"], lam_max=config.get("lam_max"),
@@ -352,15 +352,20 @@ class PipelineRunner:
         budget = self.budget_result()
         if budget is None:
             return None
-        out = {"reward": {"lambda": 0.0, "safety": budget["reference"]["safety"]}}
+        inputs = budget.get("inputs") or {}
+        common = {"sampling": inputs.get("generation"),
+                  "prompts": f"{inputs.get('num_prompts')} prompts of {inputs.get('prompts_file')}"}
+        out = {"reward": {"lambda": 0.0, "safety": budget["reference"]["safety"], **common}}
         if budget.get("step2_beta"):
             lam = float(budget["lambda_star"])
-            out["safety_budget"] = {"lambda": lam, "safety": budget["predicted"]["safety"]}
+            out["safety_budget"] = {"lambda": lam, "safety": budget["predicted"]["safety"],
+                                    "safety_interval": budget["predicted"].get("safety_interval"), **common}
             merges = budget.get("merges") or {}
             for s in self.stages:
                 q = s.config.get("q") if s.kind == "merge" and s.config.get("lam") == BUDGET_LAMBDA else None
                 if q is not None and f"{q:g}" in merges:
-                    out[s.name] = {"lambda": merges[f"{q:g}"]["lambda"], "safety": merges[f"{q:g}"]["safety"]}
+                    out[s.name] = {"lambda": merges[f"{q:g}"]["lambda"], "safety": merges[f"{q:g}"]["safety"],
+                                   "safety_interval": merges[f"{q:g}"].get("safety_interval"), **common}
         return out
 
     def _run_evaluate(self, stage: Stage, inputs: dict[str, Any], digest: str) -> dict[str, Any]:
