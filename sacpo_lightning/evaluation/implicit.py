@@ -24,6 +24,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from sacpo_lightning.logprobs import model_sequence_logps
+from sacpo_lightning.progress import Progress
 
 __all__ = [
     "ImplicitAccuracy",
@@ -74,14 +75,24 @@ def implicit_accuracy_from_log_ratios(chosen: Tensor, rejected: Tensor, *, tie_e
 
 
 @torch.no_grad()
-def pair_logps(model: torch.nn.Module, batches: Iterable[Mapping[str, Tensor]], *, average: bool = False) -> Tensor:
-    """(2N,) sequence log-probs of every pair's chosen then rejected responses, batch by batch, on the CPU."""
+def pair_logps(
+    model: torch.nn.Module, batches: Iterable[Mapping[str, Tensor]], *, average: bool = False, desc: str | None = None
+) -> Tensor:
+    """(2N,) sequence log-probs of every pair's chosen then rejected responses, batch by batch, on the CPU; with
+    ``desc`` (and a list of batches) progress lines with rate and ETA."""
     device = next(model.parameters()).device
+    batches = list(batches)
     out = []
+    total = sum(int(b["input_ids"].shape[0]) // 2 for b in batches)
+    bar = Progress(total, desc, unit="pairs") if desc else None
     for batch in batches:
         logps = model_sequence_logps(model, batch["input_ids"].to(device), batch["attention_mask"].to(device),
                                      batch["labels"].to(device), average=average)
         out.append(logps.float().cpu())
+        if bar is not None:
+            bar.update(int(batch["input_ids"].shape[0]) // 2)
+    if bar is not None:
+        bar.close()
     if not out:
         raise ValueError("no pair batches to score")
     return torch.cat(out)
@@ -123,14 +134,14 @@ def implicit_accuracies(
         kwargs.setdefault("tokenizer", ref_tokenizer)
         batches = list(pair_dataloader(**kwargs))
         sizes = [b["input_ids"].shape[0] // 2 for b in batches]
-        sets[name] = (batches, sizes, pair_logps(ref, batches, average=average))
+        sets[name] = (batches, sizes, pair_logps(ref, batches, average=average, desc=f"implicit {name}: reference"))
     del ref
     results: dict[str, dict[str, dict[str, Any]]] = {}
     for model_name, spec in models.items():
         policy, _ = load_generation_model(spec, dtype=dtype, device=device)
         results[model_name] = {}
         for name, (batches, sizes, ref_logps) in sets.items():
-            ratios = pair_logps(policy, batches, average=average) - ref_logps
+            ratios = pair_logps(policy, batches, average=average, desc=f"implicit {name}: {model_name}") - ref_logps
             chosen, rejected = _split_pairs(ratios, sizes)
             results[model_name][name] = implicit_accuracy_from_log_ratios(chosen, rejected, tie_eps=tie_eps).to_dict()
         del policy
@@ -153,7 +164,8 @@ def pair_dataloader(
     batch_size: int = 8,
     **data_kwargs: Any,
 ) -> DataLoader:
-    """Pair batches from a :class:`~sacpo_lightning.data.PreferenceDataModule`, in file order.
+    """Pair batches from a :class:`~sacpo_lightning.data.PreferenceDataModule`, shortest pairs first (batches of
+    similar length pad less; each pair is scored on its own, so the order changes no result).
 
     Args:
         train_files: Pair files.
@@ -194,4 +206,6 @@ def pair_dataloader(
     if not dataset:
         raise ValueError(f"No {split} pairs in {train_files} (val_fraction={val_fraction}); raise val_fraction.")
     collate = functools.partial(collate_pairs, pad_token_id=dm.pad_token_id)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
+    lengths = dataset.lengths()
+    order = sorted(range(len(dataset)), key=lengths.__getitem__)
+    return DataLoader(dataset, batch_size=batch_size, sampler=order, collate_fn=collate)
