@@ -339,8 +339,10 @@ def test_predicted_vs_measured_only_compares_evaluations_that_sample_like_the_bu
     row = predicted_vs_measured({"a": entry}, _section(), generation)["a"]
     assert row["comparable"] is False and row["agrees"] is None and reason in row["reason"]
     # a budget.json read from the command line carries its decoding under inputs.generation
-    from_file = {"lambda_star": 1.0, "predicted_safety": 0.5, "inputs": {"generation": SAMPLED}}
-    assert predicted_vs_measured({"a": from_file}, _section(), SAMPLED)["a"]["comparable"] is True
+    from_file = {"lambda_star": 1.0, "predicted": {"safety": 0.5, "safety_interval": [0.4, 0.6]},
+                 "inputs": {"generation": SAMPLED}}
+    row = predicted_vs_measured({"a": from_file}, _section(), SAMPLED)["a"]
+    assert row["comparable"] is True and row["predicted_safety"] == 0.5 and row["predicted_interval"] == [0.4, 0.6]
 
 
 def test_report_files_with_safety_sections(tmp_path):

@@ -642,7 +642,7 @@ def predicted_vs_measured(
         if model not in models:
             raise UserError(f"--predicted_safety names model {model!r}, which was not evaluated; evaluated: "
                             f"{', '.join(models)}")
-        safety = _predicted_value(entry, ("safety", "predicted_safety"))
+        safety = _predicted_value(entry, ("safety", "predicted_safety", "predicted"))
         if isinstance(safety, Mapping):  # a budget.json's "predicted" section
             safety = safety.get("safety")
         if safety is None:
