@@ -64,8 +64,6 @@ class MergeSpec:
     dtype: str | None = None
 
 
-PIPELINE_KEYS = {"sft", "beta", "lambdas", "reward_step", "safety_step", "orders", "merge", "baselines", "evaluate",
-                 "safety_budget"}
 
 
 @dataclass
@@ -150,6 +148,10 @@ class PipelineConfig:
     evaluate: dict[str, Any] | None = None
     safety_budget: BudgetSpec | None = None
     source: str = "<config>"
+
+
+# derived from the dataclass (``source`` is where the config was read from, not a key)
+PIPELINE_KEYS = frozenset(f.name for f in fields(PipelineConfig)) - {"source"}
 
 
 @dataclass
