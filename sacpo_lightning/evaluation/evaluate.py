@@ -52,7 +52,7 @@ from typing import Any
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from sacpo_lightning.data.prompts import load_prompts, load_xstest_prompts, xstest_subset
+from sacpo_lightning.data.prompts import load_xstest_prompts, xstest_subset
 from sacpo_lightning.errors import UserError
 from sacpo_lightning.evaluation.generation import (
     generate_to_file,
@@ -613,8 +613,8 @@ def evaluate_models(
     xstest_judges = _xstest_judges(safety_judges) if xstest_rows is not None else []
     safety, xstest = _run_per_answer_judges(settings, run, safety_judges, xstest_judges)
     measured_on = None
-    if settings.prompts_safety:
-        measured_on = f"{len(load_prompts(settings.prompts_safety))} prompts of {settings.prompts_safety}"
+    if "safety" in run.gens:  # the generations already hold one row per safety prompt
+        measured_on = f"{len(run.gens['safety'][run.baseline])} prompts of {settings.prompts_safety}"
     write_report(report, run.output_dir, training_logs=settings.training_logs, safety=safety,
                  predicted_safety=settings.predicted_safety, xstest=xstest,
                  generation=asdict(settings.generation), prompts=measured_on)
