@@ -231,3 +231,17 @@ def test_evaluate_sequence_level_scores(setup_dirs, tmp_path, monkeypatch, capsy
         generation=gen.GenerationSettings(max_new_tokens=4, device="cpu", do_sample=True, sequence_level=True,
                                           samples_per_prompt=3), bootstrap_samples=20, elo_shuffles=2))
     assert again["models"]["mix"]["scores"] == models["mix"]["scores"]
+
+
+def test_implicit_set_naming_a_model_that_is_not_evaluated_fails_before_generation(setup_dirs, tmp_path,
+                                                                                     monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("no model is loaded before the settings are checked")
+
+    monkeypatch.setattr(gen, "load_generation_model", fail)
+    settings = EvaluationSettings(judges=["implicit"], implicit={"s": {"train_files": ["p.jsonl"],
+                                                                        "models": ["step2", "stepp2"]}})
+    with pytest.raises(ValueError, match="implicit.s.models names stepp2, which are not evaluated; evaluated: sft, "
+                                         "step2"):
+        evaluate_module.evaluate_models({"sft": setup_dirs["sft"], "step2": setup_dirs["step2"]}, "sft",
+                                        tmp_path / "o", settings)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from sacpo_lightning.errors import UserError
 from sacpo_lightning.evaluation.implicit import (
     implicit_accuracies,
     implicit_accuracy_from_log_ratios,
@@ -91,3 +92,17 @@ def test_several_models_share_one_reference_pass(tiny_model_dir, tmp_path, share
     both = implicit_accuracies({"same": tiny_model_dir, "other": other}, tiny_model_dir, pairs, device="cpu")
     assert both["other"] == implicit_accuracies({"other": other}, tiny_model_dir, pairs, device="cpu")["other"]
     assert both["same"]["safety"]["ties"] == 1.0
+
+
+def test_set_models_limit_which_models_are_scored(tiny_model_dir, other_model_dir, safety_set):
+    """A set's ``models`` key scores only the named models on it (the same numbers as with every model); a model in
+    no set is not loaded (a missing folder raises nothing); a name that is not scored is refused before loading."""
+    alone = implicit_accuracies({"a": other_model_dir}, tiny_model_dir, {"s": safety_set}, device="cpu")["a"]["s"]
+    sets = {"ab": {**safety_set, "models": ["a", "b"]}, "only_b": {**safety_set, "models": ["b"]}}
+    result = implicit_accuracies({"a": other_model_dir, "b": other_model_dir, "unused": "/does/not/exist"},
+                                 tiny_model_dir, sets, device="cpu")
+    assert set(result) == {"a", "b"}
+    assert set(result["a"]) == {"ab"} and set(result["b"]) == {"ab", "only_b"}
+    assert result["a"]["ab"] == result["b"]["ab"] == result["b"]["only_b"] == alone
+    with pytest.raises(UserError, match="implicit: models z are not scored"):
+        implicit_accuracies({"a": other_model_dir}, "/does/not/exist", {"s": {**safety_set, "models": ["z"]}})

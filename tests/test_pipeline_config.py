@@ -187,6 +187,8 @@ def test_unknown_evaluate_key_is_named_with_the_known_ones(tmp_path, key):
         ({"generation": {"max_new_tokens": 8, "beams": 2}}, "evaluate: generation: unknown key.s. beams; known: "),
         ({"max_prompts": 0}, "evaluate.max_prompts must be an integer >= 1"),
         ({"judge_url": "http://localhost:1"}, "evaluate: judge_url needs judge_model"),
+        ({"judges": ["implicit"], "implicit": {"s": {"train_files": ["x.jsonl"], "models": "reward"}}},
+         r"evaluate: implicit.s.models must be a non-empty list of model names, got 'reward'"),
     ],
 )
 def test_evaluate_values_are_checked_at_load(tmp_path, changes, message):

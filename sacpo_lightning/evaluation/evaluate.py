@@ -501,7 +501,11 @@ def _run_implicit(settings: EvaluationSettings, run: _Run) -> None:
     reference = settings.implicit_reference or run.models[run.baseline]
     run.report["implicit_reference"] = reference
     scored = {name: spec for name, spec in run.models.items() if spec != reference}
-    for name, result in implicit_accuracies(scored, reference, settings.implicit,
+    # A set limited to some models (its ``models`` key) drops the reference itself: its log-ratios are all zero.
+    pair_sets = {name: {**spec, "models": [m for m in spec["models"] if m in scored]} if spec.get("models") else spec
+                 for name, spec in settings.implicit.items()}
+    pair_sets = {name: spec for name, spec in pair_sets.items() if spec.get("models") != []}
+    for name, result in implicit_accuracies(scored, reference, pair_sets,
                                             device=settings.generation.device).items():
         run.entries[name]["implicit"] = result
     _free()
@@ -581,6 +585,11 @@ def evaluate_models(
                         "prompts_helpful (or, for safety_judges, suites)")
     models, baseline = _with_baseline(models, baseline)
     safety_judges = _prepare_safety_judges(settings, list(models))
+    for set_name, spec in (settings.implicit or {}).items():
+        unknown = sorted(set(spec.get("models") or ()) - set(models))
+        if unknown and "implicit" in settings.judges:
+            raise UserError(f"implicit.{set_name}.models names {', '.join(unknown)}, which are not evaluated; "
+                            f"evaluated: {', '.join(models)}")
     xstest_rows = _load_xstest(settings) if "xstest" in settings.suites else None
     generation = settings.generation
     report: dict[str, Any] = {

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from sacpo_lightning.errors import UserError
 from sacpo_lightning.logprobs import model_sequence_logps
 from sacpo_lightning.progress import Progress
 
@@ -120,17 +121,22 @@ def implicit_accuracies(
     """Implicit-reward accuracy of several models against one reference.
 
     Each pair set is tokenized once and scored once by the reference; then each model is loaded, scored and freed in
-    turn, so the cost is one reference pass plus one pass per model.
+    turn, so the cost is one reference pass plus one pass per model. A set's ``models`` key (model names) limits it
+    to those models; a model in no set is not loaded.
 
     Returns:
         ``{model name: {set name: ImplicitAccuracy.to_dict()}}``.
     """
     from sacpo_lightning.evaluation.generation import load_generation_model
 
+    chosen_models = {name: list(kwargs.get("models") or models) for name, kwargs in pair_sets.items()}
+    unknown = sorted({m for names in chosen_models.values() for m in names} - set(models))
+    if unknown:
+        raise UserError(f"implicit: models {', '.join(unknown)} are not scored; scored: {', '.join(models)}")
     ref, ref_tokenizer = load_generation_model(reference, dtype=dtype, device=device)
     sets = {}
     for name, kwargs in pair_sets.items():
-        kwargs = dict(kwargs)
+        kwargs = {k: v for k, v in kwargs.items() if k != "models"}
         kwargs.setdefault("tokenizer", ref_tokenizer)
         batches = list(pair_dataloader(**kwargs))
         sizes = [b["input_ids"].shape[0] // 2 for b in batches]
@@ -138,9 +144,12 @@ def implicit_accuracies(
     del ref
     results: dict[str, dict[str, dict[str, Any]]] = {}
     for model_name, spec in models.items():
+        model_sets = {name: value for name, value in sets.items() if model_name in chosen_models[name]}
+        if not model_sets:
+            continue
         policy, _ = load_generation_model(spec, dtype=dtype, device=device)
         results[model_name] = {}
-        for name, (batches, sizes, ref_logps) in sets.items():
+        for name, (batches, sizes, ref_logps) in model_sets.items():
             ratios = pair_logps(policy, batches, average=average, desc=f"implicit {name}: {model_name}") - ref_logps
             chosen, rejected = _split_pairs(ratios, sizes)
             results[model_name][name] = implicit_accuracy_from_log_ratios(chosen, rejected, tie_eps=tie_eps).to_dict()

@@ -79,7 +79,8 @@ class EvaluationSettings:
         judge_max_tokens: Most generated tokens per judgement.
         judge_temperature: Sampling temperature of the endpoint.
         implicit: Held-out pair sets of the implicit judge: ``{set name: pair_dataloader keyword arguments}`` (e.g.
-            ``{safety: {train_files: [...], source: pku, objective: safe, max_pairs: 24}}``).
+            ``{safety: {train_files: [...], source: pku, objective: safe, max_pairs: 24}}``); a set's ``models``
+            key (a list of model names) scores only those models on it (default: every evaluated model).
         implicit_reference: Model spec of the implicit-reward reference (default: the baseline's spec).
         training_logs: STAGE=metrics.csv items (or a mapping) for training_curves.png.
         score_batch_size: Batch size of the score models.
@@ -192,6 +193,12 @@ class EvaluationSettings:
                 raise UserError("implicit must map set names to pair_dataloader settings, e.g. {safety: "
                                 f"{{train_files: [...], source: pku, objective: safe}}}}, got {self.implicit!r}")
             self.implicit = {name: dict(spec) for name, spec in self.implicit.items()}
+            for name, spec in self.implicit.items():
+                chosen = spec.get("models")
+                if chosen is not None and (isinstance(chosen, str) or not isinstance(chosen, Sequence)
+                                           or not chosen or not all(isinstance(m, str) for m in chosen)):
+                    raise UserError(f"implicit.{name}.models must be a non-empty list of model names, got "
+                                    f"{chosen!r}")
 
     def _check_types(self) -> None:
         """Types a YAML mapping can get wrong (the command line is typed by its parser)."""
