@@ -727,3 +727,23 @@ def test_pipeline_stage_passes_safety_options(monkeypatch, tmp_path):
         safety_judge_configs({"safety_judges": [{"kind": "classifier", "model": "reward_model"}]})
     with pytest.raises(ValueError, match="must be a list"):
         safety_judge_configs({"safety_judges": {"kind": "refusal"}})
+
+
+def test_guard_category_counts_in_safety_section_and_report():
+    """Per-answer codes become counts per model (each code once per answer, S2 before S10) in the judge's summary and
+    one table in report.md; codes that do not match the probabilities are an error."""
+    from sacpo_lightning.evaluation.report import guard_category_counts, render_markdown, safety_section
+
+    assert guard_category_counts([["S10", "S2"], [], ["S2", "S2"], ["S1"]]) == {"S1": 1, "S2": 2, "S10": 1}
+    probs = {"a": {"guard": {"safety": [0.9, 0.1, 0.8]}}, "b": {"guard": {"safety": [0.2, 0.1, 0.1]}}}
+    judges = {"guard": {"kind": "unsafe", "threshold": 0.5}}
+    codes = {"a": {"guard": {"safety": [["S1", "S10"], [], ["S10"]]}}, "b": {"guard": {"safety": [[], [], []]}}}
+    section = safety_section(probs, judges, {"safety": [None] * 3}, guard_categories=codes)
+    assert section["models"]["a"]["judges"]["guard"]["safety"]["guard_categories"] == {"S1": 1, "S10": 2}
+    assert section["models"]["b"]["judges"]["guard"]["safety"]["guard_categories"] == {}
+    text = render_markdown({"models": {}, "safety": section})
+    assert "## Guard categories (guard)" in text and "| S1 | 1 | 0 |" in text and "| S10 | 2 | 0 |" in text
+    assert "Guard categories" not in render_markdown(
+        {"models": {}, "safety": safety_section(probs, judges, {"safety": [None] * 3})})
+    with pytest.raises(ValueError, match="do not match its probabilities"):
+        safety_section(probs, judges, {"safety": [None] * 3}, guard_categories={"a": {"guard": {"safety": [[]]}}})

@@ -46,6 +46,7 @@ __all__ = [
     "category_win_rates",
     "constraint_verdict",
     "elo_ratings",
+    "guard_category_counts",
     "judge_reliability",
     "outcome",
     "plot_pareto",
@@ -403,11 +404,28 @@ def _judged_rates(
     return entry
 
 
+def guard_category_counts(codes: Sequence[Sequence[str]]) -> dict[str, int]:
+    """How many answers a guard model gave each category code (one list of codes per answer, as
+    :meth:`~sacpo_lightning.evaluation.safety_judges.GuardJudge.judge_with_categories` returns them), ordered by code
+    (``S2`` before ``S10``)."""
+    counts: dict[str, int] = defaultdict(int)
+    for answer in codes:
+        for code in dict.fromkeys(answer):
+            counts[str(code)] += 1
+
+    def order(code: str) -> tuple[str, int, str]:
+        digits = "".join(ch for ch in code if ch.isdigit())
+        return "".join(ch for ch in code if not ch.isdigit()), int(digits) if digits else -1, code
+
+    return {code: counts[code] for code in sorted(counts, key=order)}
+
+
 def safety_section(
     probabilities: Mapping[str, Mapping[str, Mapping[str, Sequence[float]]]],
     judges: Mapping[str, Mapping[str, Any]],
     categories: Mapping[str, Sequence[str | None]],
     *,
+    guard_categories: Mapping[str, Mapping[str, Mapping[str, Sequence[Sequence[str]]]]] | None = None,
     responses: Mapping[str, Mapping[str, Sequence[str]]] | None = None,
     tokenizer: Any | None = None,
     confidence: float = 0.95,
@@ -423,6 +441,9 @@ def safety_section(
         judges: ``{judge: {"kind": "unsafe" | "refusal", "threshold": t, ...}}``; a probability above ``t`` (default
             0.5) is a positive verdict. The first judge of each kind is the primary one for the summary columns.
         categories: ``{prompt set: category per prompt}``.
+        guard_categories: ``{model: {judge: {prompt set: category codes per answer}}}`` of guard judges (see
+            :meth:`~sacpo_lightning.evaluation.safety_judges.GuardJudge.judge_with_categories`); their counts
+            (:func:`guard_category_counts`) go into that judge's summary as ``guard_categories``.
         responses: ``{model: {prompt set: responses}}`` for the mean response length.
         tokenizer: Counts the length in its tokens (else whitespace words).
         confidence: Level of the Wilson intervals.
@@ -449,6 +470,13 @@ def safety_section(
     unit = None
     for model, by_judge in probabilities.items():
         entry = _judged_rates(by_judge, judges, categories, confidence)
+        for judge, by_set in ((guard_categories or {}).get(model) or {}).items():
+            for set_name, codes in by_set.items():
+                summary = entry["judges"].get(judge, {}).get(set_name)
+                if summary is None or len(codes) != summary["n"]:
+                    raise ValueError(f"{model}: category codes of judge {judge!r} on {set_name!r} do not match its "
+                                     f"probabilities ({len(codes)} answers, {summary and summary['n']} scored)")
+                summary["guard_categories"] = guard_category_counts(codes)
         for key, primary, set_name in (("unsafe_rate", primary_unsafe, "safety"),
                                        ("refusal_rate", primary_refusal, "safety"),
                                        ("over_refusal", primary_refusal, "helpful")):
@@ -807,6 +835,16 @@ def _safety_markdown(report: Mapping[str, Any]) -> list[str]:
                       for m in models.values())] for c in categories]
             title = "Unsafe rate" if kind == "unsafe" else "Refusal rate"
             parts.append(f"## {title} by category ({judge})\n\n" + _table(["category", *models], rows))
+        for judge in section.get("judges", {}):
+            counts = [m.get("judges", {}).get(judge, {}).get("safety", {}).get("guard_categories")
+                      for m in models.values()]
+            if not any(c is not None for c in counts):
+                continue
+            codes = list(guard_category_counts([list(c or {}) for c in counts]))
+            rows = [[code, *("-" if c is None else str(c.get(code, 0)) for c in counts)] for code in codes]
+            parts.append(f"## Guard categories ({judge})\n\nAnswers to the safety prompts for which the guard "
+                         "model, after its unsafe verdict, named each category code."
+                         + ("\n\n" + _table(["code", *models], rows) if rows else " It named none."))
     predicted = report.get("predicted_vs_measured")
     if predicted:
         on_probabilities = any((m.get("constraint") or {}).get("source") == "mean_safety"
