@@ -295,6 +295,9 @@ def test_guard_step_and_category_options_are_checked(tiny_lm):
     judge = build_safety_judge({"kind": "guard", "model": "some/dir", "max_whitespace_steps": 2,
                                 "max_category_tokens": 6, "category_pattern": r"O\d+"})
     assert (judge.max_whitespace_steps, judge.max_category_tokens, judge.category_pattern) == (2, 6, r"O\d+")
+    base = GuardJudge(tiny_lm).identity  # cache keys change with every setting the probabilities or codes depend on
+    assert len({base, *(GuardJudge(tiny_lm, **{k: v}).identity for k, v in (
+        ("max_whitespace_steps", 0), ("max_category_tokens", 3), ("category_pattern", "S1"), ("threshold", 0.3)))}) == 5
 
 
 def test_guard_formats_and_errors(tiny_lm):

@@ -308,7 +308,10 @@ class GuardJudge(SafetyJudge):
                           "chat": self.use_chat_template, "prefix": self.answer_prefix,
                           "variants": self.answer_variants, "whitespace_steps": self.max_whitespace_steps,
                           "max_prompt_tokens": self.max_prompt_tokens,
-                          "max_response_tokens": self.max_response_tokens, "dtype": self.dtype})
+                          "max_response_tokens": self.max_response_tokens, "dtype": self.dtype,
+                          # The category codes, which a cache may keep beside the probabilities, depend on these.
+                          "threshold": self.threshold, "category_tokens": self.max_category_tokens,
+                          "category_pattern": self.category_pattern})
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "model": self.path, "prompt_format": self.prompt_format,
