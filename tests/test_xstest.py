@@ -174,6 +174,60 @@ def test_rates_against_hand_computed_numbers():
     assert "| figurative_language | safe | over-refusal | 2 | 50.0% [9.5, 90.5] |" in text
 
 
+def _drawn_texts(fig) -> list:
+    """The non-empty text artists matplotlib really draws on ``fig`` (ticks outside the view are not drawn)."""
+    from matplotlib.text import Text
+
+    drawn, original = [], Text.draw
+
+    def record(self, renderer):
+        if self.get_visible() and self.get_text().strip():
+            drawn.append(self)
+        return original(self, renderer)
+
+    Text.draw = record
+    try:
+        fig.canvas.draw()
+    finally:
+        Text.draw = original
+    return drawn
+
+
+def test_xstest_plot_labels_do_not_overlap(shared_data, tmp_path, monkeypatch):
+    """The saved ``xstest.png`` of four models over all 18 XSTest types, two of the models with the same rates: no
+    two drawn texts (tick labels, axis labels, titles, the legend) overlap by more than a pixel each way, and every
+    prompt type is named. Model names written next to their points overlap here: "reward" and "safety_budget" sit
+    on one point."""
+    import matplotlib.figure
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from sacpo_lightning.evaluation.report import plot_xstest
+
+    rows = xstest_subset(load_xstest_prompts(Path(shared_data) / "eval" / "xstest_prompts.csv"), 3)
+    names = ["sft", "reward", "safety_budget", "merge_budget_q0.5"]
+    probabilities = {name: {"refusal": [float((i * 7 + 3 * (1 if name == "safety_budget" else k)) % 5 == 0)
+                                        for i in range(len(rows))]} for k, name in enumerate(names)}
+    section = xstest_section(rows, probabilities, {"refusal": {"kind": "refusal"}})
+    assert section["models"]["reward"] == section["models"]["safety_budget"]
+    saved = []
+    original = matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: (saved.append(fig),
+                                                                                  original(fig, *a, **k))[1])
+    path = plot_xstest(section, tmp_path / "xstest.png")
+    assert path.stat().st_size > 0 and len(saved) == 1
+    fig = saved[0]
+    FigureCanvasAgg(fig)  # closing the figure detached its canvas
+    texts = _drawn_texts(fig)
+    renderer = fig.canvas.get_renderer()
+    boxes = [(t.get_text(), t.get_window_extent(renderer)) for t in texts]
+    overlaps = [(a, b) for i, (a, box_a) in enumerate(boxes) for b, box_b in boxes[i + 1 :]
+                if min(box_a.x1, box_b.x1) - max(box_a.x0, box_b.x0) > 1
+                and min(box_a.y1, box_b.y1) - max(box_a.y0, box_b.y0) > 1]
+    assert not overlaps
+    shown = {" ".join(t.split()) for t, _ in boxes}
+    assert {t.replace("_", " ") for t in section["types"]} <= shown and set(names) <= shown
+
+
 def test_a_suite_without_unsafe_prompts_and_bad_inputs():
     safe_only = ROWS[:4]
     section = xstest_section(safe_only, {"m": {"refusal": [0, 0, 0, 1]}}, JUDGES)

@@ -19,9 +19,9 @@ over-refusal, the refusal rate on safe prompts that only look unsafe, and unsafe
 intervals.
 
 Plots use matplotlib's Agg backend (no display needed): ``pareto.png`` places each model by helpfulness (x) and
-harmlessness (y); ``xstest.png`` by XSTest over-refusal (x) and unsafe compliance (y); ``training_curves.png``
-shows, per training stage, the loss, accuracy and margin columns of the Lightning ``metrics.csv``
-(``CSVLogger``) against ``step``.
+harmlessness (y); ``xstest.png`` by XSTest over-refusal (x) and unsafe compliance (y), then both per prompt type;
+``training_curves.png`` shows, per training stage, the loss, accuracy and margin columns of the Lightning
+``metrics.csv`` (``CSVLogger``) against ``step``.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ __all__ = [
     "category_win_rates",
     "constraint_verdict",
     "elo_ratings",
+    "guard_category_counts",
     "judge_reliability",
     "outcome",
     "plot_pareto",
@@ -403,11 +404,28 @@ def _judged_rates(
     return entry
 
 
+def guard_category_counts(codes: Sequence[Sequence[str]]) -> dict[str, int]:
+    """How many answers a guard model gave each category code (one list of codes per answer, as
+    :meth:`~sacpo_lightning.evaluation.safety_judges.GuardJudge.judge_with_categories` returns them), ordered by code
+    (``S2`` before ``S10``)."""
+    counts: dict[str, int] = defaultdict(int)
+    for answer in codes:
+        for code in dict.fromkeys(answer):
+            counts[str(code)] += 1
+
+    def order(code: str) -> tuple[str, int, str]:
+        digits = "".join(ch for ch in code if ch.isdigit())
+        return "".join(ch for ch in code if not ch.isdigit()), int(digits) if digits else -1, code
+
+    return {code: counts[code] for code in sorted(counts, key=order)}
+
+
 def safety_section(
     probabilities: Mapping[str, Mapping[str, Mapping[str, Sequence[float]]]],
     judges: Mapping[str, Mapping[str, Any]],
     categories: Mapping[str, Sequence[str | None]],
     *,
+    guard_categories: Mapping[str, Mapping[str, Mapping[str, Sequence[Sequence[str]]]]] | None = None,
     responses: Mapping[str, Mapping[str, Sequence[str]]] | None = None,
     tokenizer: Any | None = None,
     confidence: float = 0.95,
@@ -423,6 +441,9 @@ def safety_section(
         judges: ``{judge: {"kind": "unsafe" | "refusal", "threshold": t, ...}}``; a probability above ``t`` (default
             0.5) is a positive verdict. The first judge of each kind is the primary one for the summary columns.
         categories: ``{prompt set: category per prompt}``.
+        guard_categories: ``{model: {judge: {prompt set: category codes per answer}}}`` of guard judges (see
+            :meth:`~sacpo_lightning.evaluation.safety_judges.GuardJudge.judge_with_categories`); their counts
+            (:func:`guard_category_counts`) go into that judge's summary as ``guard_categories``.
         responses: ``{model: {prompt set: responses}}`` for the mean response length.
         tokenizer: Counts the length in its tokens (else whitespace words).
         confidence: Level of the Wilson intervals.
@@ -449,6 +470,13 @@ def safety_section(
     unit = None
     for model, by_judge in probabilities.items():
         entry = _judged_rates(by_judge, judges, categories, confidence)
+        for judge, by_set in ((guard_categories or {}).get(model) or {}).items():
+            for set_name, codes in by_set.items():
+                summary = entry["judges"].get(judge, {}).get(set_name)
+                if summary is None or len(codes) != summary["n"]:
+                    raise ValueError(f"{model}: category codes of judge {judge!r} on {set_name!r} do not match its "
+                                     f"probabilities ({len(codes)} answers, {summary and summary['n']} scored)")
+                summary["guard_categories"] = guard_category_counts(codes)
         for key, primary, set_name in (("unsafe_rate", primary_unsafe, "safety"),
                                        ("refusal_rate", primary_refusal, "safety"),
                                        ("over_refusal", primary_refusal, "helpful")):
@@ -807,6 +835,16 @@ def _safety_markdown(report: Mapping[str, Any]) -> list[str]:
                       for m in models.values())] for c in categories]
             title = "Unsafe rate" if kind == "unsafe" else "Refusal rate"
             parts.append(f"## {title} by category ({judge})\n\n" + _table(["category", *models], rows))
+        for judge in section.get("judges", {}):
+            counts = [m.get("judges", {}).get(judge, {}).get("safety", {}).get("guard_categories")
+                      for m in models.values()]
+            if not any(c is not None for c in counts):
+                continue
+            codes = list(guard_category_counts([list(c or {}) for c in counts]))
+            rows = [[code, *("-" if c is None else str(c.get(code, 0)) for c in counts)] for code in codes]
+            parts.append(f"## Guard categories ({judge})\n\nAnswers to the safety prompts for which the guard "
+                         "model, after its unsafe verdict, named each category code."
+                         + ("\n\n" + _table(["code", *models], rows) if rows else " It named none."))
     predicted = report.get("predicted_vs_measured")
     if predicted:
         on_probabilities = any((m.get("constraint") or {}).get("source") == "mean_safety"
@@ -1044,28 +1082,72 @@ def plot_pareto(
         plt.close(fig)
 
 
+def _xstest_panel_rows(section: Mapping[str, Any], label: str) -> list[str]:
+    """``(all)`` and the prompt types of one label, in report order."""
+    return ["(all)", *sorted(t for t, lab in section["types"].items() if lab == label)]
+
+
 def plot_xstest(section: Mapping[str, Any], path: str | os.PathLike) -> Path | None:
-    """One point per model at (over-refusal, unsafe compliance) of an :func:`xstest_section`, with its Wilson
-    intervals as error bars; the ideal model sits at (0, 0). None (nothing written) when the suite lacks safe or
-    unsafe prompts."""
-    points = {name: (e["over_refusal"], e["unsafe_compliance"]) for name, e in section["models"].items()
-              if e.get("over_refusal") and e.get("unsafe_compliance")}
-    if not points:
+    """Over-refusal and unsafe compliance of an :func:`xstest_section`, overall and per prompt type.
+
+    Top: one point per model at (over-refusal, unsafe compliance) with its Wilson intervals as error bars; the ideal
+    model sits at (0, 0). Below: horizontal bars, one per model and prompt type (``(all)`` first) with their
+    intervals: over-refusal on each safe type, unsafe compliance on each unsafe type. Models are named in one legend
+    outside the axes (not next to their points, where models with the same rates would write over each other), type
+    names are wrapped, the figure's height grows with the number of types and models, and the file is cut to what
+    is drawn, so no two labels overlap. None (nothing written) when the suite lacks safe or unsafe prompts.
+    """
+    import textwrap
+
+    models = [name for name, e in section["models"].items() if e.get("over_refusal") and e.get("unsafe_compliance")]
+    if not models:
         return None
+    panels = [("over_refusal", _xstest_panel_rows(section, "safe"),
+               f"over-refusal: refusal rate on safe prompts ({section['refusal_judge']})"),
+              ("unsafe_compliance", _xstest_panel_rows(section, "unsafe"),
+               "unsafe compliance: non-refusal rate on unsafe prompts")]
+    row_inches = max(0.4, 0.12 * len(models) + 0.12)  # room for a wrapped two-line type name and one bar per model
+    heights = [3.2, *(row_inches * len(rows) + 0.5 for _, rows, _ in panels)]
+    colours = {name: f"C{j % 10}" for j, name in enumerate(models)}
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6, 5))
+    fig = plt.figure(figsize=(8, sum(heights) + 0.6), layout="constrained")
     try:
-        for name, (x, y) in points.items():
+        grid = fig.add_gridspec(len(heights), 1, height_ratios=heights)
+        ax = fig.add_subplot(grid[0])
+        for name in models:
+            x, y = section["models"][name]["over_refusal"], section["models"][name]["unsafe_compliance"]
             ax.errorbar([x["rate"]], [y["rate"]], xerr=[[x["rate"] - x["ci_low"]], [x["ci_high"] - x["rate"]]],
-                        yerr=[[y["rate"] - y["ci_low"]], [y["ci_high"] - y["rate"]]], fmt="o", capsize=3)
-            ax.annotate(name, (x["rate"], y["rate"]), textcoords="offset points", xytext=(5, 5), fontsize=9)
+                        yerr=[[y["rate"] - y["ci_low"]], [y["ci_high"] - y["rate"]]], fmt="o", capsize=3,
+                        color=colours[name], label=name)
         ax.set_xlim(-0.05, 1.05)
         ax.set_ylim(-0.05, 1.05)
-        ax.set_xlabel(f"over-refusal: refusal rate on {section['n_safe']} safe prompts ({section['refusal_judge']})")
-        ax.set_ylabel(f"unsafe compliance: non-refusal rate on {section['n_unsafe']} unsafe prompts")
+        ax.set_xlabel(f"over-refusal on {section['n_safe']} safe prompts")
+        ax.set_ylabel(f"unsafe compliance on\n{section['n_unsafe']} unsafe prompts")
         ax.set_title(f"XSTest ({section.get('confidence', 0.95):.0%} Wilson intervals; best at (0, 0))")
         ax.grid(True, alpha=0.3)
-        return _save_figure(fig, path, dpi=120)
+        ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, fontsize=8, title="model",
+                  title_fontsize=8)
+        width = 0.8 / len(models)
+        for k, (measure, rows, xlabel) in enumerate(panels, start=1):
+            ax = fig.add_subplot(grid[k])
+            for j, name in enumerate(models):
+                overall = section["models"][name][measure]
+                for i, type_ in enumerate(rows):
+                    s = overall if type_ == "(all)" else overall["by_type"].get(type_)
+                    if s is None:
+                        continue
+                    ax.barh(i - 0.4 + width * (j + 0.5), s["rate"], height=0.9 * width, color=colours[name],
+                            xerr=[[s["rate"] - s["ci_low"]], [s["ci_high"] - s["rate"]]], capsize=2,
+                            error_kw={"lw": 0.8})
+            ax.set_yticks(range(len(rows)), [textwrap.fill(t.replace("_", " "), 22) for t in rows], fontsize=8)
+            ax.set_ylim(len(rows) - 0.5, -0.5)  # (all) on top
+            ax.set_xlim(0.0, 1.0)
+            ax.set_xlabel(xlabel)
+            ax.grid(True, axis="x", alpha=0.3)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=120, bbox_inches="tight")
+        return path
     finally:
         plt.close(fig)
 
