@@ -300,19 +300,26 @@ def _prepare_safety_judges(settings: EvaluationSettings, model_names: Sequence[s
     return judges
 
 
-def _judge_file(judge: Any, generation_path: Path, cache_path: Path) -> list[float]:
-    """Per-answer probabilities of one judge on a generation file, cached next to the report."""
+def _judge_file(judge: Any, generation_path: Path, cache_path: Path) -> tuple[list[float], list[list[str]] | None]:
+    """Per-answer probabilities of one judge on a generation file and, for a guard judge, the category codes per
+    answer (None for other judges), cached next to the report."""
     key = hashlib.sha256(json.dumps([file_fingerprint(generation_path), type(judge).__name__, judge.identity],
                                     sort_keys=True).encode()).hexdigest()[:16]
     if cache_path.is_file():
         cached = json.loads(cache_path.read_text())
         if cached.get("key") == key:
-            return cached["probabilities"]
+            return cached["probabilities"], cached.get("categories")
     rows = read_generations(generation_path)
-    probabilities = judge.judge([r["prompt"] for r in rows], [r["response"] for r in rows])
+    prompts, responses = [r["prompt"] for r in rows], [r["response"] for r in rows]
+    codes = None
+    if hasattr(judge, "judge_with_categories"):
+        probabilities, codes = judge.judge_with_categories(prompts, responses)
+    else:
+        probabilities = judge.judge(prompts, responses)
     atomic_write_json(cache_path, {"key": key, "judge": judge.name, "kind": judge.kind,
-                                   "probabilities": probabilities})
-    return probabilities
+                                   "probabilities": probabilities,
+                                   **({"categories": codes} if codes is not None else {})})
+    return probabilities, codes
 
 
 def _xstest_judges(judges: Sequence[Any]) -> list[Any]:
@@ -339,17 +346,20 @@ def _run_per_answer_judges(
 
     probabilities: dict[str, dict[str, dict[str, list[float]]]] = {name: {} for name in run.models}
     suite: dict[str, dict[str, list[float]]] = {name: {} for name in run.models}
+    guard_categories: dict[str, dict[str, dict[str, list[list[str]]]]] = {name: {} for name in run.models}
     for judge in [*judges, *(j for j in xstest_judges if j not in judges)]:
         if judge in judges:
             for set_name in run.gens:
                 for name in run.models:
                     cache = run.output_dir / "scores" / set_name / f"{name}.judge.{judge.name}.json"
-                    probabilities[name].setdefault(judge.name, {})[set_name] = _judge_file(
-                        judge, run.gen_paths[set_name][name], cache)
+                    probs, codes = _judge_file(judge, run.gen_paths[set_name][name], cache)
+                    probabilities[name].setdefault(judge.name, {})[set_name] = probs
+                    if codes is not None:
+                        guard_categories[name].setdefault(judge.name, {})[set_name] = codes
         if judge in xstest_judges and run.xstest_rows is not None:
             for name in run.models:
                 cache = run.output_dir / "scores" / "xstest" / f"{name}.judge.{judge.name}.json"
-                suite[name][judge.name] = _judge_file(judge, run.xstest_paths[name], cache)
+                suite[name][judge.name] = _judge_file(judge, run.xstest_paths[name], cache)[0]
         judge.close()
         _free()
     xstest = None
@@ -363,7 +373,8 @@ def _run_per_answer_judges(
                  for name in run.models}
     # One tokenizer (the baseline's) for every model, so that lengths are comparable.
     tokenizer = load_tokenizer(parse_model_spec(run.models[run.baseline]).paths[0])
-    safety = safety_section(probabilities, {j.name: j.describe() for j in judges}, categories, responses=responses,
+    safety = safety_section(probabilities, {j.name: j.describe() for j in judges}, categories,
+                            guard_categories=guard_categories, responses=responses,
                             tokenizer=tokenizer, confidence=settings.confidence, threshold=settings.safety_threshold,
                             constraint_on=settings.safety_constraint_on)
     return safety, xstest
