@@ -13,8 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
+from sacpo_lightning.console import quiet_load_report
 from sacpo_lightning.errors import UserError
 from sacpo_lightning.models.chain import OWN_ADAPTER
 from sacpo_lightning.models.registry import resolve_model_path
@@ -176,11 +178,15 @@ def _from_pretrained_kwargs(
 
 
 def _load_with_info(name_or_path: str, path: str, kwargs: dict[str, Any]):
-    """``(model, loading info)`` from ``from_pretrained``; weights of other shapes: :class:`ScoreModelLoadError`."""
+    """``(model, loading info)`` from ``from_pretrained``; weights of other shapes: :class:`ScoreModelLoadError`.
+
+    transformers' table of missing and unexpected weights is not printed: the caller checks them (:func:`_check_fit`).
+    """
     from transformers import AutoModelForSequenceClassification
 
     try:
-        return AutoModelForSequenceClassification.from_pretrained(path, output_loading_info=True, **kwargs)
+        with quiet_load_report():
+            return AutoModelForSequenceClassification.from_pretrained(path, output_loading_info=True, **kwargs)
     except RuntimeError as err:
         if "ignore_mismatched_sizes" not in str(err):
             raise
@@ -231,6 +237,7 @@ def load_sequence_classifier(
     quantization_config=None,
     device_map=None,
     new_head: bool = True,
+    say_new_head: bool = True,
 ):
     """Loads ``AutoModelForSequenceClassification`` from a Hub id, a folder or a named local model, strictly.
 
@@ -250,6 +257,8 @@ def load_sequence_classifier(
         new_head: Building a score model to train from a causal LM checkpoint: the head (weights outside the
             backbone) may be missing and is then newly initialised, and weights outside the backbone (the LM head)
             are dropped. Backbone weights must still all load. ``False`` (used for scoring) requires every weight.
+        say_new_head: With ``new_head``, say in one line which head weights were newly initialised (``False``
+            where the head's trained weights are put in right after, as when an adapter is merged).
 
     Raises:
         ScoreModelLoadError: naming the missing and unexpected weights and what to do, when the checkpoint does not
@@ -269,9 +278,14 @@ def load_sequence_classifier(
         unexpected -= set(_SAFE_RLHF_STATS)
     if new_head:
         backbone = model.base_model_prefix + "."
+        new = sorted(k for k in missing if not k.startswith(backbone))
         missing = {k for k in missing if k.startswith(backbone)}
         unexpected = {k for k in unexpected if k.startswith(backbone)}
     _check_fit(name_or_path, model, missing, unexpected, info)
+    if new_head and new and say_new_head:
+        outputs = model.config.num_labels
+        rank_zero_info(f"{type(model).__name__} on {name_or_path}: new score head ({', '.join(new)}, {outputs} "
+                       f"output{'s' if outputs != 1 else ''}) initialised; the checkpoint has none")
     if pad_token_id is not None:
         model.config.pad_token_id = pad_token_id
     return model

@@ -263,10 +263,11 @@ def load_score_backbone(
     pad_token_id: int | None = None,
     quantization_config=None,
     device_map=None,
+    say_new_head: bool = True,
 ) -> PreTrainedModel:
     """A sequence classifier with ``num_labels`` outputs on the backbone of ``settings.name_or_path`` (a causal LM
-    or a score model; a missing head is newly initialised, every backbone weight must load; see
-    :func:`sacpo_lightning.models.classifier.load_sequence_classifier`)."""
+    or a score model; a missing head is newly initialised, and said so unless ``say_new_head`` is ``False``; every
+    backbone weight must load; see :func:`sacpo_lightning.models.classifier.load_sequence_classifier`)."""
     return load_sequence_classifier(
         settings.name_or_path,
         dtype=dtype or settings.dtype,
@@ -279,6 +280,7 @@ def load_score_backbone(
         quantization_config=quantization_config,
         device_map=device_map,
         new_head=True,  # from a causal LM the head is new; backbone weights must still all load
+        say_new_head=say_new_head,
     )
 
 
