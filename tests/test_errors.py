@@ -284,3 +284,33 @@ def test_judge_endpoint_failure_ends_evaluate_with_message_alone(
     monkeypatch.setenv(DEBUG_ENV, "1")
     assert main(argv) == 2
     assert "Traceback (most recent call last)" in capsys.readouterr().err
+
+
+def test_model_files_turns_only_not_found_errors_into_user_errors():
+    from sacpo_lightning.models.registry import model_files
+
+    with pytest.raises(MissingFileError, match=r"Model 'org/none' could not be loaded: org/none is not a local folder "
+                                               r"and is not a valid model identifier\. Give a local model folder"):
+        with model_files("org/none"):
+            raise OSError("org/none is not a local folder and is not a valid model identifier.")
+    with pytest.raises(PermissionError, match="denied"):  # a disk problem, not a name: unchanged
+        with model_files("org/none"):
+            raise PermissionError("denied")
+
+
+@pytest.mark.slow
+def test_unknown_hub_model_offline_ends_generate_with_message_alone(tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "hi"}\n')
+    env = {k: v for k, v in os.environ.items() if k != DEBUG_ENV}
+    env["HF_HUB_OFFLINE"] = "1"  # no network access is tried; the model is in no cache
+    result = subprocess.run(
+        [sys.executable, "-m", "sacpo_lightning", "generate", "--model", "sacpo-test-org/no-such-model", "--prompts",
+         str(prompts), "--output", str(tmp_path / "out.jsonl")],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, env=env,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("sacpo generate: error: Model 'sacpo-test-org/no-such-model' could not be loaded: ")
+    assert last.endswith("or a Hub id that can be downloaded from here (or is already in the Hugging Face cache).")

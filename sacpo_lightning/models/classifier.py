@@ -19,7 +19,7 @@ from torch import Tensor
 from sacpo_lightning.console import quiet_load_report
 from sacpo_lightning.errors import UserError
 from sacpo_lightning.models.chain import OWN_ADAPTER
-from sacpo_lightning.models.registry import resolve_model_path
+from sacpo_lightning.models.registry import model_files, resolve_model_path
 from sacpo_lightning.precision import DTYPES
 
 __all__ = [
@@ -169,7 +169,8 @@ def _from_pretrained_kwargs(
         kwargs["gguf_file"] = gguf_file
         kwargs["quantization_config"] = GgufConfig(dequantize=True)
     else:
-        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, revision=revision)
+        with model_files(path):
+            config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, revision=revision)
         safe_rlhf = getattr(config, "score_dim", None) is not None
         if safe_rlhf and num_labels is None:
             # Without num_labels in its config.json the HF config defaults to 2 labels; the head has score_dim rows.
@@ -185,7 +186,7 @@ def _load_with_info(name_or_path: str, path: str, kwargs: dict[str, Any]):
     from transformers import AutoModelForSequenceClassification
 
     try:
-        with quiet_load_report():
+        with quiet_load_report(), model_files(name_or_path):
             return AutoModelForSequenceClassification.from_pretrained(path, output_loading_info=True, **kwargs)
     except RuntimeError as err:
         if "ignore_mismatched_sizes" not in str(err):

@@ -20,7 +20,7 @@ from sacpo_lightning.models.chain import (
     read_chain,
 )
 from sacpo_lightning.models.classifier import load_sequence_classifier
-from sacpo_lightning.models.registry import NAMED_MODELS, resolve_model_path
+from sacpo_lightning.models.registry import NAMED_MODELS, model_files, resolve_model_path
 from sacpo_lightning.precision import DTYPES, DtypeName, resolve_dtype
 
 FinetuneMode = Literal["full", "lora", "qlora"]
@@ -180,7 +180,8 @@ def load_causal_lm(
         kwargs["quantization_config"] = quantization_config
     if device_map is not None:
         kwargs["device_map"] = device_map
-    return AutoModelForCausalLM.from_pretrained(resolve_model_path(name_or_path), **kwargs)
+    with model_files(name_or_path):
+        return AutoModelForCausalLM.from_pretrained(resolve_model_path(name_or_path), **kwargs)
 
 
 def load_model_folder(path: str, dtype: str | torch.dtype | None = None) -> PreTrainedModel:
@@ -193,8 +194,9 @@ def load_model_folder(path: str, dtype: str | torch.dtype | None = None) -> PreT
     if chain is not None:
         return load_causal_lm(local, dtype=dtype if dtype not in (None, "auto") else (chain.dtype or "float32"))
     check_model_source(str(path), option=None)
-    return AutoModelForCausalLM.from_pretrained(resolve_model_path(str(path)),
-                                                dtype="auto" if dtype in (None, "auto") else DTYPES[dtype])
+    with model_files(str(path)):
+        return AutoModelForCausalLM.from_pretrained(resolve_model_path(str(path)),
+                                                    dtype="auto" if dtype in (None, "auto") else DTYPES[dtype])
 
 
 def bnb_4bit_config(settings: PolicySettings):
