@@ -75,7 +75,7 @@ def _http_hint(code: int, api_key_env: str | None) -> str:
     if code == 404:
         return "Check judge_url (an OpenAI-compatible base URL or .../chat/completions) and judge_model."
     if code in (400, 422):
-        return "The endpoint rejected the request: check judge_model and the judge's max_tokens for this server."
+        return "The endpoint rejected the request: check judge_model and judge_max_tokens for this server."
     if code == 429 or code >= 500:
         return f"The server stayed busy or failing after the retries; try again later. {_RERUN}"
     return "Check judge_url, judge_model and the server."

@@ -277,13 +277,14 @@ def load_sequence_classifier(
     if (safe_rlhf or "score_head.weight" in info["unexpected_keys"]) and not getattr(model.config, "do_normalize",
                                                                                       False):
         unexpected -= set(_SAFE_RLHF_STATS)
+    new: list[str] = []  # head weights the checkpoint lacks, newly initialised
     if new_head:
         backbone = model.base_model_prefix + "."
         new = sorted(k for k in missing if not k.startswith(backbone))
         missing = {k for k in missing if k.startswith(backbone)}
         unexpected = {k for k in unexpected if k.startswith(backbone)}
     _check_fit(name_or_path, model, missing, unexpected, info)
-    if new_head and new and say_new_head:
+    if new and say_new_head:
         outputs = model.config.num_labels
         rank_zero_info(f"{type(model).__name__} on {name_or_path}: new score head ({', '.join(new)}, {outputs} "
                        f"output{'s' if outputs != 1 else ''}) initialised; the checkpoint has none")
