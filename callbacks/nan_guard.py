@@ -14,8 +14,12 @@ from typing_extensions import override
 from sacpo_lightning.errors import UserError
 
 
-class NonFiniteError(RuntimeError):
-    """Raised by :class:`NaNGuard` when training meets a NaN or infinite loss or gradient."""
+class NonFiniteError(UserError, RuntimeError):
+    """Raised by :class:`NaNGuard` when training meets a NaN or infinite loss or gradient.
+
+    A :class:`~sacpo_lightning.errors.UserError`: a loss that diverges is fixed in the run's settings (a lower
+    learning rate, another precision, clean data), so ``sacpo fit`` ends with the message, which says so, alone.
+    """
 
 
 class NaNGuard(Callback):

@@ -16,6 +16,7 @@ from typing_extensions import override
 
 from sacpo_lightning.data.collate import collate_kto, collate_pairs
 from sacpo_lightning.errors import UserError
+from sacpo_lightning.modules.score import ScoreModelModule
 from sacpo_lightning.refcache import (
     batch_reference_logps,
     cache_key,
@@ -41,7 +42,8 @@ class ReferenceCache(Callback):
     processes each computes a shard, the shards are summed, and rank 0 writes the file.
 
     Needs a :class:`~sacpo_lightning.data.PreferenceDataModule` and a step module of
-    :mod:`sacpo_lightning.modules`; with anything else it warns and does nothing.
+    :mod:`sacpo_lightning.modules`; with a reward or cost model (which has no reference) it says in one line that it is
+    off, with anything else it warns and does nothing.
 
     Args:
         dirpath: Folder of the cache files; defaults to ``<trainer.default_root_dir>/ref_cache``.
@@ -69,7 +71,12 @@ class ReferenceCache(Callback):
         ok = all(hasattr(pl_module, a) for a in ("reference_logps", "policy_settings", "average_log_prob", "data_kind"))
         ok = ok and dm is not None and all(hasattr(dm, a) for a in ("fingerprint", "train_dataset", "val_dataset"))
         if not ok and not self._disabled:
-            rank_zero_warn("ReferenceCache needs a sacpo_lightning step module and PreferenceDataModule; it is off.")
+            if isinstance(pl_module, ScoreModelModule):
+                # a reward or cost model trains without a reference policy: nothing to cache, nothing to warn about
+                rank_zero_info(f"Reference cache: off ({type(pl_module).__name__} has no reference policy).")
+            else:
+                rank_zero_warn(f"ReferenceCache needs a sacpo_lightning step module and PreferenceDataModule, got "
+                               f"{type(pl_module).__name__} and {type(dm).__name__}; it is off.")
             self._disabled = True
         return ok
 

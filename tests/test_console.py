@@ -154,3 +154,108 @@ def test_tiny_fit_console_has_no_third_party_noise(tmp_path):
     assert "Exported safety_dpo policy" in console and "validation at step 2" in console
     assert [noise for noise in NOISE if noise in console] == []
     assert "Warning" not in console, console
+
+
+@pytest.fixture
+def transformers_console():
+    """transformers' tqdm hook and the modeling_utils logger as before the test, and a handler on that logger."""
+    from transformers.utils import logging as hf_logging
+
+    previous = hf_logging.set_tqdm_hook(None)
+    logger = logging.getLogger("transformers.modeling_utils")
+    handler = ListHandler()
+    logger.addHandler(handler)
+    yield handler.messages
+    logger.removeHandler(handler)
+    hf_logging.set_tqdm_hook(previous)
+
+
+def load_and_save_score_backbone(model_dir: str, out: Path) -> None:
+    from sacpo_lightning.models.classifier import load_sequence_classifier
+
+    model = load_sequence_classifier(model_dir, num_labels=1, new_head=True)
+    model.save_pretrained(out)
+
+
+def test_tiny_score_model_load_and_save_without_bars_or_load_report(
+    tiny_model_dir, tmp_path, transformers_console, capsys, caplog
+):
+    """Without the hook transformers prints its tqdm bars; with it a load within two seconds prints nothing; the load
+    report of the new head (score.weight missing, lm_head.weight unexpected) becomes one line of this library."""
+    load_and_save_score_backbone(tiny_model_dir, tmp_path / "plain")
+    plain = capsys.readouterr().err
+    assert "Loading weights:" in plain and "Writing model shards:" in plain and "it/s]" in plain
+
+    install_console_filters()
+    with caplog.at_level(logging.INFO):
+        load_and_save_score_backbone(tiny_model_dir, tmp_path / "filtered")
+    console = capsys.readouterr()
+    assert "Loading weights" not in console.err + console.out and "Writing model shards" not in console.err
+    assert "it/s" not in console.err
+    assert not [m for m in transformers_console if "LOAD REPORT" in m]
+    assert ("LlamaForSequenceClassification on " + tiny_model_dir + ": new score head (score.weight, 1 output) "
+            "initialised; the checkpoint has none") in caplog.messages
+    assert (tmp_path / "filtered" / "model.safetensors").is_file()
+
+
+def test_load_report_is_dropped_only_for_missing_and_unexpected_weights(transformers_console):
+    from sacpo_lightning.console import quiet_load_report
+
+    logger = logging.getLogger("transformers.modeling_utils")
+    missing = "LlamaForSequenceClassification LOAD REPORT from: x\nscore.weight | MISSING |"
+    mismatch = "LlamaForSequenceClassification LOAD REPORT from: x\nscore.weight | MISMATCH | ckpt: [2, 64]"
+    with quiet_load_report():
+        logger.warning(missing)
+        logger.warning(mismatch)
+        logger.warning("Some other warning of transformers' model loading")
+    logger.warning(missing)  # outside the strict loads the report shows
+    assert transformers_console == [mismatch, "Some other warning of transformers' model loading", missing]
+    assert logger.filters == []
+
+
+def test_slow_transformers_load_prints_a_progress_line_and_other_bars_are_kept(
+    transformers_console, monkeypatch, capsys
+):
+    from transformers.utils import logging as hf_logging
+
+    from sacpo_lightning import progress
+
+    install_console_filters()
+    monkeypatch.setattr(progress, "DEFAULT_QUIET_S", 0.0)  # as if the load took longer than two seconds
+    assert list(hf_logging.tqdm(range(3), desc="Loading weights")) == [0, 1, 2]
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("loading weights: 3/3 tensors (") and "done in 00:00)" in lines[0]
+
+    other = hf_logging.tqdm(range(2), desc="Converting and de-quantizing GGUF tensors...")
+    assert type(other).__module__.startswith("tqdm")
+    other.close()
+    capsys.readouterr()
+
+    hf_logging.disable_progress_bar()
+    try:
+        assert list(hf_logging.tqdm(range(3), desc="Loading weights")) == [0, 1, 2]
+    finally:
+        hf_logging.enable_progress_bar()
+    assert capsys.readouterr().err == ""
+
+
+def test_reference_cache_is_off_quietly_for_score_models_and_warns_otherwise(lightning_messages):
+    from types import SimpleNamespace
+
+    import lightning as L
+    from sacpo_lightning.callbacks import ReferenceCache
+
+    from sacpo_lightning.models.policy import PolicySettings
+    from sacpo_lightning.modules import CostModelModule
+
+    trainer = SimpleNamespace(datamodule=None)
+    cost = CostModelModule(policy=PolicySettings(name_or_path="tiny-random-llama"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert ReferenceCache()._usable(trainer, cost) is False
+    assert caught == []
+    assert lightning_messages == ["Reference cache: off (CostModelModule has no reference policy)."]
+
+    with pytest.warns(UserWarning, match="needs a sacpo_lightning step module and PreferenceDataModule, got "
+                                         "LightningModule and NoneType; it is off"):
+        assert ReferenceCache()._usable(trainer, L.LightningModule()) is False

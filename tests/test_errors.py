@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import pytest
@@ -200,3 +202,115 @@ def test_find_user_error_follows_cause_and_context():
 def test_debug_env_values(value, expected, monkeypatch):
     monkeypatch.setenv(DEBUG_ENV, value)
     assert debug_enabled() is expected
+
+
+def test_diverging_fit_ends_with_nanguard_message_alone(tmp_path, monkeypatch, capsys):
+    """A NaN loss (as from too high a learning rate) stops ``sacpo fit`` through NaNGuard: the message says what to
+    change, with no traceback; it is a user error (status 2)."""
+    from sacpo_lightning.callbacks.nan_guard import NonFiniteError
+
+    from sacpo_lightning.modules import SafetyDPO
+
+    original = SafetyDPO.compute_loss
+
+    def diverging(self, batch):
+        loss, metrics = original(self, batch)
+        return loss * float("nan"), metrics
+
+    monkeypatch.chdir(ROOT)
+    monkeypatch.delenv(DEBUG_ENV, raising=False)
+    monkeypatch.setattr(SafetyDPO, "compute_loss", diverging)
+    args = ["fit", "--config", "configs/debug/tiny.yaml", f"--trainer.default_root_dir={tmp_path}",
+            "--trainer.max_steps=2"]  # the CLI adds NaNGuard (action stop) to every fit
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("sacpo fit: error: NaNGuard stopped training: non-finite loss (nan) and gradients at "
+                           "global step 0") and "--model.optim.lr" in last
+    assert "Traceback" not in err
+    assert issubclass(NonFiniteError, UserError) and issubclass(NonFiniteError, RuntimeError)
+
+
+class _RefusingJudge(BaseHTTPRequestHandler):
+    """An OpenAI-compatible endpoint that refuses every request's API key."""
+
+    def do_POST(self):  # noqa: N802 - http.server naming
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self.send_response(401)
+        self.end_headers()
+        self.wfile.write(b'{"error": "invalid api key"}')
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def refusing_judge():
+    httpd = HTTPServer(("127.0.0.1", 0), _RefusingJudge)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}/v1"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_judge_endpoint_failure_ends_evaluate_with_message_alone(
+    refusing_judge, tiny_model_dir, tmp_path, monkeypatch, capsys
+):
+    from eval_prompts import write_eval_prompts
+
+    from sacpo_lightning.evaluation.judge import JudgeError
+    from sacpo_lightning.models.tiny import save_tiny_model
+
+    monkeypatch.delenv(DEBUG_ENV, raising=False)
+    monkeypatch.delenv("SACPO_TEST_JUDGE_KEY", raising=False)
+    safety, helpful = write_eval_prompts(tmp_path)
+    other = save_tiny_model(tmp_path / "other", seed=1)  # answers that differ from the baseline's go to the judge
+    argv = ["evaluate", "--models", f"sft={tiny_model_dir}", f"other={other}", "--baseline", "sft",
+            "--judges", "llm", "--judge_url", refusing_judge, "--judge_model", "judge",
+            "--judge_api_key_env", "SACPO_TEST_JUDGE_KEY", "--prompts_safety", str(safety),
+            "--prompts_helpful", str(helpful), "--max_new_tokens", "2", "--device", "cpu",
+            "--output", str(tmp_path / "report")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (
+        f"sacpo evaluate: error: Judge endpoint {refusing_judge}/chat/completions answered HTTP 401: "
+        '{"error": "invalid api key"}. The endpoint refused the API key: set a valid key in the environment '
+        "variable SACPO_TEST_JUDGE_KEY (judge_api_key_env)."
+    )
+    assert issubclass(JudgeError, UserError) and issubclass(JudgeError, RuntimeError)
+
+    monkeypatch.setenv(DEBUG_ENV, "1")
+    assert main(argv) == 2
+    assert "Traceback (most recent call last)" in capsys.readouterr().err
+
+
+def test_model_files_turns_only_not_found_errors_into_user_errors():
+    from sacpo_lightning.models.registry import model_files
+
+    with pytest.raises(MissingFileError, match=r"Model 'org/none' could not be loaded: org/none is not a local folder "
+                                               r"and is not a valid model identifier\. Give a local model folder"):
+        with model_files("org/none"):
+            raise OSError("org/none is not a local folder and is not a valid model identifier.")
+    with pytest.raises(PermissionError, match="denied"):  # a disk problem, not a name: unchanged
+        with model_files("org/none"):
+            raise PermissionError("denied")
+
+
+@pytest.mark.slow
+def test_unknown_hub_model_offline_ends_generate_with_message_alone(tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "hi"}\n')
+    env = {k: v for k, v in os.environ.items() if k != DEBUG_ENV}
+    env["HF_HUB_OFFLINE"] = "1"  # no network access is tried; the model is in no cache
+    result = subprocess.run(
+        [sys.executable, "-m", "sacpo_lightning", "generate", "--model", "sacpo-test-org/no-such-model", "--prompts",
+         str(prompts), "--output", str(tmp_path / "out.jsonl")],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, env=env,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("sacpo generate: error: Model 'sacpo-test-org/no-such-model' could not be loaded: ")
+    assert last.endswith("or a Hub id that can be downloaded from here (or is already in the Hugging Face cache).")

@@ -55,8 +55,30 @@ __all__ = [
 Messages = list[dict[str, str]]
 
 
-class JudgeError(RuntimeError):
-    """The judge backend failed (HTTP error after retries, malformed response)."""
+class JudgeError(UserError, RuntimeError):
+    """The judge endpoint the user chose failed (HTTP error after retries, unreachable, malformed response).
+
+    A :class:`~sacpo_lightning.errors.UserError`: the fix is in the settings (``judge_url``, ``judge_model``,
+    ``judge_api_key_env``) or the server, not in this library, so ``sacpo evaluate`` ends with the message alone; the
+    judgements made before the failure stay cached, and a rerun goes on from there.
+    """
+
+
+_RERUN = "Judgements made so far are cached; rerun to go on from there."
+
+
+def _http_hint(code: int, api_key_env: str | None) -> str:
+    """What to change after the endpoint answered HTTP ``code``."""
+    if code in (401, 403):
+        where = f"the environment variable {api_key_env} (judge_api_key_env)" if api_key_env else "judge_api_key_env"
+        return f"The endpoint refused the API key: set a valid key in {where}."
+    if code == 404:
+        return "Check judge_url (an OpenAI-compatible base URL or .../chat/completions) and judge_model."
+    if code in (400, 422):
+        return "The endpoint rejected the request: check judge_model and judge_max_tokens for this server."
+    if code == 429 or code >= 500:
+        return f"The server stayed busy or failing after the retries; try again later. {_RERUN}"
+    return "Check judge_url, judge_model and the server."
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -221,12 +243,15 @@ class OpenAIChatBackend:
                 retriable = err.code == 429 or err.code >= 500
                 detail = err.read().decode("utf-8", "replace")[:300]
                 if not retriable or attempt == self.max_retries:
-                    raise JudgeError(f"Judge endpoint {self.url} answered HTTP {err.code}: {detail}") from None
+                    raise JudgeError(f"Judge endpoint {self.url} answered HTTP {err.code}: {detail}. "
+                                     + _http_hint(err.code, self.api_key_env)) from None
             except (urllib.error.URLError, TimeoutError, ConnectionError) as err:
                 if attempt == self.max_retries:
-                    raise JudgeError(f"Judge endpoint {self.url} is unreachable: {err}") from None
+                    raise JudgeError(f"Judge endpoint {self.url} is unreachable: {err}. Check judge_url and that the "
+                                     f"server runs and can be reached from here. {_RERUN}") from None
             except json.JSONDecodeError as err:
-                raise JudgeError(f"Judge endpoint {self.url} returned invalid JSON: {err}") from None
+                raise JudgeError(f"Judge endpoint {self.url} returned invalid JSON: {err}. judge_url must point at an "
+                                 "OpenAI-compatible chat-completions endpoint.") from None
             self.sleep(delay)
             delay *= 2
         raise AssertionError("unreachable")
@@ -241,7 +266,8 @@ class OpenAIChatBackend:
                 content = payload["choices"][0]["message"]["content"]
             except (KeyError, IndexError, TypeError):
                 raise JudgeError(f"Judge endpoint {self.url} returned no choices[0].message.content: "
-                                 f"{json.dumps(payload)[:300]}") from None
+                                 f"{json.dumps(payload)[:300]}. judge_url must point at an OpenAI-compatible "
+                                 "chat-completions endpoint.") from None
             replies.append(content or "")
         return replies
 

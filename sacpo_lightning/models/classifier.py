@@ -13,11 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
+from sacpo_lightning.console import quiet_load_report
 from sacpo_lightning.errors import UserError
 from sacpo_lightning.models.chain import OWN_ADAPTER
-from sacpo_lightning.models.registry import resolve_model_path
+from sacpo_lightning.models.registry import model_files, resolve_model_path
 from sacpo_lightning.precision import DTYPES
 
 __all__ = [
@@ -167,7 +169,8 @@ def _from_pretrained_kwargs(
         kwargs["gguf_file"] = gguf_file
         kwargs["quantization_config"] = GgufConfig(dequantize=True)
     else:
-        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, revision=revision)
+        with model_files(path):
+            config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, revision=revision)
         safe_rlhf = getattr(config, "score_dim", None) is not None
         if safe_rlhf and num_labels is None:
             # Without num_labels in its config.json the HF config defaults to 2 labels; the head has score_dim rows.
@@ -176,11 +179,15 @@ def _from_pretrained_kwargs(
 
 
 def _load_with_info(name_or_path: str, path: str, kwargs: dict[str, Any]):
-    """``(model, loading info)`` from ``from_pretrained``; weights of other shapes: :class:`ScoreModelLoadError`."""
+    """``(model, loading info)`` from ``from_pretrained``; weights of other shapes: :class:`ScoreModelLoadError`.
+
+    transformers' table of missing and unexpected weights is not printed: the caller checks them (:func:`_check_fit`).
+    """
     from transformers import AutoModelForSequenceClassification
 
     try:
-        return AutoModelForSequenceClassification.from_pretrained(path, output_loading_info=True, **kwargs)
+        with quiet_load_report(), model_files(name_or_path):
+            return AutoModelForSequenceClassification.from_pretrained(path, output_loading_info=True, **kwargs)
     except RuntimeError as err:
         if "ignore_mismatched_sizes" not in str(err):
             raise
@@ -231,6 +238,7 @@ def load_sequence_classifier(
     quantization_config=None,
     device_map=None,
     new_head: bool = True,
+    say_new_head: bool = True,
 ):
     """Loads ``AutoModelForSequenceClassification`` from a Hub id, a folder or a named local model, strictly.
 
@@ -250,6 +258,8 @@ def load_sequence_classifier(
         new_head: Building a score model to train from a causal LM checkpoint: the head (weights outside the
             backbone) may be missing and is then newly initialised, and weights outside the backbone (the LM head)
             are dropped. Backbone weights must still all load. ``False`` (used for scoring) requires every weight.
+        say_new_head: With ``new_head``, say in one line which head weights were newly initialised (``False``
+            where the head's trained weights are put in right after, as when an adapter is merged).
 
     Raises:
         ScoreModelLoadError: naming the missing and unexpected weights and what to do, when the checkpoint does not
@@ -267,11 +277,17 @@ def load_sequence_classifier(
     if (safe_rlhf or "score_head.weight" in info["unexpected_keys"]) and not getattr(model.config, "do_normalize",
                                                                                       False):
         unexpected -= set(_SAFE_RLHF_STATS)
+    new: list[str] = []  # head weights the checkpoint lacks, newly initialised
     if new_head:
         backbone = model.base_model_prefix + "."
+        new = sorted(k for k in missing if not k.startswith(backbone))
         missing = {k for k in missing if k.startswith(backbone)}
         unexpected = {k for k in unexpected if k.startswith(backbone)}
     _check_fit(name_or_path, model, missing, unexpected, info)
+    if new and say_new_head:
+        outputs = model.config.num_labels
+        rank_zero_info(f"{type(model).__name__} on {name_or_path}: new score head ({', '.join(new)}, {outputs} "
+                       f"output{'s' if outputs != 1 else ''}) initialised; the checkpoint has none")
     if pad_token_id is not None:
         model.config.pad_token_id = pad_token_id
     return model

@@ -20,7 +20,7 @@ from sacpo_lightning.models.chain import (
     read_chain,
 )
 from sacpo_lightning.models.classifier import load_sequence_classifier
-from sacpo_lightning.models.registry import NAMED_MODELS, resolve_model_path
+from sacpo_lightning.models.registry import NAMED_MODELS, model_files, resolve_model_path
 from sacpo_lightning.precision import DTYPES, DtypeName, resolve_dtype
 
 FinetuneMode = Literal["full", "lora", "qlora"]
@@ -180,7 +180,8 @@ def load_causal_lm(
         kwargs["quantization_config"] = quantization_config
     if device_map is not None:
         kwargs["device_map"] = device_map
-    return AutoModelForCausalLM.from_pretrained(resolve_model_path(name_or_path), **kwargs)
+    with model_files(name_or_path):
+        return AutoModelForCausalLM.from_pretrained(resolve_model_path(name_or_path), **kwargs)
 
 
 def load_model_folder(path: str, dtype: str | torch.dtype | None = None) -> PreTrainedModel:
@@ -193,8 +194,9 @@ def load_model_folder(path: str, dtype: str | torch.dtype | None = None) -> PreT
     if chain is not None:
         return load_causal_lm(local, dtype=dtype if dtype not in (None, "auto") else (chain.dtype or "float32"))
     check_model_source(str(path), option=None)
-    return AutoModelForCausalLM.from_pretrained(resolve_model_path(str(path)),
-                                                dtype="auto" if dtype in (None, "auto") else DTYPES[dtype])
+    with model_files(str(path)):
+        return AutoModelForCausalLM.from_pretrained(resolve_model_path(str(path)),
+                                                    dtype="auto" if dtype in (None, "auto") else DTYPES[dtype])
 
 
 def bnb_4bit_config(settings: PolicySettings):
@@ -263,10 +265,11 @@ def load_score_backbone(
     pad_token_id: int | None = None,
     quantization_config=None,
     device_map=None,
+    say_new_head: bool = True,
 ) -> PreTrainedModel:
     """A sequence classifier with ``num_labels`` outputs on the backbone of ``settings.name_or_path`` (a causal LM
-    or a score model; a missing head is newly initialised, every backbone weight must load; see
-    :func:`sacpo_lightning.models.classifier.load_sequence_classifier`)."""
+    or a score model; a missing head is newly initialised, and said so unless ``say_new_head`` is ``False``; every
+    backbone weight must load; see :func:`sacpo_lightning.models.classifier.load_sequence_classifier`)."""
     return load_sequence_classifier(
         settings.name_or_path,
         dtype=dtype or settings.dtype,
@@ -279,6 +282,7 @@ def load_score_backbone(
         quantization_config=quantization_config,
         device_map=device_map,
         new_head=True,  # from a causal LM the head is new; backbone weights must still all load
+        say_new_head=say_new_head,
     )
 
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from filelock import FileLock
@@ -100,3 +101,25 @@ def resolve_model_path(name_or_path: str) -> str:
         return str(prepare_named_model(name_or_path))
     expanded = os.path.expanduser(os.path.expandvars(name_or_path))
     return expanded
+
+
+@contextmanager
+def model_files(name_or_path: str) -> Iterator[None]:
+    """Turns the ``OSError`` transformers raises around a ``from_pretrained`` of ``name_or_path`` when it can neither
+    find nor download the model's files (no such folder or Hub id, no network and not in the Hugging Face cache, a
+    folder without the files) into :class:`~sacpo_lightning.errors.MissingFileError` naming the model.
+
+    Other errors, including subclasses of ``OSError`` such as ``PermissionError`` (a disk, not a name, problem), pass
+    unchanged.
+    """
+    try:
+        yield
+    except OSError as err:
+        if isinstance(err, UserError) or type(err) not in (OSError, FileNotFoundError):
+            raise
+        detail = " ".join(str(err).split())
+        raise MissingFileError(
+            f"Model {name_or_path!r} could not be loaded: {detail} Give a local model folder, a named model "
+            f"({', '.join(sorted(NAMED_MODELS))}) or a Hub id that can be downloaded from here (or is already in the "
+            "Hugging Face cache)."
+        ) from err

@@ -7,7 +7,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from sacpo_lightning.errors import UserError
 from sacpo_lightning.io import PathLike
-from sacpo_lightning.models.registry import resolve_model_path
+from sacpo_lightning.models.registry import model_files, resolve_model_path
 
 
 def load_tokenizer(
@@ -36,7 +36,8 @@ def load_tokenizer(
         kwargs["revision"] = revision
     if gguf_file is not None:
         kwargs["gguf_file"] = gguf_file
-    tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    with model_files(name_or_path):
+        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
     if tokenizer.pad_token_id is None:
         fallback = tokenizer.unk_token if tokenizer.unk_token is not None else tokenizer.eos_token
         if fallback is None:

@@ -174,8 +174,10 @@ class ScoreModelModule(TrainableModuleMixin, L.LightningModule):
 
                 adapter_dir = tmp / ADAPTER_DIR
                 self.model.save_pretrained(adapter_dir, safe_serialization=True)
+                # the adapter's trained head replaces the new one at once: no "new score head" line here
                 base = load_score_backbone(settings, dtype=dtype, num_labels=1,
-                                           pad_token_id=self.tokenizer.pad_token_id, device_map="cpu")
+                                           pad_token_id=self.tokenizer.pad_token_id, device_map="cpu",
+                                           say_new_head=False)
                 merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
             else:
                 merged = self.model
