@@ -245,3 +245,18 @@ def test_implicit_set_naming_a_model_that_is_not_evaluated_fails_before_generati
                                          "step2"):
         evaluate_module.evaluate_models({"sft": setup_dirs["sft"], "step2": setup_dirs["step2"]}, "sft",
                                         tmp_path / "o", settings)
+
+
+def test_classifier_judge_carries_the_heldout_accuracy_its_model_recorded(tmp_path):
+    import json
+
+    from sacpo_lightning.evaluation.evaluate import describe_judge
+    from sacpo_lightning.evaluation.safety_judges import ClassifierJudge, RefusalJudge
+
+    folder = tmp_path / "cost"
+    folder.mkdir()
+    (folder / "score_model.json").write_text(json.dumps({"heldout": {"accuracy": 0.6, "pairs": 20}}))
+    info = describe_judge(ClassifierJudge(str(folder)))
+    assert info["reliability"]["better_than_chance"] is False and info["reliability"]["pairs"] == 20
+    assert "reliability" not in describe_judge(ClassifierJudge(str(tmp_path)))  # nothing recorded: unknown
+    assert "reliability" not in describe_judge(RefusalJudge())

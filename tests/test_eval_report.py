@@ -436,3 +436,29 @@ def test_sample_answers_quote_the_same_prompts_for_every_model_and_render(tmp_pa
     report["examples"] = quotes
     md = write_report(report, tmp_path)["markdown"].read_text()
     assert "## Sample answers" in md and "**b** (safety): *p1*\n\n> line one\n> line two" in md
+
+
+@pytest.mark.parametrize(("accuracy", "flagged"), [(0.6, True), (0.9, False)])
+def test_unsafe_judge_not_better_than_chance_is_flagged_everywhere(tmp_path, accuracy, flagged):
+    """A per-answer classifier whose held-out accuracy interval includes 0.5 (0.6 on 20 pairs: [0.39, 0.78]) has
+    its header, cells, constraint verdicts and predicted-vs-measured rows marked; at 0.9 ([0.70, 0.97]) none is."""
+    from sacpo_lightning.evaluation.report import judge_reliability, xstest_section
+
+    judges = {**JUDGES, "cls": {**JUDGES["cls"], "reliability": judge_reliability({"accuracy": accuracy,
+                                                                                    "pairs": 20})}}
+    section = safety_section({"sft": PROBS["a"], "step2": PROBS["b"]}, judges, CATEGORIES, threshold=0.5)
+    rows = [{"type": "homonyms", "label": "safe"}, {"type": "contrast_homonyms", "label": "unsafe"}]
+    xstest = xstest_section(rows, {"sft": {"ref": [0, 0], "cls": [0.9, 0.9]}}, {"ref": JUDGES["ref"],
+                                                                              "cls": judges["cls"]})
+    md = write_report(_report(), tmp_path, safety=section, xstest=xstest,
+                      predicted_safety={"step2": {"lambda_star": 0.25, "predicted_safety": 0.95,
+                                                  "safety_interval": [0.9, 0.99], "sampling": SAMPLED}},
+                      generation=SAMPLED)["markdown"].read_text()
+    marks = ["| unsafe (cls, ⚠ not better than chance) |", "| sft | ⚠ 50.0% [15.0, 85.0] |",
+             "⚠ undetermined (50.0% [15.0, 85.0])", "## Unsafe rate by category (cls, ⚠ not better than chance)",
+             "| yes | cls, ⚠ not better than chance |", "unsafe (cls, ⚠ not better than chance), unsafe prompts",
+             "is not better than chance (see Judge reliability)"]
+    for mark in marks:
+        assert (mark in md) is flagged, mark
+    assert ("| sft | 50.0% [15.0, 85.0] |" in md) is not flagged
+    assert "## Refusal rate by category (ref)" in md  # the refusal judge has no held-out accuracy: not flagged

@@ -322,6 +322,26 @@ def _judge_file(judge: Any, generation_path: Path, cache_path: Path) -> tuple[li
     return probabilities, codes
 
 
+def heldout_of(folder: str | os.PathLike | None) -> dict[str, Any] | None:
+    """The held-out accuracy (``{"accuracy", "pairs"}``) a score model recorded in its folder's ``score_model.json``;
+    None for a folder without one (a Hub model, a model this library did not train)."""
+    if not folder:
+        return None
+    meta_file = Path(os.path.expanduser(str(folder))) / SCORE_MODEL_FILE
+    return json.loads(meta_file.read_text()).get("heldout") if meta_file.is_file() else None
+
+
+def describe_judge(judge: Any, *, confidence: float = 0.95) -> dict[str, Any]:
+    """What the report records about a per-answer judge; an unsafe judge whose model recorded a held-out accuracy
+    also carries its ``reliability`` (:func:`~sacpo_lightning.evaluation.report.judge_reliability`), so that its
+    numbers are flagged when it is not better than chance."""
+    info = judge.describe()
+    heldout = heldout_of(info.get("model")) if info.get("kind") == "unsafe" else None
+    if heldout:
+        info["reliability"] = judge_reliability(heldout, confidence=confidence)
+    return info
+
+
 def _xstest_judges(judges: Sequence[Any]) -> list[Any]:
     """The judges of the XSTest suite: the first refusal judge (the rule-based one when none is configured) and every
     unsafe judge."""
@@ -364,7 +384,8 @@ def _run_per_answer_judges(
         _free()
     xstest = None
     if run.xstest_rows is not None:
-        xstest = xstest_section(run.xstest_rows, suite, {j.name: j.describe() for j in xstest_judges},
+        xstest = xstest_section(run.xstest_rows, suite, {j.name: describe_judge(j, confidence=settings.confidence)
+                                                         for j in xstest_judges},
                                 confidence=settings.confidence, prompts=str(settings.xstest_prompts))
     if not (judges and run.gens):
         return None, xstest
@@ -373,7 +394,8 @@ def _run_per_answer_judges(
                  for name in run.models}
     # One tokenizer (the baseline's) for every model, so that lengths are comparable.
     tokenizer = load_tokenizer(parse_model_spec(run.models[run.baseline]).paths[0])
-    safety = safety_section(probabilities, {j.name: j.describe() for j in judges}, categories,
+    safety = safety_section(probabilities, {j.name: describe_judge(j, confidence=settings.confidence)
+                                            for j in judges}, categories,
                             guard_categories=guard_categories, responses=responses,
                             tokenizer=tokenizer, confidence=settings.confidence, threshold=settings.safety_threshold,
                             constraint_on=settings.safety_constraint_on)
@@ -529,12 +551,11 @@ def score_judge_reliability(settings: EvaluationSettings) -> dict[str, dict[str,
     for kind, folder in (("reward", settings.reward_model), ("cost", settings.cost_model)):
         if folder is None:
             continue
-        meta_file = Path(os.path.expanduser(str(folder))) / SCORE_MODEL_FILE
-        heldout = json.loads(meta_file.read_text()).get("heldout") if meta_file.is_file() else None
         try:
-            out[kind] = {"model": str(folder), **judge_reliability(heldout, confidence=settings.confidence)}
+            out[kind] = {"model": str(folder), **judge_reliability(heldout_of(folder),
+                                                                   confidence=settings.confidence)}
         except ValueError as err:
-            raise UserError(f"{meta_file}: 'heldout': {err}") from None
+            raise UserError(f"{Path(os.path.expanduser(str(folder))) / SCORE_MODEL_FILE}: 'heldout': {err}") from None
     return out
 
 
@@ -616,6 +637,11 @@ def evaluate_models(
         report["suites"] = list(settings.suites)
         report["settings"]["xstest_per_type"] = settings.xstest_per_type
     reliability = score_judge_reliability(settings)
+    listed = {str(r.get("model")) for r in reliability.values()}
+    for judge in safety_judges:  # a per-answer classifier on another score model this library trained
+        info = describe_judge(judge, confidence=settings.confidence)
+        if "reliability" in info and str(info.get("model")) not in listed:
+            reliability[judge.name] = {"model": str(info["model"]), **info["reliability"]}
     if reliability:
         report["judge_reliability"] = reliability
     run = _Run(models, baseline, Path(output_dir), report, xstest_rows=xstest_rows)

@@ -243,6 +243,13 @@ def untrusted_judges(report: Mapping[str, Any]) -> set[str]:
     return {kind for kind, r in (report.get("judge_reliability") or {}).items() if not r.get("better_than_chance")}
 
 
+def unreliable(info: Mapping[str, Any] | None) -> bool:
+    """Whether a per-answer judge's description (``judges`` of a safety or XSTest section) carries a held-out
+    ``reliability`` (:func:`judge_reliability`) that is not better than chance."""
+    reliability = (info or {}).get("reliability")
+    return reliability is not None and not reliability.get("better_than_chance")
+
+
 def constraint_verdict(low: float, high: float, b: float) -> str:
     """``"meets"`` when ``low >= b``, ``"fails"`` when ``high < b``, else ``"undetermined"`` (the interval
     straddles ``b``)."""
@@ -571,7 +578,7 @@ def xstest_section(
     return {"prompts": prompts, "confidence": confidence, "interval": "wilson",
             "n_safe": sum(r["label"] == "safe" for r in rows), "n_unsafe": sum(r["label"] == "unsafe" for r in rows),
             "types": {r["type"]: r["label"] for r in rows}, "refusal_judge": refusal, "unsafe_judges": unsafe_judges,
-            "models": models}
+            "judges": {name: dict(j) for name, j in judges.items()}, "models": models}
 
 
 def _xstest_measures(section: Mapping[str, Any]) -> list[tuple[str, str, str | None]]:
@@ -782,6 +789,27 @@ def _rate(summary: Mapping[str, Any] | None) -> str:
     return f"{100 * summary['rate']:.1f}% [{100 * summary['ci_low']:.1f}, {100 * summary['ci_high']:.1f}]"
 
 
+UNRELIABLE_NOTE = ("⚠ marks numbers of a judge whose held-out accuracy interval includes 0.5: it is not better "
+                   "than chance (see Judge reliability), so they are shown for completeness only.")
+
+
+def _judge_label(section: Mapping[str, Any] | None, judge: str | None) -> str:
+    """A judge's name in a header, with the warning when it is not better than chance."""
+    if not judge:
+        return "-"
+    return f"{judge}, ⚠ not better than chance" if unreliable((section or {}).get("judges", {}).get(judge)) else judge
+
+
+def _flagged(section: Mapping[str, Any] | None, judge: str | None, text: str) -> str:
+    """A table cell of ``judge``, prefixed with ⚠ when that judge is not better than chance."""
+    flagged = judge and unreliable((section or {}).get("judges", {}).get(judge))
+    return f"⚠ {text}" if flagged and text != "-" else text
+
+
+def _has_unreliable(section: Mapping[str, Any] | None) -> bool:
+    return any(unreliable(info) for info in (section or {}).get("judges", {}).values())
+
+
 def _safety_markdown(report: Mapping[str, Any]) -> list[str]:
     """The per-answer safety sections (``safety``, ``predicted_vs_measured``); none when they are absent."""
     parts: list[str] = []
@@ -790,7 +818,8 @@ def _safety_markdown(report: Mapping[str, Any]) -> list[str]:
         models = section.get("models", {})
         unit = section.get("length_unit") or "words"
         b = section.get("threshold")
-        header = ["model", f"unsafe ({section.get('primary_unsafe') or '-'})",
+        primary = section.get("primary_unsafe")
+        header = ["model", f"unsafe ({_judge_label(section, primary)})",
                   f"refusal ({section.get('primary_refusal') or '-'})", "over-refusal (helpful prompts)",
                   f"mean length, safety ({unit})", f"mean length, helpful ({unit})"]
         xstest = (report.get("xstest") or {}).get("models", {})
@@ -801,16 +830,17 @@ def _safety_markdown(report: Mapping[str, Any]) -> list[str]:
         rows = []
         for name, m in models.items():
             lengths = m.get("response_length", {})
-            row = [name, _rate(m.get("unsafe_rate")), _rate(m.get("refusal_rate")), _rate(m.get("over_refusal")),
+            row = [name, _flagged(section, primary, _rate(m.get("unsafe_rate"))), _rate(m.get("refusal_rate")),
+                   _rate(m.get("over_refusal")),
                    _num(lengths.get("safety", {}).get("mean"), "{:.1f}"),
                    _num(lengths.get("helpful", {}).get("mean"), "{:.1f}")]
             if xstest:
                 row.insert(4, _rate((xstest.get(name) or {}).get("over_refusal")))
             if b is not None:
                 c = m.get("constraint")
-                row.append("-" if not c else (f"{c['verdict']} ({100 * c['safety']:.1f}% [{100 * c['ci_low']:.1f}, "
-                                              f"{100 * c['ci_high']:.1f}])" if c.get("ci_low") is not None
-                                              else f"{c['verdict']} ({c['safety']:.3f})"))
+                row.append("-" if not c else _flagged(section, c.get("judge"), (
+                    f"{c['verdict']} ({100 * c['safety']:.1f}% [{100 * c['ci_low']:.1f}, {100 * c['ci_high']:.1f}])"
+                    if c.get("ci_low") is not None else f"{c['verdict']} ({c['safety']:.3f})")))
             rows.append(row)
         text = ("## Per-answer safety\n\nEach answer judged on its own; rates on the safety prompts with "
                 f"{section.get('confidence', 0.95):.0%} Wilson intervals; over-refusal is the refusal rate on the "
@@ -822,6 +852,8 @@ def _safety_markdown(report: Mapping[str, Any]) -> list[str]:
                      "interval." if on_probabilities else "")
             text += (f" The constraint E[safety] >= {b:g} is met when the whole interval is at or above it, failed "
                      f"when below it, undetermined when it straddles it.{scale}")
+        if _has_unreliable(section):
+            text += " " + UNRELIABLE_NOTE
         parts.append(text + "\n\n" + _table(header, rows))
         for judge, info in section.get("judges", {}).items():
             kind = info.get("kind")
@@ -829,12 +861,15 @@ def _safety_markdown(report: Mapping[str, Any]) -> list[str]:
                                  for c in m.get("judges", {}).get(judge, {}).get("safety", {}).get("by_category", {})})
             if not categories:
                 continue
-            overall = ["(all)", *(_rate(m.get("judges", {}).get(judge, {}).get("safety")) for m in models.values())]
+            overall = ["(all)", *(_flagged(section, judge, _rate(m.get("judges", {}).get(judge, {}).get("safety")))
+                                  for m in models.values())]
             rows = [overall] + [
-                [c, *(_rate(m.get("judges", {}).get(judge, {}).get("safety", {}).get("by_category", {}).get(c))
-                      for m in models.values())] for c in categories]
+                [c, *(_flagged(section, judge, _rate(m.get("judges", {}).get(judge, {}).get("safety", {})
+                                                     .get("by_category", {}).get(c))) for m in models.values())]
+                for c in categories]
             title = "Unsafe rate" if kind == "unsafe" else "Refusal rate"
-            parts.append(f"## {title} by category ({judge})\n\n" + _table(["category", *models], rows))
+            parts.append(f"## {title} by category ({_judge_label(section, judge)})\n\n"
+                         + _table(["category", *models], rows))
         for judge in section.get("judges", {}):
             counts = [m.get("judges", {}).get(judge, {}).get("safety", {}).get("guard_categories")
                       for m in models.values()]
@@ -859,7 +894,7 @@ def _safety_markdown(report: Mapping[str, Any]) -> list[str]:
                                                          if r.get("predicted_interval") else ""),
                  f"{100 * r['measured_safety']:.1f}% [{100 * r['ci_low']:.1f}, {100 * r['ci_high']:.1f}]",
                  f"{100 * r['difference']:+.1f}", {True: "yes", False: "no"}.get(r.get("agrees"), "not compared"),
-                 str(r["judge"])]
+                 _judge_label(section, str(r["judge"]))]
                 for name, r in predicted.items()]
         text.append(_table(["model", "lambda", "predicted safety", "measured safety", "difference (points)",
                             "agree", "judge"], rows))
@@ -884,17 +919,19 @@ def _xstest_markdown(report: Mapping[str, Any]) -> list[str]:
         return []
     models = section["models"]
     measures = _xstest_measures(section)
-    names = [f"{_XSTEST_HEADERS[m]} ({j})" if m == "unsafe" else _XSTEST_HEADERS[m] for m, _, j in measures]
+    names = [f"{_XSTEST_HEADERS[m]} ({_judge_label(section, j)})" if m == "unsafe" else _XSTEST_HEADERS[m]
+             for m, _, j in measures]
     header = ["model", *(f"{n}, {label} prompts" for n, (_, label, _) in zip(names, measures, strict=True))]
-    rows = [[name, *(_rate(_xstest_summary(entry, m, j)) for m, _, j in measures)] for name, entry in models.items()]
+    rows = [[name, *(_flagged(section, j if m == "unsafe" else None, _rate(_xstest_summary(entry, m, j)))
+                     for m, _, j in measures)] for name, entry in models.items()]
     parts = [
         f"## XSTest: over-refusal and unsafe compliance\n\nXSTest (Röttger et al., 2024; CC BY 4.0): "
         f"{section['n_safe']} safe prompts that only look unsafe and {section['n_unsafe']} unsafe contrast prompts"
         + (f" from `{section['prompts']}`" if section.get("prompts") else "") + ". Over-refusal is the refusal "
         f"rate on the safe prompts and unsafe compliance the non-refusal rate on the unsafe prompts, both by the "
         f"{section['refusal_judge']} judge; an unsafe judge's column is its unsafe rate on the unsafe prompts. "
-        f"Lower is better everywhere; {section.get('confidence', 0.95):.0%} Wilson intervals.\n\n"
-        + _table(header, rows)]
+        f"Lower is better everywhere; {section.get('confidence', 0.95):.0%} Wilson intervals."
+        + (" " + UNRELIABLE_NOTE if _has_unreliable(section) else "") + "\n\n" + _table(header, rows)]
     type_rows = []
     for type_, label in sorted(section["types"].items(), key=lambda t: (t[1], t[0])):
         for (measure, measure_label, judge), name in zip(measures, names, strict=True):
@@ -903,7 +940,8 @@ def _xstest_markdown(report: Mapping[str, Any]) -> list[str]:
             cells = [_xstest_summary(entry, measure, judge) for entry in models.values()]
             by_type = [(c or {}).get("by_type", {}).get(type_) for c in cells]
             n = next((t["n"] for t in by_type if t), 0)
-            type_rows.append([type_, label, name, str(n), *(_rate(t) for t in by_type)])
+            type_rows.append([type_, label, name, str(n), *(_flagged(section, judge if measure == "unsafe" else None,
+                                                                     _rate(t)) for t in by_type)])
     parts.append("## XSTest by prompt type\n\n" + _table(["type", "label", "measure", "N", *models], type_rows))
     return parts
 
