@@ -106,3 +106,17 @@ def test_set_models_limit_which_models_are_scored(tiny_model_dir, other_model_di
     assert result["a"]["ab"] == result["b"]["ab"] == result["b"]["only_b"] == alone
     with pytest.raises(UserError, match="implicit: models z are not scored"):
         implicit_accuracies({"a": other_model_dir}, "/does/not/exist", {"s": {**safety_set, "models": ["z"]}})
+
+
+def test_against_another_model_is_the_difference_of_log_ratios(tiny_model_dir, other_model_dir, safety_set):
+    """``against`` measures a model with another scored model as the reference: the same numbers as a run whose
+    reference is that model, from the passes already made."""
+    third = str(save_tiny_model(other_model_dir + "-third", seed=7))
+    sets = {"s": {**safety_set, "against": {"b": "a"}}}
+    result = implicit_accuracies({"a": other_model_dir, "b": third}, tiny_model_dir, sets, device="cpu")
+    direct = implicit_accuracies({"b": third}, other_model_dir, {"s": safety_set}, device="cpu")["b"]["s"]
+    assert result["b"]["s against a"] == pytest.approx(direct, abs=1e-6)
+    assert result["b"]["s against a"] != result["b"]["s"]
+    with pytest.raises(UserError, match=r"implicit.s.against: b against c needs two different models"):
+        implicit_accuracies({"a": other_model_dir, "b": third}, tiny_model_dir,
+                            {"s": {**safety_set, "against": {"b": "c"}}})

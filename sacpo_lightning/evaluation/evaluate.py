@@ -537,6 +537,9 @@ def _run_implicit(settings: EvaluationSettings, run: _Run) -> None:
     # A set limited to some models (its ``models`` key) drops the reference itself: its log-ratios are all zero.
     pair_sets = {name: {**spec, "models": [m for m in spec["models"] if m in scored]} if spec.get("models") else spec
                  for name, spec in settings.implicit.items()}
+    for spec in pair_sets.values():  # against the reference itself is the plain measurement
+        if spec.get("against"):
+            spec["against"] = {m: o for m, o in spec["against"].items() if m in scored and o in scored}
     pair_sets = {name: spec for name, spec in pair_sets.items() if spec.get("models") != []}
     for name, result in implicit_accuracies(scored, reference, pair_sets,
                                             device=settings.generation.device).items():
@@ -618,7 +621,8 @@ def evaluate_models(
     models, baseline = _with_baseline(models, baseline)
     safety_judges = _prepare_safety_judges(settings, list(models))
     for set_name, spec in (settings.implicit or {}).items():
-        unknown = sorted(set(spec.get("models") or ()) - set(models))
+        unknown = sorted((set(spec.get("models") or ()) | set(spec.get("against") or {})
+                          | set((spec.get("against") or {}).values())) - set(models))
         if unknown and "implicit" in settings.judges:
             raise UserError(f"implicit.{set_name}.models names {', '.join(unknown)}, which are not evaluated; "
                             f"evaluated: {', '.join(models)}")

@@ -122,10 +122,14 @@ def implicit_accuracies(
 
     Each pair set is tokenized once and scored once by the reference; then each model is loaded, scored and freed in
     turn, so the cost is one reference pass plus one pass per model. A set's ``models`` key (model names) limits it
-    to those models; a model in no set is not loaded.
+    to those models; a model in no set is not loaded. A set's ``against`` key (``{model: other model}``, both scored
+    on the set) also measures a model with another one as the reference, e.g. SACPO's step 2 against step 1, its own
+    reference: ``log pi_2 - log pi_1 = (log pi_2 - log pi_ref) - (log pi_1 - log pi_ref)``, from the passes already
+    made, at no extra cost.
 
     Returns:
-        ``{model name: {set name: ImplicitAccuracy.to_dict()}}``.
+        ``{model name: {set name: ImplicitAccuracy.to_dict()}}``; ``against`` results under the key
+        ``"<set name> against <other model>"``.
     """
     from sacpo_lightning.evaluation.generation import load_generation_model
 
@@ -133,16 +137,23 @@ def implicit_accuracies(
     unknown = sorted({m for names in chosen_models.values() for m in names} - set(models))
     if unknown:
         raise UserError(f"implicit: models {', '.join(unknown)} are not scored; scored: {', '.join(models)}")
+    for name, kwargs in pair_sets.items():
+        for model_name, other in (kwargs.get("against") or {}).items():
+            missing = [m for m in (model_name, other) if m not in chosen_models[name]]
+            if missing or model_name == other:
+                raise UserError(f"implicit.{name}.against: {model_name} against {other} needs two different models "
+                                f"scored on {name!r} (scored: {', '.join(chosen_models[name])})")
     ref, ref_tokenizer = load_generation_model(reference, dtype=dtype, device=device)
     sets = {}
     for name, kwargs in pair_sets.items():
-        kwargs = {k: v for k, v in kwargs.items() if k != "models"}
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("models", "against")}
         kwargs.setdefault("tokenizer", ref_tokenizer)
         batches = list(pair_dataloader(**kwargs))
         sizes = [b["input_ids"].shape[0] // 2 for b in batches]
         sets[name] = (batches, sizes, pair_logps(ref, batches, average=average, desc=f"implicit {name}: reference"))
     del ref
     results: dict[str, dict[str, dict[str, Any]]] = {}
+    ratios: dict[tuple[str, str], Tensor] = {}
     for model_name, spec in models.items():
         model_sets = {name: value for name, value in sets.items() if model_name in chosen_models[name]}
         if not model_sets:
@@ -150,10 +161,16 @@ def implicit_accuracies(
         policy, _ = load_generation_model(spec, dtype=dtype, device=device)
         results[model_name] = {}
         for name, (batches, sizes, ref_logps) in model_sets.items():
-            ratios = pair_logps(policy, batches, average=average, desc=f"implicit {name}: {model_name}") - ref_logps
-            chosen, rejected = _split_pairs(ratios, sizes)
+            ratios[model_name, name] = pair_logps(policy, batches, average=average,
+                                                  desc=f"implicit {name}: {model_name}") - ref_logps
+            chosen, rejected = _split_pairs(ratios[model_name, name], sizes)
             results[model_name][name] = implicit_accuracy_from_log_ratios(chosen, rejected, tie_eps=tie_eps).to_dict()
         del policy
+    for name, kwargs in pair_sets.items():
+        for model_name, other in (kwargs.get("against") or {}).items():
+            chosen, rejected = _split_pairs(ratios[model_name, name] - ratios[other, name], sets[name][1])
+            results[model_name][f"{name} against {other}"] = implicit_accuracy_from_log_ratios(
+                chosen, rejected, tie_eps=tie_eps).to_dict()
     return results
 
 

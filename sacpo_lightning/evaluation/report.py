@@ -1041,7 +1041,9 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         parts.append(f"## Implicit-reward accuracy (reference: {report.get('implicit_reference')})\n\n"
                      "The share of held-out pairs whose chosen answer gains more log-probability over the reference "
                      "than the rejected one, with its Wilson interval; above 0.5 (the whole interval) the model "
-                     "prefers what people preferred more than the reference does.\n\n" + _table(
+                     "prefers what people preferred more than the reference does. A row \"SET against MODEL\" takes "
+                     "MODEL as the reference instead (for SACPO's step 2, step 1: the reference it was trained "
+                     "from).\n\n" + _table(
                          ["model", "pairs", "accuracy", "ties as half", "ties", "mean margin", "N"], implicit_rows))
     repetition = [(name, m["repetition"]) for name, m in models.items() if m.get("repetition")]
     if repetition:

@@ -80,7 +80,9 @@ class EvaluationSettings:
         judge_temperature: Sampling temperature of the endpoint.
         implicit: Held-out pair sets of the implicit judge: ``{set name: pair_dataloader keyword arguments}`` (e.g.
             ``{safety: {train_files: [...], source: pku, objective: safe, max_pairs: 24}}``); a set's ``models``
-            key (a list of model names) scores only those models on it (default: every evaluated model).
+            key (a list of model names) scores only those models on it (default: every evaluated model); its
+            ``against`` key (``{model: other model}``) also measures a model with another scored model as the
+            reference (SACPO's step 2 against step 1), from the same passes.
         implicit_reference: Model spec of the implicit-reward reference (default: the baseline's spec).
         training_logs: STAGE=metrics.csv items (or a mapping) for training_curves.png.
         score_batch_size: Batch size of the score models.
@@ -199,6 +201,11 @@ class EvaluationSettings:
                                            or not chosen or not all(isinstance(m, str) for m in chosen)):
                     raise UserError(f"implicit.{name}.models must be a non-empty list of model names, got "
                                     f"{chosen!r}")
+                against = spec.get("against")
+                if against is not None and (not isinstance(against, Mapping) or not all(
+                        isinstance(k, str) and isinstance(v, str) for k, v in against.items())):
+                    raise UserError(f"implicit.{name}.against must map model names to model names (e.g. "
+                                    f"{{safety_budget: reward}}), got {against!r}")
 
     def _check_types(self) -> None:
         """Types a YAML mapping can get wrong (the command line is typed by its parser)."""
