@@ -117,21 +117,31 @@ def test_export_plain_adds_a_stage_after_the_evaluation(tmp_path):
         load_pipeline_config(_write(tmp_path, export_plain="yes"))
 
 
-def test_training_stage_gets_csv_and_the_chosen_logger(tmp_path):
+@pytest.mark.parametrize("spec", [LoggerSpec(kind="tensorboard"), LoggerSpec(kind="wandb", project="p", offline=True),
+                                  LoggerSpec(kind="mlflow", project="p")], ids=lambda spec: spec.kind)
+def test_training_stage_gets_csv_and_the_chosen_logger(tmp_path, spec):
     """The loggers a training stage gets instantiate through ``sacpo fit``'s LightningCLI: its CSV log stays."""
-    pytest.importorskip("tensorboard")
-    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+    pytest.importorskip(spec.kind)
+    from lightning.pytorch.loggers import CSVLogger, MLFlowLogger, TensorBoardLogger, WandbLogger
 
     from sacpo_lightning.cli import lightning_cli
 
     root = tmp_path / "stages" / "reward"
-    loggers = stage_logger_config(LoggerSpec(kind="tensorboard"), tmp_path, "reward", root)
+    loggers = stage_logger_config(spec, tmp_path, "reward", root)
     config = tmp_path / "loggers.yaml"
     config.write_text(yaml.safe_dump({"trainer": {"logger": loggers, "default_root_dir": str(root)}}))
     cli = lightning_cli(["--config", "configs/debug/tiny.yaml", "--config", str(config)], run=False)
-    csv_logger, tb = cli.trainer.loggers
+    csv_logger, chosen = cli.trainer.loggers
     assert isinstance(csv_logger, CSVLogger) and Path(csv_logger.log_dir).parent == root / "logs"
-    assert isinstance(tb, TensorBoardLogger) and Path(tb.log_dir).parent == tmp_path / "tensorboard" / "reward"
+    if spec.kind == "tensorboard":
+        assert isinstance(chosen, TensorBoardLogger)
+        assert Path(chosen.log_dir).parent == tmp_path / "tensorboard" / "reward"
+    elif spec.kind == "wandb":  # the run starts on first use, so nothing is written yet
+        assert isinstance(chosen, WandbLogger) and (chosen.name, chosen._name) == ("p", "reward")  # project, run
+        assert chosen.save_dir == str(tmp_path / "wandb") and chosen._offline is True
+    else:
+        assert isinstance(chosen, MLFlowLogger) and chosen._run_name == "reward"
+        assert chosen._tracking_uri == f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
     assert stage_logger_config(LoggerSpec(), tmp_path, "reward", root) is None  # csv: sacpo fit's own logger
 
 
@@ -291,6 +301,23 @@ def test_wandb_offline_gets_the_results_and_plots(tmp_path, monkeypatch, wandb_o
     images = run_dir / "files" / "media" / "images" / "plots"
     assert len(list((images / "budget").glob("lambda_curve_*.png"))) == 1
     assert len(list((images / "evaluate").glob("pareto_*.png"))) == 1
+
+
+def test_mlflow_gets_the_results_and_plots(tmp_path, monkeypatch):
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    runner, out = _fake_runner(tmp_path, monkeypatch, {"kind": "mlflow", "project": "sacpo-test"})
+    assert runner.run() == 0
+    client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlruns' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("sacpo-test")
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.info.run_name == "pipeline"
+    assert run.data.metrics["budget/lambda_star"] == 2.5
+    assert run.data.metrics["eval/safety_budget/safety"] == pytest.approx(0.64)
+    plots = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "plots")}
+    assert plots == {"lambda_curve.png", "pareto.png"}
 
 
 # ------------------------------------------------------------------------------------------ the tiny pipeline

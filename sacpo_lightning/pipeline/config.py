@@ -139,7 +139,8 @@ class LoggerSpec:
             named after the stages).
         project: The W&B project or the MLflow experiment (default ``sacpo``).
         offline: W&B only: write the runs locally (``wandb sync`` uploads them later).
-        tracking_uri: MLflow only: the tracking server or store (default: a file store in ``<output>/mlruns``).
+        tracking_uri: MLflow only: the tracking server or store (default: a SQLite store,
+            ``<output>/mlruns/mlflow.db``, with the artifacts in ``<output>/mlruns/artifacts``).
     """
 
     kind: str = "csv"

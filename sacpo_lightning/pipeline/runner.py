@@ -39,7 +39,7 @@ from sacpo_lightning.pipeline.config import (
     load_pipeline_config,
 )
 from sacpo_lightning.pipeline.results import Measure, budget_measures, evaluation_measures, measure_metrics
-from sacpo_lightning.pipeline.tracking import log_results, stage_env, stage_logger_config
+from sacpo_lightning.pipeline.tracking import log_results, make_log_dir, stage_env, stage_logger_config
 
 MANIFEST = "manifest.json"
 # What a stage folder holds (stages/<name>/...): every path of the pipeline's outputs is built from these.
@@ -281,7 +281,7 @@ class PipelineRunner:
         if loggers is not None:
             config = copy.deepcopy(config)
             config.setdefault("trainer", {})["logger"] = loggers
-            Path(loggers[-1]["init_args"]["save_dir"]).mkdir(parents=True, exist_ok=True)
+            make_log_dir(loggers[-1])
         atomic_write_text(config_path, f"# written by sacpo pipeline for stage {stage.name}\n"
                           + yaml.safe_dump(config, sort_keys=False))
         cmd = [sys.executable, "-m", "sacpo_lightning", "fit", "--config", str(config_path)]

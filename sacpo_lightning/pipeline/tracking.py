@@ -14,7 +14,8 @@ from typing import Any
 
 from sacpo_lightning.pipeline.config import LoggerSpec
 
-__all__ = ["DEFAULT_PROJECT", "RESULTS_RUN", "log_results", "logger_entry", "stage_env", "stage_logger_config"]
+__all__ = ["DEFAULT_PROJECT", "RESULTS_RUN", "log_results", "logger_entry", "make_log_dir", "mlflow_default_uri",
+           "stage_env", "stage_logger_config"]
 
 DEFAULT_PROJECT = "sacpo"
 RESULTS_RUN = "pipeline"
@@ -37,11 +38,18 @@ def logger_entry(spec: LoggerSpec, output_dir: Path, run: str) -> dict[str, Any]
         return {"class_path": f"{loggers}.WandbLogger",
                 "init_args": {"name": run, "save_dir": save_dir, "project": project, "offline": spec.offline}}
     if spec.kind == "mlflow":
-        init = {"experiment_name": project, "run_name": run, "save_dir": save_dir}
-        if spec.tracking_uri is not None:
-            init["tracking_uri"] = spec.tracking_uri
+        # MLflow 3 refuses new file stores (./mlruns): the default is a SQLite store, with the artifacts beside it
+        init = {"experiment_name": project, "run_name": run,
+                "tracking_uri": spec.tracking_uri or mlflow_default_uri(output_dir)}
+        if spec.tracking_uri is None:
+            init["artifact_location"] = str(Path(output_dir).absolute() / LOG_DIRS["mlflow"] / "artifacts")
         return {"class_path": f"{loggers}.MLFlowLogger", "init_args": init}
     raise ValueError(f"unknown logger kind {spec.kind!r}")
+
+
+def mlflow_default_uri(output_dir: Path) -> str:
+    """The MLflow tracking store when ``logger.tracking_uri`` is not given: ``<output>/mlruns/mlflow.db``."""
+    return f"sqlite:///{Path(output_dir).absolute() / LOG_DIRS['mlflow'] / 'mlflow.db'}"
 
 
 def stage_logger_config(spec: LoggerSpec, output_dir: Path, stage: str, stage_root: Path) -> list[dict] | None:
@@ -62,10 +70,18 @@ def stage_env(spec: LoggerSpec, output_dir: Path) -> dict[str, str]:
     return {}
 
 
+def make_log_dir(entry: dict[str, Any]) -> None:
+    """Creates the folder a :func:`logger_entry` writes to (W&B needs it to exist)."""
+    init = entry["init_args"]
+    folder = init.get("save_dir") or init.get("artifact_location")
+    if folder is not None:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+
+
 def make_logger(spec: LoggerSpec, output_dir: Path, run: str):
     """An instance of the Lightning logger of ``spec`` for ``run``."""
     entry = logger_entry(spec, output_dir, run)
-    Path(entry["init_args"]["save_dir"]).mkdir(parents=True, exist_ok=True)
+    make_log_dir(entry)
     module, name = entry["class_path"].rsplit(".", 1)
     return getattr(importlib.import_module(module), name)(**entry["init_args"])
 
@@ -103,6 +119,10 @@ def log_results(spec: LoggerSpec, output_dir: Path, metrics: dict[str, float], i
     logger.finalize("success")
     if spec.kind == "wandb":
         logger.experiment.finish()
-    where = {"csv": f"{logger.log_dir}/metrics.csv", "tensorboard": str(getattr(logger, "log_dir", "")),
-             "wandb": str(output_dir / LOG_DIRS["wandb"]), "mlflow": spec.tracking_uri or str(output_dir / "mlruns")}
-    return where[spec.kind]
+    if spec.kind == "csv":
+        return f"{logger.log_dir}/metrics.csv"
+    if spec.kind == "tensorboard":
+        return str(logger.log_dir)
+    if spec.kind == "wandb":
+        return str(output_dir / LOG_DIRS["wandb"])
+    return spec.tracking_uri or mlflow_default_uri(output_dir)
