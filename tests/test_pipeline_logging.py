@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -276,10 +277,17 @@ def test_tensorboard_gets_the_results_and_plots(tmp_path, monkeypatch):
     assert (image.width, image.height) == (200, 150)  # figsize (2, 1.5) at 100 dpi
 
 
-def _wandb_items(run_dir: Path) -> bytes:
-    """The bytes of an offline W&B run's record log (``run-<id>.wandb``; its Python SDK has no reader)."""
-    (log,) = run_dir.glob("run-*.wandb")
-    return log.read_bytes()
+def _wandb_items(run_dir: Path, *expected: bytes, timeout: float = 60.0) -> bytes:
+    """The bytes of an offline W&B run's record log (``run-<id>.wandb``; its Python SDK has no reader), once they hold
+    ``expected``: W&B's service process writes the log and may still be flushing it when the run's process has
+    exited."""
+    deadline = time.monotonic() + timeout
+    while True:
+        logs = list(run_dir.glob("run-*.wandb"))
+        records = logs[0].read_bytes() if len(logs) == 1 else b""
+        if (records and all(e in records for e in expected)) or time.monotonic() > deadline:
+            return records
+        time.sleep(0.5)
 
 
 def _wandb_logged(records: bytes, key: str, value_json: str) -> bool:
@@ -293,7 +301,7 @@ def test_wandb_offline_gets_the_results_and_plots(tmp_path, monkeypatch, wandb_o
     runner, out = _fake_runner(tmp_path, monkeypatch, {"kind": "wandb", "project": "sacpo-test", "offline": True})
     assert runner.run() == 0
     (run_dir,) = (out / "wandb" / "wandb").glob("offline-run-*")
-    records = _wandb_items(run_dir)
+    records = _wandb_items(run_dir, b"sacpo-test", b"budget/lambda_star", b"eval/reward/implicit_helpful_accuracy")
     assert b"sacpo-test" in records and b"pipeline" in records  # project and run name
     assert _wandb_logged(records, "budget/lambda_star", "2.5")
     assert _wandb_logged(records, "budget/lambda_star_low", "1.5")
@@ -411,7 +419,7 @@ def test_tiny_pipeline_logs_training_to_wandb_offline(tmp_path, wandb_offline):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     runs = sorted((output / "wandb" / "wandb").glob("offline-run-*"))
     assert len(runs) == 2
-    logged = [_wandb_items(run) for run in runs]
+    logged = [_wandb_items(run, b"train/loss", b"sacpo-test") for run in runs]
     assert all(b"train/loss" in records and b"sacpo-test" in records for records in logged)
     assert any(b"safety_lam4" in records for records in logged) and any(b"reward" in records for records in logged)
     assert list((output / "stages" / "safety_lam4" / "logs").glob("version_*/metrics.csv"))
