@@ -225,6 +225,17 @@ def test_safety_budget_picks_lambda_trains_it_and_reports_predicted_vs_measured(
     assert "_even_4.json" in rows["safety_budget"]["prompts_predicted"]
     assert "_odd_4.json" in rows["safety_budget"]["prompts_measured"]
     assert report["safety"]["models"]["safety_budget"]["constraint"]["source"] == "mean_safety"
+    # the lambda* model's card: b, lambda* with its bootstrap interval, beta / lambda*, then the measured safety
+    card = (output / "stages" / "safety_budget" / "export" / "README.md").read_text()
+    # budget.json writes an unbounded end of the interval (resamples without a root below lam_max) as null
+    low, high = (f"{v:.6g}" if v is not None else "unbounded" for v in budget["lambda_star_interval"])
+    assert f"| lambda | lambda* = {budget['lambda_star']:.6g} (picked by the safety budget) |" in card
+    assert f"- b (target E[g]): {budget['inputs']['b']:.6g}" in card
+    assert f"bootstrap interval of lambda*: [{low}, {high}]" in card
+    assert f"- beta / lambda* (step 2's KL coefficient): {budget['step2_beta']:.6g}" in card
+    measured = report["safety"]["models"]["safety_budget"]["constraint"]
+    assert (f"| measured safety: mean P(safe) on the safety prompts ({measured['judge']}) | "
+            f"{measured['safety']:.6g} | {measured['ci_low']:.6g} - {measured['ci_high']:.6g} |") in card
     pick = json.loads((output / "stages" / "evaluate" / "merge_pick.json").read_text())
     assert pick["b"] == budget["inputs"]["b"] and {c["model"] for c in pick["candidates"]} == {
         "safety_budget", "merge_budget_q0.5"}

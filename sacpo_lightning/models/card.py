@@ -126,8 +126,17 @@ def build_model_card(
         lines += ["## Safety budget", "",
                   f"- b (target E[g]): {_number(solution.get('b'))}",
                   f"- lambda*: {_number(budget.get('lambda_star'))} (status `{budget.get('status')}`; "
-                  f"searched in [0, {_number(solution.get('lam_max'))}])",
-                  f"- predicted E[g] at lambda*: {_number((budget.get('predicted') or {}).get('safety'))}",
+                  f"searched in [0, {_number(solution.get('lam_max'))}])"]
+        interval = budget.get("lambda_star_interval")
+        if isinstance(interval, list | tuple) and len(interval) == 2 and interval != [None, None]:
+            level = (budget.get("interval") or {}).get("level")
+            shown = f"{level:.0%} " if isinstance(level, int | float) else ""
+            # budget.json writes an unbounded end (resamples with no root below lam_max) as null
+            ends = [_number(v) if v is not None else "unbounded" for v in interval]
+            lines.append(f"- {shown}bootstrap interval of lambda*: [{ends[0]}, {ends[1]}]")
+        if budget.get("step2_beta") is not None:
+            lines.append(f"- beta / lambda* (step 2's KL coefficient): {_number(budget['step2_beta'])}")
+        lines += [f"- predicted E[g] at lambda*: {_number((budget.get('predicted') or {}).get('safety'))}",
                   f"- {budget.get('message')}", ""]
     if merge:
         lines += ["## Merge", "", f"`(1 - q) * base + q * other` with q = {_number(merge.get('q'))}", "",

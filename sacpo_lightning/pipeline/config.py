@@ -119,6 +119,41 @@ class BudgetSpec:
 # derived from the dataclass, so a new budget setting is a known key
 BUDGET_KEYS = frozenset(f.name for f in fields(BudgetSpec))
 
+# logger kind -> (the module it needs, the sacpo-lightning extra that installs it); csv needs nothing extra
+LOGGER_KINDS = {"csv": None, "tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb"),
+                "mlflow": ("mlflow", "mlflow")}
+
+
+@dataclass
+class LoggerSpec:
+    """``logger``: where every training stage logs (through Lightning's loggers), and where the pipeline logs the
+    budget's lambda*, the evaluation's headline numbers and its plots at the end.
+
+    Training stages always keep their CSV log (``stages/<name>/logs/version_N/metrics.csv``, which the evaluation's
+    training curves read); another kind is added beside it. The logger is not part of a stage's input hash: changing
+    it reruns no stage.
+
+    Args:
+        kind: ``csv`` (the default), ``tensorboard`` (``<output>/tensorboard/<stage>/``), ``wandb`` (runs named
+            after the stages, grouped by the output folder's name; files in ``<output>/wandb``) or ``mlflow`` (runs
+            named after the stages).
+        project: The W&B project or the MLflow experiment (default ``sacpo``).
+        offline: W&B only: write the runs locally (``wandb sync`` uploads them later).
+        tracking_uri: MLflow only: the tracking server or store (default: a SQLite store,
+            ``<output>/mlruns/mlflow.db``, with the artifacts in ``<output>/mlruns/artifacts``).
+    """
+
+    kind: str = "csv"
+    project: str | None = None
+    offline: bool = False
+    tracking_uri: str | None = None
+
+
+LOGGER_KEYS = frozenset(f.name for f in fields(LoggerSpec))
+# the keys other than kind that each kind reads
+LOGGER_KIND_KEYS = {"csv": set(), "tensorboard": set(), "wandb": {"project", "offline"},
+                    "mlflow": {"project", "tracking_uri"}}
+
 
 @dataclass
 class PipelineConfig:
@@ -135,6 +170,12 @@ class PipelineConfig:
         baselines: One-step baselines from the SFT model: ``safety_only`` (per lambda). The helpfulness-only baseline
             is the step-1 model itself.
         evaluate: Settings of the evaluation stage (see ``sacpo_lightning.evaluation``); absent means no evaluation.
+        safety_budget: Choose lambda for a safety threshold (:class:`BudgetSpec`).
+        logger: Where the training stages and the pipeline's results are logged (:class:`LoggerSpec`; YAML: a kind,
+            e.g. ``logger: tensorboard``, or a mapping, e.g. ``{kind: wandb, project: sacpo, offline: true}``).
+        export_plain: Also write each model the pipeline evaluates as a plain Hugging Face folder (adapter chains
+            merged into the base), ``<output>/plain/<name>/``, after the evaluation when there is one (stage
+            ``export_plain``).
     """
 
     sft: str
@@ -147,6 +188,8 @@ class PipelineConfig:
     baselines: list[str] = field(default_factory=list)
     evaluate: dict[str, Any] | None = None
     safety_budget: BudgetSpec | None = None
+    logger: LoggerSpec = field(default_factory=LoggerSpec)
+    export_plain: bool = False
     source: str = "<config>"
 
 
@@ -159,7 +202,7 @@ class Stage:
     """A node of the pipeline graph."""
 
     name: str
-    kind: Literal["train", "merge", "evaluate", "budget"]
+    kind: Literal["train", "merge", "evaluate", "budget", "export"]
     depends_on: list[str]
     reference: str  # the model the stage starts from: a stage name or the SFT model
     config: dict[str, Any]
@@ -205,11 +248,67 @@ def load_pipeline_config(path: str | os.PathLike) -> PipelineConfig:
         _require(b in ("safety_only",), source, "baselines", f"unknown baseline {b!r}; allowed: safety_only")
     evaluate = _load_evaluate(raw.get("evaluate"), source)
     budget = _load_budget(raw.get("safety_budget"), source, orders, evaluate, steps["safety_step"])
+    logger = _load_logger(raw.get("logger"), source)
+    if "logger" in raw:
+        _check_no_step_logger(steps, evaluate, source)
+    export_plain = raw.get("export_plain", False)
+    _require(isinstance(export_plain, bool), source, "export_plain", f"must be true or false, got {export_plain!r}")
     return PipelineConfig(
         sft=raw["sft"], beta=float(beta), lambdas=[float(x) for x in lambdas], reward_step=steps["reward_step"],
         safety_step=steps["safety_step"], orders=orders, merge=merge, baselines=baselines, evaluate=evaluate,
-        safety_budget=budget, source=source,
+        safety_budget=budget, logger=logger, export_plain=export_plain, source=source,
     )
+
+
+def _load_logger(raw: Any, source: str) -> LoggerSpec:
+    """``logger: KIND`` or ``logger: {kind: KIND, ...}``; the package a kind needs must import now, before any
+    training."""
+    from sacpo_lightning.errors import MissingDependencyError, require_extra
+
+    if raw is None:
+        return LoggerSpec()
+    if isinstance(raw, str):
+        raw = {"kind": raw}
+    _require(isinstance(raw, dict), source, "logger",
+             f"must be a logger kind ({', '.join(LOGGER_KINDS)}) or a mapping with kind, project, offline, "
+             f"tracking_uri; got {raw!r}")
+    unknown = sorted(set(raw) - LOGGER_KEYS)
+    _require(not unknown, source, f"logger.{','.join(unknown)}",
+             f"unknown key(s); known keys: {', '.join(sorted(LOGGER_KEYS))}")
+    kind = raw.get("kind", "csv")
+    _require(kind in LOGGER_KINDS, source, "logger.kind", f"unknown logger {kind!r}; known: {', '.join(LOGGER_KINDS)}")
+    unused = sorted(set(raw) - {"kind"} - LOGGER_KIND_KEYS[kind])
+    _require(not unused, source, f"logger.{','.join(unused)}",
+             f"not read by the {kind} logger (it reads: {', '.join(sorted(LOGGER_KIND_KEYS[kind])) or 'only kind'})")
+    spec = LoggerSpec(**raw)
+    for name in ("project", "tracking_uri"):
+        value = getattr(spec, name)
+        _require(value is None or (isinstance(value, str) and value.strip() != ""), source, f"logger.{name}",
+                 f"must be a non-empty string, got {value!r}")
+    _require(isinstance(spec.offline, bool), source, "logger.offline", f"must be true or false, got {spec.offline!r}")
+    if LOGGER_KINDS[kind] is not None:
+        module, extra = LOGGER_KINDS[kind]
+        try:
+            require_extra(module, extra=extra, feature=f"logger: {kind}", alternative="Or use logger: csv.")
+        except MissingDependencyError as err:
+            raise PipelineConfigError(f"{source}: logger: {err}") from err
+    return spec
+
+
+def _check_no_step_logger(steps: dict[str, StepSpec], evaluate: dict[str, Any] | None, source: str) -> None:
+    """With the pipeline's ``logger`` set, a step config may not set its own ``trainer.logger`` (one place only)."""
+    specs = dict(steps)
+    for key in ("reward_model", "cost_model"):
+        value = (evaluate or {}).get(key)
+        if isinstance(value, dict):
+            specs[f"evaluate.{key}"] = StepSpec(configs=[_expand(c) for c in value.get("configs", [])],
+                                                overrides=value.get("overrides") or {})
+    for key, spec in specs.items():
+        if "logger" in (compose_step_config(spec).get("trainer") or {}):
+            raise PipelineConfigError(
+                f"{source}: {key}: its composed configs ({', '.join(spec.configs)}) set trainer.logger, and the "
+                "pipeline sets logger too; remove one of them (the pipeline's logger applies to every stage)"
+            )
 
 
 def _load_lambdas(raw: dict[str, Any], source: str) -> list:
@@ -486,7 +585,23 @@ def build_stages(cfg: PipelineConfig) -> list[Stage]:
             evaluate["safety_prompts_half"] = EVALUATION_HALF
         add(Stage(name="evaluate", kind="evaluate", depends_on=[s.name for s in stages], reference=sft,
                   config=evaluate, description="evaluation of every produced model against the SFT model"))
+    if cfg.export_plain:
+        models = evaluated_stage_names(stages)
+        after = models + (["evaluate"] if cfg.evaluate is not None else [])
+        add(Stage(name=EXPORT_PLAIN, kind="export", depends_on=after, reference=sft,
+                  config={"models": {name: f"stage:{name}" for name in models}},
+                  description=f"plain Hugging Face folders of {', '.join(models)} (plain/<name>/)"))
     return stages
+
+
+EXPORT_PLAIN = "export_plain"
+SCORE_MODEL_STAGES = ("reward_model", "cost_model")
+
+
+def evaluated_stage_names(stages: list[Stage]) -> list[str]:
+    """The stages whose models the evaluation evaluates (beside the SFT model): every training stage and merge
+    except the score models."""
+    return [s.name for s in stages if s.kind in ("train", "merge") and s.name not in SCORE_MODEL_STAGES]
 
 
 BUDGET_LAMBDA = "budget:lambda_star"

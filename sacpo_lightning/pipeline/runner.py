@@ -13,6 +13,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
+from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from sacpo_lightning.budget_sampling import BUDGET_FILE
 from sacpo_lightning.data.prompts import DEFAULT_XSTEST_PROMPTS
 from sacpo_lightning.errors import debug_enabled, find_user_error
 from sacpo_lightning.io import atomic_write_json, atomic_write_text, file_fingerprint, is_complete_directory
+from sacpo_lightning.models.card import write_model_card
 from sacpo_lightning.models.classifier import SCORE_MODEL_FILE
 from sacpo_lightning.models.export import STEP_METADATA
 from sacpo_lightning.pipeline.config import (
@@ -33,8 +35,11 @@ from sacpo_lightning.pipeline.config import (
     Stage,
     build_stages,
     config_hash,
+    evaluated_stage_names,
     load_pipeline_config,
 )
+from sacpo_lightning.pipeline.results import Measure, budget_measures, evaluation_measures, measure_metrics
+from sacpo_lightning.pipeline.tracking import log_results, make_log_dir, stage_env, stage_logger_config
 
 MANIFEST = "manifest.json"
 # What a stage folder holds (stages/<name>/...): every path of the pipeline's outputs is built from these.
@@ -46,6 +51,8 @@ LAST_CHECKPOINT = "last.ckpt"
 EXPORT_DIR = "export"
 MERGE_METRICS = "merge_metrics.json"
 MERGE_PICK = "merge_pick.json"
+REPORT_FILE = "report.json"
+PLAIN_DIR = "plain"
 
 
 def _now() -> str:
@@ -113,6 +120,10 @@ class PipelineRunner:
 
     def checkpoint_dir(self, name: str) -> Path:
         return self.stage_dir(name) / CHECKPOINT_DIR
+
+    def plain_dir(self, name: str) -> Path:
+        """Where ``export_plain`` writes the plain Hugging Face folder of the model of stage ``name``."""
+        return self.output_dir / PLAIN_DIR / name
 
     # ------------------------------------------------------------------------------------------------ resolving
     def budget_result(self) -> dict[str, Any] | None:
@@ -202,6 +213,7 @@ class PipelineRunner:
                 entry is not None and entry.get("status") in ("done", "skipped")
                 and entry.get("config_hash") == digest
                 and (stage.kind in ("evaluate", "budget") or entry["status"] == "skipped"
+                     or (stage.kind == "export" and all(is_complete_directory(p) for p in entry.get("folders", [])))
                      or is_complete_directory(export))
             )
             prefix = f"[{i}/{total}] {stage.name}"
@@ -214,7 +226,7 @@ class PipelineRunner:
             self.log(f"{prefix}: {stage.description}")
             entry = {
                 "name": stage.name, "kind": stage.kind, "status": "pending", "description": stage.description,
-                "export_dir": str(export) if stage.kind not in ("evaluate", "budget") else None,
+                "export_dir": str(export) if stage.kind in ("train", "merge") else None,
                 "reference": self._resolve(stage.reference), "config": inputs["config"], "config_hash": digest,
                 "data": inputs["data"], "depends_on": stage.depends_on, "started_at": _now(),
             }
@@ -229,7 +241,11 @@ class PipelineRunner:
                 continue
             try:
                 metrics = {"train": self._run_train, "merge": self._run_merge, "evaluate": self._run_evaluate,
-                           "budget": self._run_budget}[stage.kind](stage, inputs, digest)
+                           "budget": self._run_budget, "export": self._run_export_plain}[stage.kind](
+                    stage, inputs, digest)
+                if stage.kind in ("train", "merge") and self._uses_budget_lambda(stage):
+                    # the budget that picked lambda*, on the card (the evaluation's numbers come after it runs)
+                    write_model_card(export, **self.card_fields(stage.name, with_evaluation=False))
             except BaseException as err:
                 entry.update(status="failed", error=f"{type(err).__name__}: {err}", wall_time_s=time.monotonic() - t0)
                 self._save_manifest()
@@ -240,11 +256,14 @@ class PipelineRunner:
                 self.log(f"{prefix}: FAILED: {err}")
                 self.log("Earlier stages are intact; fix the cause and rerun the same command to continue.")
                 return 1
+            if stage.kind == "export":
+                entry["folders"] = list(metrics.get("folders", {}).values())
             entry.update(status="done", metrics=metrics, finished_at=_now(), wall_time_s=time.monotonic() - t0)
             self._save_manifest()
             self.log(f"{prefix}: done in {entry['wall_time_s']:.0f}s")
         if not only_plan:
             self.log(self.summary(time.monotonic() - started))
+            return self._log_results()
         return 0
 
     def _run_train(self, stage: Stage, inputs: dict[str, Any], digest: str) -> dict[str, Any]:
@@ -256,14 +275,21 @@ class PipelineRunner:
         root.mkdir(parents=True, exist_ok=True)
         atomic_write_json(marker, {"config_hash": digest})
         config_path = root / STAGE_CONFIG
+        config = inputs["config"]
+        # the logger is added after hashing: changing where a stage logs does not rerun it
+        loggers = stage_logger_config(self.cfg.logger, self.output_dir, stage.name, root)
+        if loggers is not None:
+            config = copy.deepcopy(config)
+            config.setdefault("trainer", {})["logger"] = loggers
+            make_log_dir(loggers[-1])
         atomic_write_text(config_path, f"# written by sacpo pipeline for stage {stage.name}\n"
-                          + yaml.safe_dump(inputs["config"], sort_keys=False))
+                          + yaml.safe_dump(config, sort_keys=False))
         cmd = [sys.executable, "-m", "sacpo_lightning", "fit", "--config", str(config_path)]
         last = self.checkpoint_dir(stage.name) / LAST_CHECKPOINT
         if last.is_file():
             self.log(f"  resuming {stage.name} from {last}")
             cmd += ["--ckpt_path", str(last)]
-        self._stream(cmd, root / TRAIN_LOG)
+        self._stream(cmd, root / TRAIN_LOG, env=stage_env(self.cfg.logger, self.output_dir))
         export = self.export_dir(stage.name)
         if not is_complete_directory(export):
             raise StageFailed(f"training finished but {export} is missing or incomplete")
@@ -274,8 +300,8 @@ class PipelineRunner:
                 return meta.get("final_metrics") or {k: v for k, v in meta.items() if isinstance(v, int | float)}
         return {}
 
-    def _stream(self, cmd: list[str], log_path: Path) -> None:
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+    def _stream(self, cmd: list[str], log_path: Path, env: dict[str, str] | None = None) -> None:
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
         with open(log_path, "a", encoding="utf-8") as log_file:
             log_file.write(f"\n$ {' '.join(cmd)}\n")
             proc = subprocess.Popen(
@@ -311,9 +337,13 @@ class PipelineRunner:
         atomic_write_json(self.stage_dir(stage.name) / MERGE_METRICS, metrics)
         return metrics
 
+    @staticmethod
+    def _uses_budget_lambda(stage: Stage) -> bool:
+        return BUDGET_LAMBDA in json.dumps(stage.config)
+
     def _skip_reason(self, stage: Stage) -> str | None:
         """Why a stage that depends on lambda* cannot run (the budget found no usable lambda*), else None."""
-        if BUDGET_LAMBDA not in json.dumps(stage.config):
+        if not self._uses_budget_lambda(stage):
             return None
         budget = self.budget_result()
         if budget is None:
@@ -368,16 +398,36 @@ class PipelineRunner:
                                    "safety_interval": merges[f"{q:g}"].get("safety_interval"), **common}
         return out
 
+    def evaluated_models(self) -> dict[str, str]:
+        """``{stage name: export folder}`` of the models the evaluation evaluates (beside the SFT model) and
+        ``export_plain`` writes: every training stage and merge but the score models and the skipped stages."""
+        return {name: str(self.export_dir(name)) for name in evaluated_stage_names(self.stages)
+                if self.manifest["stages"].get(name, {}).get("status") != "skipped"}
+
+    def evaluation_report(self) -> dict[str, Any] | None:
+        """The evaluate stage's ``report.json`` once that stage is done (None before, or without an evaluation)."""
+        entry = self.manifest["stages"].get("evaluate") or {}
+        path = self.stage_dir("evaluate") / REPORT_FILE
+        return json.loads(path.read_text()) if entry.get("status") == "done" and path.is_file() else None
+
+    def card_fields(self, name: str, *, with_evaluation: bool = True) -> dict[str, Any]:
+        """What the pipeline knows about the model of stage ``name`` beyond its export's records, for its model card:
+        the budget that picked its lambda* and the evaluation's measured numbers."""
+        fields: dict[str, Any] = {}
+        stage = next((s for s in self.stages if s.name == name), None)
+        budget = self.budget_result() if stage is not None and self._uses_budget_lambda(stage) else None
+        if budget is not None and budget.get("step2_beta"):
+            fields["budget"] = budget
+        report = self.evaluation_report() if with_evaluation else None
+        measures = evaluation_measures(report).get(name) if report is not None else None
+        if measures:
+            fields["evaluation"] = {m.label: m.card_entry() for m in measures}
+        return fields
+
     def _run_evaluate(self, stage: Stage, inputs: dict[str, Any], digest: str) -> dict[str, Any]:
         from sacpo_lightning.evaluation.pipeline_stage import run_evaluation_stage
 
-        models = {"sft": self.cfg.sft}
-        for s in self.stages:
-            if s.kind not in ("train", "merge") or s.name in ("reward_model", "cost_model"):
-                continue
-            if self.manifest["stages"].get(s.name, {}).get("status") == "skipped":
-                continue
-            models[s.name] = str(self.export_dir(s.name))
+        models = {"sft": self.cfg.sft, **self.evaluated_models()}
         config = dict(inputs["config"])
         predicted = self.predicted_safety()
         if predicted is not None:
@@ -397,7 +447,84 @@ class PipelineRunner:
             atomic_write_json(self.stage_dir(stage.name) / MERGE_PICK, pick)
             self.log(f"  P-SACPO pick for b={self.cfg.safety_budget.b:g}: {pick['message']}")
             metrics["merge_pick"] = pick
+        self._write_evaluated_cards(Path(metrics["report"]))
         return metrics
+
+    def _write_evaluated_cards(self, report_path: Path) -> None:
+        """Rewrites the card of every evaluated export with its measured numbers (and the budget, for lambda*)."""
+        measured = evaluation_measures(json.loads(report_path.read_text()))
+        for name, folder in self.evaluated_models().items():
+            if name not in measured or not is_complete_directory(folder):
+                continue
+            fields = self.card_fields(name, with_evaluation=False)
+            fields["evaluation"] = {m.label: m.card_entry() for m in measured[name]}
+            write_model_card(folder, **fields)
+        self.log(f"  model cards of {', '.join(n for n in self.evaluated_models() if n in measured)} now state "
+                 "the measured numbers")
+
+    def _run_export_plain(self, stage: Stage, inputs: dict[str, Any], digest: str) -> dict[str, Any]:
+        """``export_plain``: each evaluated model as a plain Hugging Face folder (``sacpo export``'s conversion),
+        with the card the pipeline knows."""
+        from sacpo_lightning.models.export import export_plain_folder
+
+        folders: dict[str, str] = {}
+        for name, src in self.evaluated_models().items():
+            if name not in inputs["config"]["models"]:
+                continue
+            out = export_plain_folder(src, self.plain_dir(name), card=self.card_fields(name))
+            folders[name] = str(out)
+            self.log(f"  {name}: {out}")
+        return {"folders": folders}
+
+    # ------------------------------------------------------------------------------------------------ results
+    def result_measures(self) -> dict[str, list[Measure]]:
+        """``{"budget": [...], "eval/<model>": [...]}``: the budget's lambda* and the evaluation's headline numbers."""
+        out: dict[str, list[Measure]] = {}
+        budget = self.budget_result()
+        if budget is not None and (self.manifest["stages"].get("budget") or {}).get("status") == "done":
+            out["budget"] = budget_measures(budget)
+        report = self.evaluation_report()
+        for name, measures in (evaluation_measures(report) if report is not None else {}).items():
+            out[f"eval/{name}"] = measures
+        return {k: v for k, v in out.items() if v}
+
+    def result_images(self) -> dict[str, Path]:
+        """The plots to log: the budget's lambda curve and the evaluation's figures."""
+        images: dict[str, Path] = {}
+        curve = self.stage_dir("budget") / "lambda_curve.png"
+        if curve.is_file() and (self.manifest["stages"].get("budget") or {}).get("status") == "done":
+            images["budget/lambda_curve"] = curve
+        report = self.evaluation_report() or {}
+        for name, path in (report.get("figures") or {}).items():
+            if isinstance(path, str) and path.endswith(".png") and Path(path).is_file():
+                images[f"evaluate/{name}"] = Path(path)
+        return images
+
+    def _log_results(self) -> int:
+        """Logs the results to the pipeline's logger once per change of them (or of the logger)."""
+        metrics: dict[str, float] = {}
+        for prefix, measures in self.result_measures().items():
+            metrics.update(measure_metrics(prefix, measures))
+        images = self.result_images()
+        if not metrics and not images:
+            return 0
+        spec = self.cfg.logger
+        digest = config_hash({"logger": asdict(spec), "metrics": metrics,
+                              "images": {k: file_fingerprint(p) for k, p in images.items()}})
+        if (self.manifest.get("logged") or {}).get("hash") == digest:
+            return 0
+        try:
+            where = log_results(spec, self.output_dir, metrics, images)
+        except Exception as err:
+            if debug_enabled() or find_user_error(err) is None:
+                traceback.print_exception(err)
+            self.log(f"logging the results to the {spec.kind} logger failed: {err}")
+            return 1
+        self.manifest["logged"] = {"hash": digest, "logger": spec.kind, "where": where, "at": _now(),
+                                   "metrics": sorted(metrics), "images": sorted(images)}
+        self._save_manifest()
+        self.log(f"Logged {len(metrics)} result numbers and {len(images)} plots to {spec.kind}: {where}")
+        return 0
 
     # ------------------------------------------------------------------------------------------------ summary
     def summary(self, elapsed: float) -> str:
