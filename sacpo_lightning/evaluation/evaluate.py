@@ -535,12 +535,16 @@ def _run_implicit(settings: EvaluationSettings, run: _Run) -> None:
     run.report["implicit_reference"] = reference
     scored = {name: spec for name, spec in run.models.items() if spec != reference}
     # A set limited to some models (its ``models`` key) drops the reference itself: its log-ratios are all zero.
-    pair_sets = {name: {**spec, "models": [m for m in spec["models"] if m in scored]} if spec.get("models") else spec
-                 for name, spec in settings.implicit.items()}
-    for spec in pair_sets.values():  # against the reference itself is the plain measurement
+    # Against the reference itself is the plain measurement. Copies: the settings stay as given.
+    pair_sets = {}
+    for name, spec in settings.implicit.items():
+        spec = dict(spec)
+        if spec.get("models"):
+            spec["models"] = [m for m in spec["models"] if m in scored]
         if spec.get("against"):
             spec["against"] = {m: o for m, o in spec["against"].items() if m in scored and o in scored}
-    pair_sets = {name: spec for name, spec in pair_sets.items() if spec.get("models") != []}
+        if spec.get("models") != []:
+            pair_sets[name] = spec
     for name, result in implicit_accuracies(scored, reference, pair_sets,
                                             device=settings.generation.device).items():
         run.entries[name]["implicit"] = result
