@@ -353,7 +353,7 @@ def _pipeline(tmp_path: Path, **evaluate_changes) -> Path:
 
 def test_shipped_pipelines_run_the_suite(monkeypatch):
     monkeypatch.chdir(ROOT)
-    for name, per_type in (("tiny_eval.yaml", 1), ("demo_cpu.yaml", 2)):
+    for name, per_type in (("tiny_eval.yaml", 1), ("demo_cpu.yaml", 1)):
         cfg = load_pipeline_config(ROOT / "configs" / "pipelines" / name)
         assert cfg.evaluate["suites"] == ["xstest"] and cfg.evaluate["xstest_per_type"] == per_type
 
