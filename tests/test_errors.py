@@ -5,11 +5,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import threading
-from http.server import BaseHTTPRequestHandler, HTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
+from local_http import serve
 
 from sacpo_lightning.cli import main
 from sacpo_lightning.errors import (
@@ -246,12 +246,7 @@ class _RefusingJudge(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def refusing_judge():
-    httpd = HTTPServer(("127.0.0.1", 0), _RefusingJudge)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}/v1"
-    httpd.shutdown()
-    httpd.server_close()
+    yield from serve(_RefusingJudge)
 
 
 def test_judge_endpoint_failure_ends_evaluate_with_message_alone(

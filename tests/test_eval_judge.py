@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, HTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 import torch
+from local_http import serve
 
 from sacpo_lightning.evaluation.judge import (
     RUBRICS,
@@ -125,12 +125,7 @@ def server():
     _Handler.replies = ["Fine.\n[[7]] [[4]]"]
     _Handler.requests = []
     _Handler.fail_first = 0
-    httpd = HTTPServer(("127.0.0.1", 0), _Handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}/v1"
-    httpd.shutdown()
-    httpd.server_close()
+    yield from serve(_Handler)
 
 
 def test_http_backend(server, tmp_path, monkeypatch):
