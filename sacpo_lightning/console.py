@@ -34,6 +34,7 @@ __all__ = [
     "ProgressBar",
     "WarningFilter",
     "install_console_filters",
+    "gguf_conversion_progress",
     "install_transformers_progress",
     "quiet_load_report",
 ]
@@ -95,6 +96,14 @@ LOG_FILTERS: tuple[MessageFilter, ...] = (
         pattern=r"from kernels-community",
         why="bitsandbytes says on import on a CPU that the optional `kernels` package is missing; its own CPU "
         "kernels run instead",
+    ),
+    MessageFilter(
+        loggers=("kernels._internals.hf_hub",),
+        pattern=r"^Skipping publisher trust check for 'kernels-community/quantization-bitsandbytes' because Hugging "
+        r"Face Hub is in offline mode",
+        why="bitsandbytes looks for its optional Hub kernel on import on a CPU with AVX512-BF16; offline, the "
+        "kernels package (a transformers dependency from 5.25) says it skips a check for a kernel that is then not "
+        "used",
     ),
     MessageFilter(
         # rank_zero_info logs through lightning_utilities' module logger, which lightning.fabric and
@@ -197,6 +206,41 @@ def install_transformers_progress() -> bool:
         return False
     set_hook(_transformers_tqdm_hook)
     return True
+
+
+GGUF_BAR_MODULE = "transformers.modeling_gguf_pytorch_utils"
+"""The module whose module-level ``tqdm`` (``tqdm.auto``, not transformers' hookable one) draws the bar of de-quantising
+GGUF tensors."""
+
+
+@contextmanager
+def gguf_conversion_progress() -> Iterator[None]:
+    """While the block runs, the GGUF conversion's tensor bar of :data:`GGUF_BAR_MODULE` is a
+    :class:`ProgressBar` (``converting GGUF tensors``); other bars of that module are left as they are. A
+    transformers without that module or name is left untouched."""
+    import importlib
+
+    try:
+        module = importlib.import_module(GGUF_BAR_MODULE)
+    except ImportError:
+        yield
+        return
+    original = getattr(module, "tqdm", None)
+    if original is None:
+        yield
+        return
+
+    def bar(*args: Any, **kwargs: Any) -> Any:
+        if not str(kwargs.get("desc") or "").startswith("Converting and de-quantizing GGUF tensors"):
+            return original(*args, **kwargs)
+        iterable = args[0] if args else kwargs.get("iterable")
+        return ProgressBar(iterable, desc="converting GGUF tensors", unit="tensors", total=kwargs.get("total"))
+
+    module.tqdm = bar
+    try:
+        yield
+    finally:
+        module.tqdm = original
 
 
 def install_console_filters() -> None:

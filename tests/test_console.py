@@ -259,3 +259,48 @@ def test_reference_cache_is_off_quietly_for_score_models_and_warns_otherwise(lig
     with pytest.warns(UserWarning, match="needs a sacpo_lightning step module and PreferenceDataModule, got "
                                          "LightningModule and NoneType; it is off"):
         assert ReferenceCache()._usable(trainer, L.LightningModule()) is False
+
+
+def test_gguf_conversion_bar_becomes_progress_lines_and_is_restored(capsys):
+    """The GGUF conversion's tqdm bar (a plain ``tqdm.auto`` bar, one carriage-return frame per tensor in a log) is
+    a progress line while :func:`gguf_conversion_progress` runs; other bars of that module stay tqdm's, and the
+    module's ``tqdm`` is restored afterwards."""
+    import importlib
+
+    from sacpo_lightning.console import GGUF_BAR_MODULE, ProgressBar, gguf_conversion_progress
+
+    module = importlib.import_module(GGUF_BAR_MODULE)
+    original = module.tqdm
+    with gguf_conversion_progress():
+        bar = module.tqdm(range(3), desc="Converting and de-quantizing GGUF tensors...")
+        assert isinstance(bar, ProgressBar) and list(bar) == [0, 1, 2]
+        other = module.tqdm(range(2), desc="something else", disable=True)
+        assert not isinstance(other, ProgressBar)
+    assert module.tqdm is original
+    assert "Converting and de-quantizing" not in capsys.readouterr().err
+    # the conversion still draws its bar through that module-level name
+    import inspect
+
+    assert "tqdm(reader.tensors" in inspect.getsource(module)
+
+
+def test_kernels_offline_trust_message_of_the_bitsandbytes_kernel_is_dropped_others_are_not():
+    """With transformers >= 5.25 the ``kernels`` package is installed; offline, bitsandbytes' import-time look for
+    its optional CPU kernel makes it log a skipped trust check for that one repository."""
+    logger = logging.getLogger("kernels._internals.hf_hub")
+    handler = ListHandler()
+    logger.addHandler(handler)
+    try:
+        install_console_filters()
+        logger.warning(
+            "Skipping publisher trust check for 'kernels-community/quantization-bitsandbytes' because Hugging Face "
+            "Hub is in offline mode."
+        )
+        logger.warning(
+            "Skipping publisher trust check for 'someone/custom-kernel' because Hugging Face Hub is in offline mode."
+        )
+    finally:
+        logger.removeHandler(handler)
+    assert handler.messages == [
+        "Skipping publisher trust check for 'someone/custom-kernel' because Hugging Face Hub is in offline mode."
+    ]

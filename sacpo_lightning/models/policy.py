@@ -331,10 +331,18 @@ def _prepare_adapter_training(model: PreTrainedModel, settings: PolicySettings) 
     from peft import prepare_model_for_kbit_training
 
     if settings.finetune == "qlora":
+        import inspect
+
+        # peft 0.22 renamed the keyword (the old name warns); older releases know only the old one
+        accepted = inspect.signature(prepare_model_for_kbit_training).parameters
+        kwargs_name = (
+            "activation_checkpointing_kwargs" if "activation_checkpointing_kwargs" in accepted
+            else "gradient_checkpointing_kwargs"
+        )
         model = prepare_model_for_kbit_training(
             model,
             use_gradient_checkpointing=settings.gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False},
+            **{kwargs_name: {"use_reentrant": False}},
         )
     elif settings.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})

@@ -51,13 +51,16 @@ def prepare_smollm2(output_dir: str | os.PathLike, *, dtype: str = "bfloat16") -
 
     gguf = smollm2_gguf_path()
     rank_zero_info(f"Converting {gguf.name} into a Hugging Face folder at {output_dir} (once).")
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(
-        gguf.parent,
-        gguf_file=gguf.name,
-        quantization_config=GgufConfig(dequantize=True),
-        dtype=getattr(torch, dtype),
-    )
+    from sacpo_lightning.console import gguf_conversion_progress
+
+    with gguf_conversion_progress():
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent,
+            gguf_file=gguf.name,
+            quantization_config=GgufConfig(dequantize=True),
+            dtype=getattr(torch, dtype),
+        )
     # The GGUF records the de-quantisation as a quantization config; the saved folder holds plain weights.
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
