@@ -1,10 +1,17 @@
-"""Shared fixtures: a tiny random Llama with a byte-level tokenizer, built once per session, no network."""
+"""Shared fixtures: a tiny random Llama with a byte-level tokenizer and one run of the tiny evaluation pipeline, each
+built once per session, no network."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
+import yaml
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -59,3 +66,39 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@dataclass
+class TinyEvalPipeline:
+    """One run of ``configs/pipelines/tiny_eval.yaml`` through ``sacpo pipeline`` (see :func:`tiny_eval_pipeline`)."""
+
+    output: Path
+    logger: str  # the logger of the first run: tensorboard where it is installed, else csv
+    first: subprocess.CompletedProcess
+    rerun: subprocess.CompletedProcess | None  # the same command with the default csv logger; None if the first failed
+
+    def check_first(self) -> None:
+        assert self.first.returncode == 0, self.first.stdout[-3000:] + self.first.stderr[-3000:]
+
+
+@pytest.fixture(scope="session")
+def tiny_eval_pipeline(tmp_path_factory, _sacpo_cache) -> TinyEvalPipeline:
+    """The tiny evaluation pipeline with ``logger: tensorboard`` and ``export_plain: true``, run once for the tests
+    of its evaluation report, its loggers, its model cards and its plain folders; then rerun with the csv logger
+    (which must rerun no stage). The tests only read its output folder."""
+    root = Path(__file__).resolve().parents[1]
+    folder = tmp_path_factory.mktemp("tiny_eval_pipeline")
+    logger = "tensorboard" if importlib.util.find_spec("tensorboard") is not None else "csv"
+    raw = yaml.safe_load((root / "configs" / "pipelines" / "tiny_eval.yaml").read_text())
+    output = folder / "out"
+
+    def run(**changes) -> subprocess.CompletedProcess:
+        config = folder / "pipeline.yaml"
+        config.write_text(yaml.safe_dump({**raw, "export_plain": True, **changes}))
+        return subprocess.run(
+            [sys.executable, "-m", "sacpo_lightning", "pipeline", "--config", str(config), "--output", str(output)],
+            capture_output=True, text=True, timeout=900, cwd=root,
+        )
+
+    first = run(logger=logger)
+    return TinyEvalPipeline(output, logger, first, run() if first.returncode == 0 else None)

@@ -176,12 +176,14 @@ def test_failed_stage_stops_pipeline_and_keeps_earlier_stages(tmp_path, monkeypa
 
 
 @pytest.mark.slow
-def test_pipeline_with_evaluation_stage_writes_report(tmp_path):
-    output = tmp_path / "out"
-    result = _run_cli(ROOT / "configs" / "pipelines" / "tiny_eval.yaml", output)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+def test_pipeline_with_evaluation_stage_writes_report(tiny_eval_pipeline):
+    """tiny_eval.yaml (run once for the session, with export_plain: true and a logger, which
+    tests/test_pipeline_logging.py checks): every stage done, and the evaluation's report, figures and XSTest."""
+    tiny_eval_pipeline.check_first()
+    output = tiny_eval_pipeline.output
     manifest = json.loads((output / "manifest.json").read_text())
-    assert [manifest["stages"][n]["status"] for n in manifest["order"]] == ["done"] * 6
+    assert manifest["order"][-1] == "export_plain"
+    assert [manifest["stages"][n]["status"] for n in manifest["order"][:-1]] == ["done"] * 6
     report = json.loads((output / "stages" / "evaluate" / "report.json").read_text())
     assert set(report["models"]) == {"sft", "reward", "safety_lam4", "merge_lam4_q0.5"}
     for name in ("pareto.png", "report.md", "training_curves.png", "xstest.png", "xstest.csv"):
@@ -205,6 +207,8 @@ def test_safety_budget_picks_lambda_trains_it_and_reports_predicted_vs_measured(
     manifest = json.loads((output / "manifest.json").read_text())
     budget = json.loads((output / "stages" / "budget" / "budget.json").read_text())
     assert (output / "stages" / "budget" / "lambda_curve.png").is_file()
+    # the default csv logger writes each training stage's metrics.csv where the evaluation's training curves read it
+    assert (output / "stages" / "evaluate" / "training_curves.png").stat().st_size > 0
     assert budget["status"] == "interior" and budget["lambda_star"] > 0
     assert budget["predicted"]["safety"] == pytest.approx(budget["inputs"]["b"], abs=1e-6)
     assert manifest["stages"]["budget"]["metrics"]["lambda_star"] == budget["lambda_star"]

@@ -337,18 +337,17 @@ def _run_cli(config: Path, output: Path, env: dict | None = None) -> subprocess.
 
 
 @pytest.mark.slow
-def test_tiny_pipeline_with_tensorboard_cards_and_plain_folders(tmp_path):
-    """tiny_eval.yaml with ``logger: tensorboard`` and ``export_plain: true``: every training stage logs to
-    TensorBoard beside its CSV, the evaluated models' cards carry the measured numbers, and each plain folder loads
-    with plain transformers and gives the library's log-probs."""
+def test_tiny_pipeline_with_tensorboard_cards_and_plain_folders(tiny_eval_pipeline):
+    """tiny_eval.yaml with ``logger: tensorboard`` and ``export_plain: true`` (tests/conftest.py runs it once for the
+    session): every training stage logs to TensorBoard beside its CSV, the evaluated models' cards carry the measured
+    numbers, and each plain folder loads with plain transformers and gives the library's log-probs."""
     pytest.importorskip("tensorboard")
     import torch
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    config = _write(tmp_path, base="tiny_eval.yaml", logger="tensorboard", export_plain=True)
-    output = tmp_path / "out"
-    result = _run_cli(config, output)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert tiny_eval_pipeline.logger == "tensorboard"
+    tiny_eval_pipeline.check_first()
+    output = tiny_eval_pipeline.output
     manifest = json.loads((output / "manifest.json").read_text())
     assert manifest["order"][-1] == "export_plain"
     assert all(manifest["stages"][n]["status"] == "done" for n in manifest["order"])
@@ -389,7 +388,7 @@ def test_tiny_pipeline_with_tensorboard_cards_and_plain_folders(tmp_path):
     names = ("reward", "safety_lam4", "merge_lam4_q0.5")
     folders = [str(output / "plain" / n) for n in names]
     probe_run = subprocess.run([sys.executable, "-c", probe, *folders], capture_output=True, text=True, timeout=300,
-                               cwd=tmp_path, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+                               cwd=output.parent, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
     assert probe_run.returncode == 0, probe_run.stderr[-3000:]
     plain = json.loads(probe_run.stdout.strip().splitlines()[-1])
     from sacpo_lightning.models.policy import load_causal_lm
@@ -401,9 +400,8 @@ def test_tiny_pipeline_with_tensorboard_cards_and_plain_folders(tmp_path):
             logps = model(ids).logits.double().log_softmax(-1)[0, :-1].gather(-1, ids[0, 1:, None]).sum().item()
         assert plain[folder] == pytest.approx(logps, abs=1e-4), name
 
-    # a rerun with another logger reruns no stage
-    config = _write(tmp_path, base="tiny_eval.yaml", export_plain=True)
-    again = _run_cli(config, output)
+    # a rerun with another logger (the default csv) reruns no stage
+    again = tiny_eval_pipeline.rerun
     assert again.returncode == 0, again.stdout[-3000:]
     assert again.stdout.count("unchanged, skipped") == len(manifest["order"])
 
