@@ -53,6 +53,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--matmul-size", type=int, default=2048, help="size n of the n x n x n matmul timed for MFU")
+    p.add_argument("--attn-implementation", default="sdpa", choices=["sdpa", "eager"],
+                   help="attention of both stacks (the project's default is sdpa; see README, Performance)")
+    p.add_argument("--tune-malloc", default="none", choices=["ours", "both", "none"],
+                   help="fix glibc's mmap threshold at 128 KiB (sacpo_lightning.allocator, opt-in for the sacpo "
+                        "command) in our process, in both stacks' processes, or in neither (default)")
     p.add_argument("--compare", default=None, choices=["trl"], help="also run TRL on the same work (subprocess)")
     p.add_argument("--trl-worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -167,6 +172,7 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
     # Frozen base weights in bf16 for adapters; full fine-tuning keeps float32 master weights under autocast.
     dtype = "bfloat16" if args.precision == "bf16" and args.finetune != "full" else "float32"
     policy = PolicySettings(name_or_path=model_path, finetune=args.finetune, dtype=dtype,
+                            attn_implementation=args.attn_implementation,
                             lora=LoraSettings(r=args.lora_r, alpha=2 * args.lora_r, dropout=0.0))
     optim = OptimSettings(lr=args.lr, warmup_ratio=0.0)
     if args.algo == "kto":
@@ -240,6 +246,8 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
         "epoch_cached_s": cached_s,
         "cache_build_s": cache_build_s,
         "cached_speedup": uncached_s / cached_s,
+        # the reference cache's forward-only pass per example, relative to a cached training step per example
+        "cache_to_step_ratio": cache_build_s / cached_s,
         "model_flops_per_s": (train_flops + ref_flops) / uncached_s,
         "model_flops_per_s_cached": train_flops / cached_s,
         "matmul_flops_per_s": peak,
@@ -277,7 +285,7 @@ def run_trl(args: argparse.Namespace) -> dict[str, Any]:
     rows = [{k: e[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")} for e in examples[: total * b]]
     tokens = sum(real_tokens(collate(examples[i * b : (i + 1) * b]))[0] for i in range(args.warmup_steps, total))
     dtype = torch.bfloat16 if args.precision == "bf16" and args.finetune != "full" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, attn_implementation=args.attn_implementation)
     model.config.use_cache = False
     peft_config = None
     if args.finetune != "full":
@@ -343,8 +351,12 @@ def main(argv: list[str] | None = None) -> int:
     settings = {"algo": args.algo, "model": args.model, "finetune": args.finetune, "lora_r": args.lora_r,
                 "precision": args.precision, "device": args.device, "seq_len": args.seq_len,
                 "pairs_per_step": args.pairs_per_step, "steps": args.steps, "warmup_steps": args.warmup_steps,
-                "threads": torch.get_num_threads()}
+                "attn_implementation": args.attn_implementation, "threads": torch.get_num_threads()}
     load_start = os.getloadavg()[0]
+    from sacpo_lightning.allocator import tune_malloc
+
+    tuned = args.tune_malloc == "both" or (args.tune_malloc == "ours" and not args.trl_worker)
+    settings["malloc_mmap_threshold"] = tune_malloc({"SACPO_MALLOC_MMAP_THRESHOLD": "131072"}) if tuned else None
     if args.trl_worker:
         print(json.dumps({**settings, **run_trl(args), "loadavg_1min": [load_start, os.getloadavg()[0]]}), flush=True)
         return 0

@@ -14,6 +14,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
+from sacpo_lightning.allocator import tune_malloc
 from sacpo_lightning.callbacks import ExportHF, NaNGuard
 from sacpo_lightning.callbacks.checkpoint import AtomicModelCheckpoint
 from sacpo_lightning.callbacks.progress import ProgressLog
@@ -152,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     install_console_filters()
     command = argv[0] if argv else ""
     try:
+        tune_malloc()
         return _dispatch(argv, from_command_line)
     except Exception as err:
         user_error = find_user_error(err)
