@@ -353,10 +353,10 @@ def main(argv: list[str] | None = None) -> int:
                 "pairs_per_step": args.pairs_per_step, "steps": args.steps, "warmup_steps": args.warmup_steps,
                 "attn_implementation": args.attn_implementation, "threads": torch.get_num_threads()}
     load_start = os.getloadavg()[0]
-    from sacpo_lightning.allocator import tune_malloc
+    from sacpo_lightning.allocator import DEFAULT_MMAP_THRESHOLD, ENV, tune_malloc
 
     tuned = args.tune_malloc == "both" or (args.tune_malloc == "ours" and not args.trl_worker)
-    settings["malloc_mmap_threshold"] = tune_malloc({"SACPO_MALLOC_MMAP_THRESHOLD": "131072"}) if tuned else None
+    settings["malloc_mmap_threshold"] = tune_malloc({ENV: str(DEFAULT_MMAP_THRESHOLD)}) if tuned else None
     if args.trl_worker:
         print(json.dumps({**settings, **run_trl(args), "loadavg_1min": [load_start, os.getloadavg()[0]]}), flush=True)
         return 0
