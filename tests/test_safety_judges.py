@@ -583,7 +583,7 @@ AGREEMENT_SCRIPT = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "
 LABELS = os.path.join(os.path.dirname(__file__), "data", "refusal_labels.jsonl")
 SHARED_DATA = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))  # ../shared/data
 # Regression floors just under the measured agreement (README, Evaluation).
-AGREEMENT_FLOOR = {"dev": 0.91, "test": 0.80, "all": 0.86}
+AGREEMENT_FLOOR = {"dev": 0.91, "test": 0.81, "all": 0.86}
 
 
 def _agreement_module():
