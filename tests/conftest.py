@@ -17,7 +17,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-# pytest-xdist runs the suite in a few worker processes (``-n auto`` in pyproject.toml): they share the cores, so each
+# pytest-xdist runs the suite in a few worker processes (``-n auto --dist loadfile`` in pyproject.toml; a file's tests
+# run in one worker, so its module-scoped fixtures are built once): they share the cores, so each
 # worker, and the ``sacpo`` subprocesses it starts, gets its part of them instead of one torch thread pool per core
 # in every process.
 CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -37,23 +38,6 @@ def pytest_configure(config) -> None:
         import torch
 
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-
-
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups
-def pytest_collection_modifyitems(config, items) -> None:
-    """Groups for ``--dist loadgroup``: a test module's tests run in one worker, so a module-scoped fixture (the
-    SmolLM2 step-1 run, the fitted tiny models) is built once; the tests of the shared tiny evaluation pipeline run in
-    one worker, so it runs once; a slow test that needs no module-scoped fixture is a group of its own, so two of
-    them can run side by side."""
-    for item in items:
-        defs = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
-        if "tiny_eval_pipeline" in item.fixturenames:
-            group = "tiny_eval_pipeline"
-        elif item.get_closest_marker("slow") and not any(d[-1].scope == "module" for d in defs.values() if d):
-            group = item.nodeid
-        else:
-            group = item.nodeid.split("::")[0]
-        item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -1,4 +1,5 @@
-"""The pipeline's ``logger`` and ``export_plain`` settings, and the model cards it writes with what it knows.
+"""The pipeline's ``logger`` and ``export_plain`` settings, the model cards it writes with what it knows, and the tiny
+evaluation pipeline's report (the tests of that one shared run live in this file, so they share a test worker).
 
 The fast tests run the runner with the training, budget and evaluation replaced by small fakes that write what those
 stages write (export records, ``budget.json``, ``report.json``, a plot); the slow tests run the tiny pipeline.
@@ -334,6 +335,27 @@ def _run_cli(config: Path, output: Path, env: dict | None = None) -> subprocess.
         [sys.executable, "-m", "sacpo_lightning", "pipeline", "--config", str(config), "--output", str(output)],
         capture_output=True, text=True, timeout=900, cwd=ROOT, env={**os.environ, **(env or {})},
     )
+
+
+@pytest.mark.slow
+def test_pipeline_with_evaluation_stage_writes_report(tiny_eval_pipeline):
+    """tiny_eval.yaml (run once for the session, with export_plain: true and a logger, which
+    the next test checks): every stage done, and the evaluation's report, figures and XSTest."""
+    tiny_eval_pipeline.check_first()
+    output = tiny_eval_pipeline.output
+    manifest = json.loads((output / "manifest.json").read_text())
+    assert manifest["order"][-1] == "export_plain"
+    assert [manifest["stages"][n]["status"] for n in manifest["order"][:-1]] == ["done"] * 6
+    report = json.loads((output / "stages" / "evaluate" / "report.json").read_text())
+    assert set(report["models"]) == {"sft", "reward", "safety_lam4", "merge_lam4_q0.5"}
+    for name in ("pareto.png", "report.md", "training_curves.png", "xstest.png", "xstest.csv"):
+        assert (output / "stages" / "evaluate" / name).stat().st_size > 0
+    assert all(m["repetition"]["n"] > 0 for m in report["models"].values())
+    assert set(report["examples"]) == set(report["models"])
+    md = (output / "stages" / "evaluate" / "report.md").read_text()
+    assert "## Repetition" in md and "## Sample answers" in md
+    xstest = report["xstest"]  # evaluate.suites: [xstest] with 1 prompt per type
+    assert set(xstest["models"]) == set(report["models"]) and (xstest["n_safe"], xstest["n_unsafe"]) == (10, 8)
 
 
 @pytest.mark.slow
