@@ -40,6 +40,21 @@ def pytest_configure(config) -> None:
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
+def pytest_collection_modifyitems(config, items) -> None:
+    """The files with the longest tests first (real-model, then multi-process ones), each file's tests kept together
+    and in order: parallel workers take whole files in this order, so the short files fill the end of the run instead
+    of one long file running alone on one worker's share of the cores."""
+    def rank(item) -> int:
+        return 0 if item.get_closest_marker("integration") else 1 if item.get_closest_marker("slow") else 2
+
+    first: dict[str, int] = {}
+    for item in items:
+        path = item.nodeid.split("::")[0]
+        first[path] = min(first.get(path, 2), rank(item))
+    order = {path: i for i, path in enumerate(first)}
+    items.sort(key=lambda item: (first[item.nodeid.split("::")[0]], order[item.nodeid.split("::")[0]]))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _sacpo_cache(tmp_path_factory):
     """Keeps named-model caches of the test session out of the user's cache, except SmolLM2 (slow to convert)."""
