@@ -6,12 +6,12 @@ from __future__ import annotations
 import importlib.util
 import os
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import yaml
+from pipeline_run import run_pipeline
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -40,6 +40,10 @@ def pytest_configure(config) -> None:
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
+def _file(item) -> str:
+    return item.nodeid.split("::")[0]
+
+
 def pytest_collection_modifyitems(config, items) -> None:
     """The files with the longest tests first (real-model, then multi-process ones), each file's tests kept together
     and in order: parallel workers take whole files in this order, so the short files fill the end of the run instead
@@ -49,10 +53,9 @@ def pytest_collection_modifyitems(config, items) -> None:
 
     first: dict[str, int] = {}
     for item in items:
-        path = item.nodeid.split("::")[0]
-        first[path] = min(first.get(path, 2), rank(item))
+        first[_file(item)] = min(first.get(_file(item), 2), rank(item))
     order = {path: i for i, path in enumerate(first)}
-    items.sort(key=lambda item: (first[item.nodeid.split("::")[0]], order[item.nodeid.split("::")[0]]))
+    items.sort(key=lambda item: (first[_file(item)], order[_file(item)]))
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -130,10 +133,7 @@ def tiny_eval_pipeline(tmp_path_factory, _sacpo_cache) -> TinyEvalPipeline:
     def run(**changes) -> subprocess.CompletedProcess:
         config = folder / "pipeline.yaml"
         config.write_text(yaml.safe_dump({**raw, "export_plain": True, **changes}))
-        return subprocess.run(
-            [sys.executable, "-m", "sacpo_lightning", "pipeline", "--config", str(config), "--output", str(output)],
-            capture_output=True, text=True, timeout=900, cwd=root,
-        )
+        return run_pipeline(config, output, timeout=900)
 
     first = run(logger=logger)
     return TinyEvalPipeline(output, logger, first, run() if first.returncode == 0 else None)

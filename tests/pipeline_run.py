@@ -3,6 +3,7 @@ one in a file of its own, so that parallel test workers can run them side by sid
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -22,8 +23,10 @@ def write_pipeline(tmp_path: Path, **changes) -> Path:
     return path
 
 
-def run_pipeline(config: Path, output: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+def run_pipeline(config: Path, output: Path, timeout: float = 600, env: dict | None = None
+                 ) -> subprocess.CompletedProcess:
+    """``sacpo pipeline --config CONFIG --output OUTPUT`` from the project root, ``env`` added to the environment."""
     return subprocess.run(
         [sys.executable, "-m", "sacpo_lightning", "pipeline", "--config", str(config), "--output", str(output)],
-        capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+        capture_output=True, text=True, timeout=timeout, cwd=ROOT, env={**os.environ, **(env or {})},
     )

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pipeline_run import run_pipeline
 
 from sacpo_lightning.io import is_complete_directory
 from sacpo_lightning.pipeline.config import LoggerSpec, PipelineConfigError, load_pipeline_config
@@ -330,13 +331,6 @@ def test_mlflow_gets_the_results_and_plots(tmp_path, monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------ the tiny pipeline
-def _run_cli(config: Path, output: Path, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "sacpo_lightning", "pipeline", "--config", str(config), "--output", str(output)],
-        capture_output=True, text=True, timeout=900, cwd=ROOT, env={**os.environ, **(env or {})},
-    )
-
-
 @pytest.mark.slow
 def test_pipeline_with_evaluation_stage_writes_report(tiny_eval_pipeline):
     """tiny_eval.yaml (run once for the session, with export_plain: true and a logger, which
@@ -435,7 +429,7 @@ def test_tiny_pipeline_logs_training_to_wandb_offline(tmp_path, wandb_offline):
     config = _write(tmp_path, lambdas=[4.0], merge={},
                     logger={"kind": "wandb", "project": "sacpo-test", "offline": True})
     output = tmp_path / "out"
-    result = _run_cli(config, output)
+    result = run_pipeline(config, output, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     runs = sorted((output / "wandb" / "wandb").glob("offline-run-*"))
     assert len(runs) == 2
