@@ -55,6 +55,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--matmul-size", type=int, default=2048, help="size n of the n x n x n matmul timed for MFU")
     p.add_argument("--attn-implementation", default="sdpa", choices=["sdpa", "eager"],
                    help="attention of both stacks (the project's default is sdpa; see README, Performance)")
+    p.add_argument("--share-prompt", default="on", choices=["on", "off"],
+                   help="our DPO step scores each pair with its prompt once (policy.share_prompt, the default) or "
+                        "in two rows that both hold it, as TRL does")
     p.add_argument("--tune-malloc", default="none", choices=["ours", "both", "none"],
                    help="fix glibc's mmap threshold at 128 KiB (sacpo_lightning.allocator, opt-in for the sacpo "
                         "command) in our process, in both stacks' processes, or in neither (default)")
@@ -157,6 +160,14 @@ def real_tokens(batch: dict[str, torch.Tensor]) -> tuple[int, int]:
     return int(batch["attention_mask"].sum()), kl
 
 
+def shared_prompt_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Prompt tokens a pass with each pair's prompt held once does not repeat (the rejected rows' prompts)."""
+    from sacpo_lightning.logprobs import _shared_prompt_lengths
+
+    prompt = _shared_prompt_lengths(batch["input_ids"], batch["attention_mask"], batch["labels"])
+    return 0 if prompt is None else int(prompt.sum())
+
+
 # ------------------------------------------------------------------------------------------------ our stack
 def run_ours(args: argparse.Namespace) -> dict[str, Any]:
     from sacpo_lightning.models import resolve_model_path
@@ -172,7 +183,7 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
     # Frozen base weights in bf16 for adapters; full fine-tuning keeps float32 master weights under autocast.
     dtype = "bfloat16" if args.precision == "bf16" and args.finetune != "full" else "float32"
     policy = PolicySettings(name_or_path=model_path, finetune=args.finetune, dtype=dtype,
-                            attn_implementation=args.attn_implementation,
+                            attn_implementation=args.attn_implementation, share_prompt=args.share_prompt == "on",
                             lora=LoraSettings(r=args.lora_r, alpha=2 * args.lora_r, dropout=0.0))
     optim = OptimSettings(lr=args.lr, warmup_ratio=0.0)
     if args.algo == "kto":
@@ -224,20 +235,26 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
     cached_batches = [{**x, **batch_reference_logps(x, columns, kind)} for x in timed]
     cached_s, cached_losses = epoch(cached_batches)
 
-    tokens = kl_tokens = 0
+    tokens = kl_tokens = repeated = 0
     for batch in batches[args.warmup_steps :]:
         t, k = real_tokens(batch)
         tokens, kl_tokens = tokens + t, kl_tokens + k
+        if args.algo == "dpo" and args.share_prompt == "on":
+            repeated += shared_prompt_tokens(batch)
+    # FLOPs are counted on the tokens the passes hold: with shared prompts, each pair's prompt once.
+    processed = tokens - repeated
     # Model FLOPs (see README): policy forward 2N, backward 2N (activation grads) + 2N_trainable (weight grads),
     # live reference forward 2N; KTO's KL rows: policy forward 2N (+ reference 2N when live).
-    train_flops = tokens * (4 * n_all + 2 * n_trainable) + kl_tokens * 2 * n_all
-    ref_flops = (tokens + kl_tokens) * 2 * n_all
+    train_flops = processed * (4 * n_all + 2 * n_trainable) + kl_tokens * 2 * n_all
+    ref_flops = (processed + kl_tokens) * 2 * n_all
     peak = matmul_rate(args)
     n_ex = args.steps * b
     result = {
         "stack": "sacpo-lightning",
         "examples": n_ex,
         "tokens": tokens + kl_tokens,
+        "tokens_processed": processed + kl_tokens,
+        "share_prompt": args.share_prompt == "on" and args.algo == "dpo",
         "pairs_per_s": n_ex / uncached_s,
         "tokens_per_s": (tokens + kl_tokens) / uncached_s,
         "pairs_per_s_cached": n_ex / cached_s,

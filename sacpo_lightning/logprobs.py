@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-__all__ = ["model_sequence_logps", "sequence_logprobs", "token_logprobs"]
+__all__ = ["model_sequence_logps", "pair_sequence_logps", "sequence_logprobs", "token_logprobs"]
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -219,3 +219,148 @@ def model_sequence_logps(
     else:
         logits = model(**inputs).logits
     return sequence_logprobs(logits, labels, average=average)
+
+
+# Attention implementations that read a custom 4D mask as it is given: eager adds a float mask to the scores, SDPA
+# takes a boolean one. SDPA's CPU kernels round differently with the padded width of the batch in bf16 (about 5e-4 on
+# an attention output), so a pair would not get the same log-probs in a reference-cache batch as in a training batch;
+# under autocast or half-precision weights SDPA therefore keeps the two-row pass (which is width-invariant), and eager
+# attention is packed at any precision. Others (flash attention, flex) always use two rows.
+_PACKABLE_ATTENTION = {"eager": "float", "sdpa": "bool"}
+
+
+def _low_precision(model: torch.nn.Module) -> bool:
+    """Whether the model computes in bf16/fp16: half-precision weights, or autocast on for its device."""
+    param = next(model.parameters(), None)
+    if param is None:
+        return False
+    if param.dtype in (torch.bfloat16, torch.float16):
+        return True
+    device_type = param.device.type
+    return torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type) in (
+        torch.bfloat16, torch.float16)
+
+
+def _shared_prompt_lengths(input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> Tensor | None:
+    """(B,) prompt lengths when rows ``i`` and ``B + i`` of a (2B, S) batch share their prompt, else None.
+
+    Each row must be one right-padded sequence whose labelled tokens are exactly the ones after its prompt (the layout
+    of :func:`~sacpo_lightning.data.collate.pad_and_label`).
+    """
+    rows, width = labels.shape
+    if rows < 2 or rows % 2 or attention_mask.shape != labels.shape or input_ids.shape != labels.shape:
+        return None
+    scored = labels != -100
+    if not bool(scored.any(dim=-1).all()):
+        return None
+    lengths = attention_mask.sum(dim=-1)
+    prompt = scored.int().argmax(dim=-1)
+    positions = torch.arange(width, device=labels.device)
+    valid = positions < lengths[:, None]
+    if not (torch.equal(attention_mask.bool(), valid)
+            and torch.equal(scored, valid & (positions >= prompt[:, None]))):
+        return None
+    half = rows // 2
+    if not torch.equal(prompt[:half], prompt[half:]):
+        return None
+    same = (input_ids[:half] == input_ids[half:]) | (positions >= prompt[:half, None])
+    return prompt[:half] if bool(same.all()) else None
+
+
+def _packable(model: torch.nn.Module) -> str | None:
+    """The mask kind (``float`` or ``bool``) the model's attention reads, or None when packing is not supported."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    forward = inspect.unwrap(type(base).forward)
+    config = getattr(base, "config", None)
+    if config is None or "slice_logits_to_keep" not in forward.__globals__:
+        return None
+    if "position_ids" not in inspect.signature(forward).parameters:
+        return None
+    if getattr(config, "sliding_window", None) or getattr(config, "layer_types", None) and any(
+            t != "full_attention" for t in config.layer_types):
+        return None
+    kind = _PACKABLE_ATTENTION.get(getattr(config, "_attn_implementation", None))
+    if kind == "bool" and _low_precision(model):
+        return None
+    return kind
+
+
+def pair_sequence_logps(
+    model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, labels: Tensor, *, average: bool = False
+) -> Tensor:
+    """(2B,) log-probs of a pair batch (rows ``0..B-1`` prompt + chosen, ``B..2B-1`` prompt + rejected) in one pass
+    over B rows that hold each prompt once.
+
+    Row ``i`` of the pass is ``prompt_i + chosen_i + rejected_i``: position ids restart after the prompt for the
+    rejected response, and a 4D attention mask lets its tokens see the prompt and themselves but not the chosen
+    response, so every token sees exactly the context it has in its own row. The last prompt position predicts the
+    first token of both responses. The result equals :func:`model_sequence_logps` on the 2B rows up to float
+    rounding (``tests/test_logprobs.py``), with the prompt tokens computed once instead of twice.
+
+    Falls back to :func:`model_sequence_logps` when rows ``i`` and ``B + i`` do not share their prompt, the labels
+    are not the responses of right-padded rows, or the model does not take a custom mask (attention other than eager
+    or SDPA, SDPA in bf16/fp16 (see ``_PACKABLE_ATTENTION``), sliding-window layers, no boolean ``logits_to_keep``).
+    """
+    kind = _packable(model)
+    prompt = _shared_prompt_lengths(input_ids, attention_mask, labels) if kind else None
+    if prompt is None:
+        return model_sequence_logps(model, input_ids, attention_mask, labels, average=average)
+    half = input_ids.shape[0] // 2
+    device = input_ids.device
+    lengths = attention_mask.sum(dim=-1)
+    chosen_len, rejected_len = lengths[:half] - prompt, lengths[half:] - prompt
+    total = prompt + chosen_len + rejected_len
+    width = int(total.max())
+    pos = torch.arange(width, device=device)
+    # Segments of each packed row: 0 prompt, 1 chosen, 2 rejected, 3 padding.
+    start_rejected = (prompt + chosen_len)[:, None]
+    segment = torch.where(pos < prompt[:, None], 0, torch.where(pos < start_rejected, 1,
+                                                                torch.where(pos < total[:, None], 2, 3)))
+    # Gather the packed ids from the two input rows.
+    src_chosen = pos.clamp(max=input_ids.shape[1] - 1).expand(half, width)
+    src_rejected = (pos - chosen_len[:, None]).clamp(0, input_ids.shape[1] - 1)
+    ids = torch.where(segment == 2, input_ids[half:].gather(1, src_rejected), input_ids[:half].gather(1, src_chosen))
+    ids = torch.where(segment == 3, input_ids[:half, :1].expand(half, width), ids)
+    position_ids = torch.where(segment == 2, pos - chosen_len[:, None], pos)
+    position_ids = torch.where(segment == 3, 0, position_ids)
+    # Query q sees key k when k <= q, k is not padding, and not (q rejected, k chosen).
+    q_seg, k_seg = segment[:, :, None], segment[:, None, :]
+    allowed = (pos[None, :, None] >= pos[None, None, :]) & (k_seg != 3) & ~((q_seg == 2) & (k_seg == 1))
+    allowed = allowed | torch.eye(width, dtype=torch.bool, device=device)  # padding queries see themselves
+    if kind == "float":
+        dtype = next(model.parameters()).dtype
+        dtype = dtype if dtype.is_floating_point else torch.float32
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
+    else:
+        mask = allowed
+    # Targets: the token after each position within its own response; the last prompt position predicts the first
+    # chosen token here and the first rejected token below.
+    next_ids = torch.cat([ids[:, 1:], ids[:, :1]], dim=1)
+    targets = torch.full_like(ids, -100)
+    predicts = (segment == 0) & (pos[None] == prompt[:, None] - 1)
+    predicts |= (segment == 1) & (pos[None] < start_rejected - 1)
+    predicts |= (segment == 2) & (pos[None] < total[:, None] - 1)
+    targets = torch.where(predicts, next_ids, targets)
+    keep = predicts.clone()
+    keep[-1, -1] = True  # one unused position last (see model_sequence_logps); never a predicting position
+    logits = model(input_ids=ids, attention_mask=mask[:, None], position_ids=position_ids, use_cache=False,
+                   logits_to_keep=keep).logits
+    logits = logits.reshape(-1, logits.shape[-1])
+    # token_logprobs scores row t against target t + 1: targets shifted by one, the unused last row scores nothing.
+    flat = torch.cat([targets.new_full((1,), -100), targets[keep][:-1]])[None]
+    logps = token_logprobs(logits.unsqueeze(0), flat)[0][0]
+    owner = torch.where(segment == 2, torch.arange(half, device=device)[:, None] + half,
+                        torch.arange(half, device=device)[:, None].expand(half, width))[keep][:-1]
+    out = torch.zeros(2 * half, dtype=logps.dtype, device=device).index_add(0, owner, logps)
+    # First rejected tokens, from the last prompt position's logits.
+    order = keep.flatten().cumsum(0) - 1
+    first_rows = order[torch.arange(half, device=device) * width + prompt - 1]
+    first_logits = logits[first_rows].to(torch.promote_types(logits.dtype, torch.float32))
+    first_targets = input_ids[half:].gather(1, prompt[:, None])
+    first = first_logits.log_softmax(-1).gather(1, first_targets).squeeze(1)
+    out = out + torch.cat([torch.zeros_like(first), first])
+    if average:
+        out = out / torch.cat([chosen_len, rejected_len]).clamp(min=1).to(out.dtype)
+    return out

@@ -24,7 +24,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from sacpo_lightning.errors import UserError
-from sacpo_lightning.logprobs import model_sequence_logps
+from sacpo_lightning.logprobs import pair_sequence_logps
 from sacpo_lightning.progress import Progress
 
 __all__ = [
@@ -79,7 +79,8 @@ def implicit_accuracy_from_log_ratios(chosen: Tensor, rejected: Tensor, *, tie_e
 def pair_logps(
     model: torch.nn.Module, batches: Iterable[Mapping[str, Tensor]], *, average: bool = False, desc: str | None = None
 ) -> Tensor:
-    """(2N,) sequence log-probs of every pair's chosen then rejected responses, batch by batch, on the CPU; with
+    """(2N,) sequence log-probs of every pair's chosen then rejected responses, batch by batch (each prompt once per
+    pass: :func:`~sacpo_lightning.logprobs.pair_sequence_logps`), on the CPU; with
     ``desc`` (and a list of batches) progress lines with rate and ETA."""
     device = next(model.parameters()).device
     batches = list(batches)
@@ -87,8 +88,8 @@ def pair_logps(
     total = sum(int(b["input_ids"].shape[0]) // 2 for b in batches)
     bar = Progress(total, desc, unit="pairs") if desc else None
     for batch in batches:
-        logps = model_sequence_logps(model, batch["input_ids"].to(device), batch["attention_mask"].to(device),
-                                     batch["labels"].to(device), average=average)
+        logps = pair_sequence_logps(model, batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                                    batch["labels"].to(device), average=average)
         out.append(logps.float().cpu())
         if bar is not None:
             bar.update(int(batch["input_ids"].shape[0]) // 2)

@@ -73,6 +73,10 @@ class PolicySettings:
         disable_dropout: Set every dropout probability of the base model to 0 (the adapter's own dropout is
             ``lora.dropout``). With dropout on, the policy's log-probs in training are noisy while the reference's
             (always computed in eval mode) are not, so the implicit reward at initialisation is not exactly 0.
+        share_prompt: Score a preference pair in one sequence that holds its prompt once (prompt, chosen, rejected,
+            with a mask that keeps the two responses apart; :func:`~sacpo_lightning.logprobs.pair_sequence_logps`)
+            instead of two rows that both hold it: the same log-probs up to float rounding with fewer tokens per pass.
+            Models whose attention does not take a custom mask (flash attention, sliding windows) use two rows.
     """
 
     name_or_path: str = "tiny-random-llama"
@@ -87,6 +91,7 @@ class PolicySettings:
     qlora_compute_dtype: DtypeName | Literal["auto"] = "bfloat16"
     qlora_double_quant: bool = True
     disable_dropout: bool = True
+    share_prompt: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.lora, dict):

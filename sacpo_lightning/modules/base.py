@@ -16,7 +16,7 @@ from torchmetrics import MeanMetric
 
 from sacpo_lightning.checks import check_positive
 from sacpo_lightning.errors import UserError
-from sacpo_lightning.logprobs import model_sequence_logps
+from sacpo_lightning.logprobs import model_sequence_logps, pair_sequence_logps
 from sacpo_lightning.models.chain import reference_adapters
 from sacpo_lightning.models.policy import PolicySettings, build_policy, frozen_copy
 from sacpo_lightning.optim import OptimSettings, configure_optimization
@@ -321,7 +321,10 @@ class AlignmentModule(TrainableModuleMixin, L.LightningModule):
         self, model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, labels: Tensor
     ) -> Tensor:
         """(N,) summed (or, with ``average_log_prob``, averaged) log-probs of the labelled tokens of each row; see
-        :func:`~sacpo_lightning.logprobs.model_sequence_logps`."""
+        :func:`~sacpo_lightning.logprobs.model_sequence_logps`; pair batches hold each prompt once per pass
+        (:func:`~sacpo_lightning.logprobs.pair_sequence_logps`) unless ``policy.share_prompt`` is off."""
+        if self.data_kind == "pairs" and getattr(self.policy_settings, "share_prompt", True):
+            return pair_sequence_logps(model, input_ids, attention_mask, labels, average=self.average_log_prob)
         return model_sequence_logps(model, input_ids, attention_mask, labels, average=self.average_log_prob)
 
     def policy_logps(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> Tensor:
