@@ -120,3 +120,14 @@ def test_against_another_model_is_the_difference_of_log_ratios(tiny_model_dir, o
     with pytest.raises(UserError, match=r"implicit.s.against: b against c needs two different models"):
         implicit_accuracies({"a": other_model_dir, "b": third}, tiny_model_dir,
                             {"s": {**safety_set, "against": {"b": "c"}}})
+
+
+def test_bf16_precision_is_autocast_close_to_float32_and_checked(tiny_model_dir, other_model_dir, safety_set):
+    exact = implicit_accuracies({"a": other_model_dir}, tiny_model_dir, {"s": safety_set}, device="cpu")["a"]["s"]
+    bf16 = implicit_accuracies({"a": other_model_dir}, tiny_model_dir, {"s": safety_set}, device="cpu",
+                               precision="bf16")["a"]["s"]
+    assert bf16["num_pairs"] == exact["num_pairs"]
+    assert bf16["mean_margin"] != exact["mean_margin"]  # rounded in bf16: not the float32 numbers
+    assert bf16["mean_margin"] == pytest.approx(exact["mean_margin"], abs=0.05 * abs(exact["mean_margin"]) + 0.05)
+    with pytest.raises(UserError, match="implicit_precision"):
+        implicit_accuracies({"a": other_model_dir}, tiny_model_dir, {"s": safety_set}, precision="fp16")

@@ -530,9 +530,14 @@ def _run_llm_judge(settings: EvaluationSettings, run: _Run) -> None:
 def _run_implicit(settings: EvaluationSettings, run: _Run) -> None:
     """The ``implicit`` judge: implicit-reward preference accuracy on held-out pairs against the reference."""
     from sacpo_lightning.evaluation.implicit import implicit_accuracies
+    from sacpo_lightning.precision import native_bf16
 
     reference = settings.implicit_reference or run.models[run.baseline]
     run.report["implicit_reference"] = reference
+    precision = settings.implicit_precision
+    if precision == "auto":
+        precision = "bf16" if native_bf16() else "float32"
+    run.report["implicit_precision"] = precision
     scored = {name: spec for name, spec in run.models.items() if spec != reference}
     # A set limited to some models (its ``models`` key) drops the reference itself: its log-ratios are all zero.
     # Against the reference itself is the plain measurement. Copies: the settings stay as given.
@@ -545,8 +550,8 @@ def _run_implicit(settings: EvaluationSettings, run: _Run) -> None:
             spec["against"] = {m: o for m, o in spec["against"].items() if m in scored and o in scored}
         if spec.get("models") != []:
             pair_sets[name] = spec
-    for name, result in implicit_accuracies(scored, reference, pair_sets,
-                                            device=settings.generation.device).items():
+    for name, result in implicit_accuracies(scored, reference, pair_sets, device=settings.generation.device,
+                                            precision=precision).items():
         run.entries[name]["implicit"] = result
     _free()
 

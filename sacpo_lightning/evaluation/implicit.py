@@ -118,6 +118,7 @@ def implicit_accuracies(
     device: str | None = None,
     average: bool = False,
     tie_eps: float = 0.0,
+    precision: str = "float32",
 ) -> dict[str, dict[str, dict[str, Any]]]:
     """Implicit-reward accuracy of several models against one reference.
 
@@ -128,10 +129,18 @@ def implicit_accuracies(
     reference: ``log pi_2 - log pi_1 = (log pi_2 - log pi_ref) - (log pi_1 - log pi_ref)``, from the passes already
     made, at no extra cost.
 
+    ``precision="bf16"`` runs the passes under bf16 autocast (float32 weights), with eager attention on the CPU so
+    that each pair's prompt is held once (:func:`~sacpo_lightning.logprobs.pair_sequence_logps`): about twice as fast
+    as float32 on a CPU with native bf16, but rounding moves each log-ratio by a few tenths of a nat, so some pairs
+    with small margins change sign (README, the main job). Such noise does not depend on which answer people chose, so
+    it pulls the accuracy toward 0.5 rather than away from it. ``float32`` (the default) is the exact measurement.
+
     Returns:
         ``{model name: {set name: ImplicitAccuracy.to_dict()}}``; ``against`` results under the key
         ``"<set name> against <other model>"``.
     """
+    if precision not in ("float32", "bf16"):
+        raise UserError(f"implicit_precision must be float32 or bf16, got {precision!r}")
     from sacpo_lightning.evaluation.generation import load_generation_model
 
     chosen_models = {name: list(kwargs.get("models") or models) for name, kwargs in pair_sets.items()}
@@ -145,13 +154,16 @@ def implicit_accuracies(
                 raise UserError(f"implicit.{name}.against: {model_name} against {other} needs two different models "
                                 f"scored on {name!r} (scored: {', '.join(chosen_models[name])})")
     ref, ref_tokenizer = load_generation_model(reference, dtype=dtype, device=device)
+    _prepare(ref, precision)
     sets = {}
     for name, kwargs in pair_sets.items():
         kwargs = {k: v for k, v in kwargs.items() if k not in ("models", "against")}
         kwargs.setdefault("tokenizer", ref_tokenizer)
         batches = list(pair_dataloader(**kwargs))
         sizes = [b["input_ids"].shape[0] // 2 for b in batches]
-        sets[name] = (batches, sizes, pair_logps(ref, batches, average=average, desc=f"implicit {name}: reference"))
+        with _autocast(ref, precision):
+            sets[name] = (batches, sizes, pair_logps(ref, batches, average=average,
+                                                     desc=f"implicit {name}: reference"))
     del ref
     results: dict[str, dict[str, dict[str, Any]]] = {}
     ratios: dict[tuple[str, str], Tensor] = {}
@@ -160,10 +172,12 @@ def implicit_accuracies(
         if not model_sets:
             continue
         policy, _ = load_generation_model(spec, dtype=dtype, device=device)
+        _prepare(policy, precision)
         results[model_name] = {}
         for name, (batches, sizes, ref_logps) in model_sets.items():
-            ratios[model_name, name] = pair_logps(policy, batches, average=average,
-                                                  desc=f"implicit {name}: {model_name}") - ref_logps
+            with _autocast(policy, precision):
+                logps = pair_logps(policy, batches, average=average, desc=f"implicit {name}: {model_name}")
+            ratios[model_name, name] = logps - ref_logps
             chosen, rejected = _split_pairs(ratios[model_name, name], sizes)
             results[model_name][name] = implicit_accuracy_from_log_ratios(chosen, rejected, tie_eps=tie_eps).to_dict()
         del policy
@@ -173,6 +187,23 @@ def implicit_accuracies(
             results[model_name][f"{name} against {other}"] = implicit_accuracy_from_log_ratios(
                 chosen, rejected, tie_eps=tie_eps).to_dict()
     return results
+
+
+def _device_type(model: torch.nn.Module) -> str:
+    param = next(model.parameters(), None)
+    return param.device.type if param is not None else "cpu"
+
+
+def _prepare(model: torch.nn.Module, precision: str) -> None:
+    """Under bf16 on the CPU, eager attention: SDPA keeps two rows per pair in bf16 (see ``pair_sequence_logps``)."""
+    config = getattr(model, "config", None)
+    if precision == "bf16" and _device_type(model) == "cpu" and config is not None:
+        if getattr(config, "_attn_implementation", None) == "sdpa":
+            config._attn_implementation = "eager"
+
+
+def _autocast(model: torch.nn.Module, precision: str):
+    return torch.autocast(_device_type(model), dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 def pair_dataloader(

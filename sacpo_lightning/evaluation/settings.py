@@ -84,6 +84,10 @@ class EvaluationSettings:
             ``against`` key (``{model: other model}``) also measures a model with another scored model as the
             reference (SACPO's step 2 against step 1), from the same passes.
         implicit_reference: Model spec of the implicit-reward reference (default: the baseline's spec).
+        implicit_precision: ``float32`` (exact), ``bf16`` (bf16 autocast: about twice as fast on hardware with native
+            bf16, with rounding noise that pulls the accuracy toward 0.5; see
+            :func:`~sacpo_lightning.evaluation.implicit.implicit_accuracies`) or ``auto`` (bf16 where it is native,
+            else float32).
         training_logs: STAGE=metrics.csv items (or a mapping) for training_curves.png.
         score_batch_size: Batch size of the score models.
         score_dtype: Load dtype of the score models (None: as saved).
@@ -128,6 +132,7 @@ class EvaluationSettings:
     judge_temperature: float = 0.0
     implicit: dict[str, dict[str, Any]] | None = None
     implicit_reference: str | None = None
+    implicit_precision: Literal["float32", "bf16", "auto"] = "float32"
     training_logs: list[str] | dict[str, str] = field(default_factory=dict)
     score_batch_size: int = 8
     score_dtype: str | None = None
@@ -189,6 +194,8 @@ class EvaluationSettings:
         if not isinstance(self.predicted_safety, Mapping):
             self.predicted_safety = _read_predictions(self.predicted_safety)
         self.predicted_safety = dict(self.predicted_safety)
+        if self.implicit_precision not in ("float32", "bf16", "auto"):
+            raise UserError(f"implicit_precision must be float32, bf16 or auto, got {self.implicit_precision!r}")
         if self.implicit is not None:
             if not isinstance(self.implicit, Mapping) or not all(isinstance(v, Mapping)
                                                                  for v in self.implicit.values()):
