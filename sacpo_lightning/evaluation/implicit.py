@@ -132,8 +132,9 @@ def implicit_accuracies(
     ``precision="bf16"`` runs the passes under bf16 autocast (float32 weights), with eager attention on the CPU so
     that each pair's prompt is held once (:func:`~sacpo_lightning.logprobs.pair_sequence_logps`): about twice as fast
     as float32 on a CPU with native bf16, but rounding moves each log-ratio by a few tenths of a nat, so some pairs
-    with small margins change sign (README, the main job). Such noise does not depend on which answer people chose, so
-    it pulls the accuracy toward 0.5 rather than away from it. ``float32`` (the default) is the exact measurement.
+    with small margins change sign (README, the main job). Such noise does not depend on which answer people chose,
+    so in expectation it pulls the accuracy toward 0.5 (one set of pairs can land on either side). ``float32`` (the
+    default) is the exact measurement.
 
     Returns:
         ``{model name: {set name: ImplicitAccuracy.to_dict()}}``; ``against`` results under the key

@@ -1044,8 +1044,8 @@ def render_markdown(report: Mapping[str, Any]) -> str:
                      "prefers what people preferred more than the reference does. A row \"SET against MODEL\" takes "
                      "MODEL as the reference instead (for SACPO's step 2, step 1: the reference it was trained "
                      "from)." + (" Computed under bf16 autocast (implicit_precision): rounding changes the sign of "
-                                 "some small margins, which pulls the accuracy toward 0.5; float32 is the exact "
-                                 "measurement." if report.get("implicit_precision") == "bf16" else "")
+                                 "some small margins, which in expectation pulls the accuracy toward 0.5; float32 is "
+                                 "the exact measurement." if report.get("implicit_precision") == "bf16" else "")
                      + "\n\n" + _table(
                          ["model", "pairs", "accuracy", "ties as half", "ties", "mean margin", "N"], implicit_rows))
     repetition = [(name, m["repetition"]) for name, m in models.items() if m.get("repetition")]

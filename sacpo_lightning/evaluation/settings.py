@@ -85,7 +85,7 @@ class EvaluationSettings:
             reference (SACPO's step 2 against step 1), from the same passes.
         implicit_reference: Model spec of the implicit-reward reference (default: the baseline's spec).
         implicit_precision: ``float32`` (exact), ``bf16`` (bf16 autocast: about twice as fast on hardware with native
-            bf16, with rounding noise that pulls the accuracy toward 0.5; see
+            bf16, with rounding noise that in expectation pulls the accuracy toward 0.5; see
             :func:`~sacpo_lightning.evaluation.implicit.implicit_accuracies`) or ``auto`` (bf16 where it is native,
             else float32).
         training_logs: STAGE=metrics.csv items (or a mapping) for training_curves.png.
