@@ -169,6 +169,14 @@ def sequence_logprobs(
     return total
 
 
+def _base_forward(model: torch.nn.Module):
+    """The unwrapped ``forward`` of the model's class (of the base model under a PEFT wrapper)."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return inspect.unwrap(type(base).forward)
+
+
 def model_sequence_logps(
     model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, labels: Tensor, *, average: bool = False
 ) -> Tensor:
@@ -191,8 +199,7 @@ def model_sequence_logps(
     """
     import inspect
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    forward = inspect.unwrap(type(base).forward)
+    forward = _base_forward(model)
     scored = labels[:, 1:] != -100  # position t predicts the labelled token t + 1
     n_scored = int(scored.sum())
     inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
@@ -271,9 +278,8 @@ def _packable(model: torch.nn.Module) -> str | None:
     """The mask kind (``float`` or ``bool``) the model's attention reads, or None when packing is not supported."""
     import inspect
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    forward = inspect.unwrap(type(base).forward)
-    config = getattr(base, "config", None)
+    forward = _base_forward(model)
+    config = getattr(model.get_base_model() if hasattr(model, "get_base_model") else model, "config", None)
     if config is None or "slice_logits_to_keep" not in forward.__globals__:
         return None
     if "position_ids" not in inspect.signature(forward).parameters:
@@ -297,7 +303,7 @@ def pair_sequence_logps(
     rejected response, and a 4D attention mask lets its tokens see the prompt and themselves but not the chosen
     response, so every token sees exactly the context it has in its own row. The last prompt position predicts the
     first token of both responses. The result equals :func:`model_sequence_logps` on the 2B rows up to float
-    rounding (``tests/test_logprobs.py``), with the prompt tokens computed once instead of twice.
+    rounding (``tests/test_pair_logps.py``), with the prompt tokens computed once instead of twice.
 
     Falls back to :func:`model_sequence_logps` when rows ``i`` and ``B + i`` do not share their prompt, the labels
     are not the responses of right-padded rows, or the model does not take a custom mask (attention other than eager

@@ -200,7 +200,10 @@ def _prepare(model: torch.nn.Module, precision: str) -> None:
     config = getattr(model, "config", None)
     if precision == "bf16" and _device_type(model) == "cpu" and config is not None:
         if getattr(config, "_attn_implementation", None) == "sdpa":
-            config._attn_implementation = "eager"
+            if hasattr(model, "set_attn_implementation"):
+                model.set_attn_implementation("eager")
+            else:
+                config._attn_implementation = "eager"
 
 
 def _autocast(model: torch.nn.Module, precision: str):

@@ -76,7 +76,8 @@ class PolicySettings:
         share_prompt: Score a preference pair in one sequence that holds its prompt once (prompt, chosen, rejected,
             with a mask that keeps the two responses apart; :func:`~sacpo_lightning.logprobs.pair_sequence_logps`)
             instead of two rows that both hold it: the same log-probs up to float rounding with fewer tokens per pass.
-            Models whose attention does not take a custom mask (flash attention, sliding windows) use two rows.
+            Packed under eager attention at any precision and SDPA in float32; SDPA under bf16/fp16, flash
+            attention and sliding-window models use two rows.
     """
 
     name_or_path: str = "tiny-random-llama"

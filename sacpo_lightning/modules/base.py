@@ -323,7 +323,7 @@ class AlignmentModule(TrainableModuleMixin, L.LightningModule):
         """(N,) summed (or, with ``average_log_prob``, averaged) log-probs of the labelled tokens of each row; see
         :func:`~sacpo_lightning.logprobs.model_sequence_logps`; pair batches hold each prompt once per pass
         (:func:`~sacpo_lightning.logprobs.pair_sequence_logps`) unless ``policy.share_prompt`` is off."""
-        if self.data_kind == "pairs" and getattr(self.policy_settings, "share_prompt", True):
+        if self.data_kind == "pairs" and self.policy_settings.share_prompt:
             return pair_sequence_logps(model, input_ids, attention_mask, labels, average=self.average_log_prob)
         return model_sequence_logps(model, input_ids, attention_mask, labels, average=self.average_log_prob)
 
