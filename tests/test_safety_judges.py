@@ -755,12 +755,20 @@ def test_evaluate_with_refusal_and_classifier_judges(tiny_model_dir, classifier_
     assert constraint["verdict"] in ("meets", "fails", "undetermined")
     assert constraint["ci_low"] <= 0.5 <= constraint["ci_high"]  # 3 answers cannot decide b = 0.5
     assert constraint["verdict"] == "undetermined"
+    # every model against the baseline, answer by answer on the same prompts
+    sft_probs = json.loads((out / "scores" / "safety" / "sft.judge.classifier-cost.json").read_text())["probabilities"]
+    paired = section["paired"]["pairs"]["step2 vs sft"]
+    assert section["paired"]["judge"] == "classifier-cost" and list(section["paired"]["pairs"]) == ["step2 vs sft"]
+    assert paired["unsafe_rate_difference"]["estimate"] == pytest.approx(
+        (unsafe - sum(p > 0.5 for p in sft_probs)) / 3)
+    assert paired["probability_difference"]["estimate"] == pytest.approx((sum(probs) - sum(sft_probs)) / 3, abs=1e-5)
     pvm = report["predicted_vs_measured"]["step2"]
     assert pvm["lambda"] == 0.7 and pvm["predicted_safety"] == 0.9
     assert pvm["measured_safety"] == pytest.approx(1 - unsafe / 3)
     md = (out / "report.md").read_text()
     assert "## Per-answer safety" in md and "## Refusal rate by category (refusal)" in md
     assert "## Predicted vs measured safety" in md and "| step2 | 0.7 | 90.0% |" in md
+    assert "## Paired safety differences (classifier-cost)" in md
 
     # A rerun finds the judgements cached: no judge model is loaded or run.
     def fail(*args, **kwargs):
@@ -792,6 +800,8 @@ def test_evaluate_safety_option_errors(tiny_model_dir, tmp_path):
         evaluate(judges=[], safety_judges=[{"kind": "classifier", "model": "c"}], predicted_safety={"x": {"safety": 1}})
     with pytest.raises(ValueError, match="must be in"):
         evaluate(judges=[], safety_judges=[{"kind": "classifier", "model": "c"}], safety_threshold=1.5)
+    with pytest.raises(ValueError, match="safety_against names step2, which are not evaluated"):
+        evaluate(judges=[], safety_judges=[{"kind": "refusal"}], safety_against={"step2": "sft"})
     with pytest.raises(ValueError, match=r"safety_judges\[0\]: unknown key"):
         evaluate(judges=[], safety_judges=[{"kind": "refusal", "model": "m"}])
     # KIND[:MODEL] strings (the command line's spelling) and mappings are one setting

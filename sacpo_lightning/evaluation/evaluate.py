@@ -394,11 +394,19 @@ def _run_per_answer_judges(
                  for name in run.models}
     # One tokenizer (the baseline's) for every model, so that lengths are comparable.
     tokenizer = load_tokenizer(parse_model_spec(run.models[run.baseline]).paths[0])
+    pairs = [(name, run.baseline) for name in run.models if name != run.baseline]
+    pairs += [pair for pair in settings.safety_against.items() if pair not in pairs]
+    if "safety" in run.gens:
+        asked = {name: [r["prompt"] for r in rows] for name, rows in run.gens["safety"].items()}
+        for name, other in pairs:
+            if asked[name] != asked[other]:
+                raise ValueError(f"the safety generations of {name} and {other} answer different prompts")
     safety = safety_section(probabilities, {j.name: describe_judge(j, confidence=settings.confidence)
                                             for j in judges}, categories,
                             guard_categories=guard_categories, responses=responses,
                             tokenizer=tokenizer, confidence=settings.confidence, threshold=settings.safety_threshold,
-                            constraint_on=settings.safety_constraint_on)
+                            constraint_on=settings.safety_constraint_on, pairs=pairs,
+                            n_resamples=settings.bootstrap_samples, seed=settings.seed)
     return safety, xstest
 
 
@@ -635,6 +643,10 @@ def evaluate_models(
         if unknown and "implicit" in settings.judges:
             raise UserError(f"implicit.{set_name}.models names {', '.join(unknown)}, which are not evaluated; "
                             f"evaluated: {', '.join(models)}")
+    unknown = sorted((set(settings.safety_against) | set(settings.safety_against.values())) - set(models))
+    if unknown:
+        raise UserError(f"safety_against names {', '.join(unknown)}, which are not evaluated; evaluated: "
+                        f"{', '.join(models)}")
     xstest_rows = _load_xstest(settings) if "xstest" in settings.suites else None
     generation = settings.generation
     report: dict[str, Any] = {

@@ -103,6 +103,9 @@ class EvaluationSettings:
             unsafe judge); each model gets meets, fails or undetermined.
         predicted_safety: NAME=budget.json items (the budget solver's lambda_star and predicted_safety for model
             NAME), or a mapping ``{model name: {lambda, safety}}``, shown next to the measured safety.
+        safety_against: MODEL=OTHER items (or a mapping ``{model: other model}``): pairs compared answer by answer
+            on the safety prompts by the first unsafe judge, with a paired bootstrap interval of the change in the
+            unsafe rate (SACPO's step 2 against step 1); every model is also compared with the baseline.
         safety_constraint_on: verdicts or probabilities: the scale of safety_threshold (see
             :func:`~sacpo_lightning.evaluation.report.safety_section`).
         suites: Built-in suites to run: xstest (over-refusal on safe prompts that only look unsafe, unsafe compliance
@@ -144,6 +147,7 @@ class EvaluationSettings:
     safety_judges: list[str | dict[str, Any]] = field(default_factory=list)
     safety_threshold: float | None = None
     predicted_safety: list[str] | dict[str, dict[str, Any]] = field(default_factory=dict)
+    safety_against: list[str] | dict[str, str] = field(default_factory=dict)
     safety_constraint_on: Literal["verdicts", "probabilities"] = "verdicts"
     suites: list[Literal["xstest"]] = field(default_factory=list)
     xstest_prompts: str = DEFAULT_XSTEST_PROMPTS
@@ -194,6 +198,15 @@ class EvaluationSettings:
         if not isinstance(self.predicted_safety, Mapping):
             self.predicted_safety = _read_predictions(self.predicted_safety)
         self.predicted_safety = dict(self.predicted_safety)
+        if not isinstance(self.safety_against, Mapping):
+            if isinstance(self.safety_against, str) or not isinstance(self.safety_against, Sequence):
+                raise UserError(f"safety_against must map model names to model names (e.g. {{safety_budget: "
+                                f"reward}}), got {self.safety_against!r}")
+            self.safety_against = _name_value_items("safety_against", self.safety_against, "MODEL=OTHER")
+        if not all(isinstance(k, str) and isinstance(v, str) and k != v for k, v in self.safety_against.items()):
+            raise UserError(f"safety_against must map model names to other model names (e.g. {{safety_budget: "
+                            f"reward}}), got {self.safety_against!r}")
+        self.safety_against = dict(self.safety_against)
         if self.implicit_precision not in ("float32", "bf16", "auto"):
             raise UserError(f"implicit_precision must be float32, bf16 or auto, got {self.implicit_precision!r}")
         if self.implicit is not None:
